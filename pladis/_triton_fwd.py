@@ -1,0 +1,230 @@
+"""Triton kernel bodies for the fused PLADIS cross-attention (imported only by ``pladis.triton_kernel``).
+
+This module imports ``triton`` at import time on purpose: it is loaded lazily, only after
+``pladis.triton_kernel`` has checked that Triton is usable, so ``import pladis`` never needs Triton.
+
+One program owns ``BLOCK_M`` queries of one (batch, head) and the whole key row (K ≤ 512, padded to a
+power of two), so the score row never leaves registers:
+
+1. ``S = q·kᵀ·scale`` (``tl.dot`` into float32), −inf for padded / masked keys;
+2. softmax statistics (max, Σexp);
+3. the α-entmax threshold τ for ``p = [(α−1)(S − max) − τ]₊^β``, β = 1/(α−1), by Newton's method on
+   ``h(τ) = ‖(X − τ)₊‖_β − 1`` from τ = −1 (convex and decreasing, so the iterates climb to the root
+   without overshooting), then one exact step on the found support (the support quadratic for α = 1.5,
+   Michelot's mean for α = 2, one more Newton step otherwise);
+4. a per-row check ``|Σp − 1| ≤ tol``: rows that fail (support not settled yet) keep iterating inside the
+   program, from the last safe (below-root) iterate, for at most ``MAX_FIX`` rounds — no host sync;
+5. ``W = (1−λ)·softmax + λ·p/Σp`` and ``O = W @ V`` (``W`` cast to V's dtype, float32 accumulation).
+
+Rows whose keys are all masked get zero weights and a zero output (as PyTorch's SDPA returns).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _powb(d, beta, MODE: tl.constexpr):
+    """``d^β`` for ``d ≥ 0`` (β = 2, 1 or general)."""
+    if MODE == 1:
+        return d * d
+    elif MODE == 2:
+        return d
+    else:
+        return tl.where(d > 0, tl.exp2(beta * tl.log2(d)), 0.0)
+
+
+@triton.jit
+def _newton(z, tau, am1, beta, MODE: tl.constexpr):
+    """One Newton step on ``‖(X − τ)₊‖_β − 1`` (X = (α−1)·z); stays below the root."""
+    d = tl.maximum(z * am1 - tau[:, None], 0.0)
+    if MODE == 1:
+        s1 = tl.sum(d, axis=1)
+        s2 = tl.sum(d * d, axis=1)
+        step = (s2 - tl.sqrt(s2)) / s1
+    elif MODE == 2:
+        s0 = tl.sum((d > 0).to(tl.float32), axis=1)
+        s1 = tl.sum(d, axis=1)
+        step = (s1 - 1.0) / s0
+    else:
+        dbm1 = tl.where(d > 0, tl.exp2((beta - 1.0) * tl.log2(d)), 0.0)
+        sb1 = tl.sum(dbm1, axis=1)
+        sb = tl.sum(dbm1 * d, axis=1)
+        step = sb * (1.0 - tl.exp2(-tl.log2(sb) / beta)) / sb1
+    return tau + step
+
+
+@triton.jit
+def _exact(z, tau, am1, beta, MODE: tl.constexpr):
+    """Threshold that is exact if the support of ``(X − τ)₊`` is the final one (α = 1.5 / 2)."""
+    if MODE == 1:
+        d = tl.maximum(z * am1 - tau[:, None], 0.0)
+        s0 = tl.sum((d > 0).to(tl.float32), axis=1)
+        s1 = tl.sum(d, axis=1)
+        s2 = tl.sum(d * d, axis=1)
+        c = s2 - 1.0
+        return tau + c / (s1 + tl.sqrt(tl.maximum(s1 * s1 - s0 * c, 0.0)))
+    else:
+        return _newton(z, tau, am1, beta, MODE)
+
+
+@triton.jit
+def pladis_fwd_kernel(
+    Q,
+    Kp,
+    V,
+    Out,
+    Wout,
+    Msk,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    son,
+    sod,
+    swb,
+    swh,
+    swn,
+    swk,
+    smb,
+    smh,
+    smn,
+    smk,
+    H,
+    N,
+    KLEN,
+    D,
+    scale,
+    lam,
+    am1,
+    beta,
+    tol,
+    MODE: tl.constexpr,  # 0 softmax only (α = 1 or λ = 0), 1 α = 1.5, 2 α = 2, 3 other α
+    MASK_KIND: tl.constexpr,  # 0 none, 1 bool (True = attend), 2 additive float
+    N_NEWTON: tl.constexpr,
+    MAX_FIX: tl.constexpr,
+    WRITE_O: tl.constexpr,
+    WRITE_W: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    SPLIT_W: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N
+    k_ok = offs_k < KLEN
+    d_ok = offs_d < D
+
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    k = tl.load(
+        Kp + b * skb + h * skh + offs_k[:, None] * skn + offs_d[None, :] * skd,
+        mask=k_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST_DOT:  # Triton's interpreter mis-multiplies bf16 operands: same rounding, fp32 product
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+    valid = k_ok[None, :]
+    if MASK_KIND == 1:
+        mk = tl.load(
+            Msk + b * smb + h * smh + offs_m[:, None] * smn + offs_k[None, :] * smk,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=1,
+        )
+        valid = valid & (mk != 0)
+    s = tl.where(valid, s, float("-inf"))
+    if MASK_KIND == 2:
+        madd = tl.load(
+            Msk + b * smb + h * smh + offs_m[:, None] * smn + offs_k[None, :] * smk,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        s = s + madd.to(tl.float32)
+
+    mx = tl.max(s, axis=1)
+    dead = mx == float("-inf")  # every key masked: zero weights, zero output
+    # z ≤ 0, −inf where masked; dead rows become all-ties (finite, no 0/0) and are zeroed at the end
+    z = tl.where(dead[:, None], 0.0, s - tl.where(dead, 0.0, mx)[:, None])
+    e = tl.exp2(z * 1.4426950408889634)
+    den = tl.sum(e, axis=1)
+    den = tl.where(dead, 1.0, den)
+
+    if MODE == 0:
+        c_soft = 1.0 / den
+        w = e * c_soft[:, None]
+    else:
+        tau = tl.full([BLOCK_M], -1.0, tl.float32)
+        for _ in tl.static_range(N_NEWTON):
+            tau = _newton(z, tau, am1, beta, MODE)
+        tau_x = _exact(z, tau, am1, beta, MODE)
+        tot = tl.sum(_powb(tl.maximum(z * am1 - tau_x[:, None], 0.0), beta, MODE), axis=1)
+        bad = (tl.abs(tot - 1.0) > tol) & m_ok & (dead == 0)
+        n_bad = tl.sum(bad.to(tl.int32), axis=0)
+        it = 0
+        while (n_bad > 0) & (it < MAX_FIX):
+            # Rare: the support was not settled. Continue from the safe iterate (below the root).
+            tau = tl.where(bad, _newton(z, tau, am1, beta, MODE), tau)
+            tau_x = tl.where(bad, _exact(z, tau, am1, beta, MODE), tau_x)
+            tot = tl.sum(_powb(tl.maximum(z * am1 - tau_x[:, None], 0.0), beta, MODE), axis=1)
+            bad = bad & (tl.abs(tot - 1.0) > tol)
+            n_bad = tl.sum(bad.to(tl.int32), axis=0)
+            it += 1
+        tot = tl.where(dead, 1.0, tot)
+        c_soft = (1.0 - lam) / den
+        c_ent = lam / tot
+        p = _powb(tl.maximum(z * am1 - tau_x[:, None], 0.0), beta, MODE)
+        w = e * c_soft[:, None] + p * c_ent[:, None]
+    w = tl.where(dead[:, None], 0.0, w)
+
+    if WRITE_W:
+        tl.store(
+            Wout + b * swb + h * swh + offs_m[:, None] * swn + offs_k[None, :] * swk,
+            w,
+            mask=m_ok[:, None] & k_ok[None, :],
+        )
+    if WRITE_O:
+        v = tl.load(
+            V + b * svb + h * svh + offs_k[:, None] * svn + offs_d[None, :] * svd,
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        w_hi = w.to(v.dtype)
+        w_lo = (w - w_hi.to(tl.float32)).to(v.dtype)
+        if UPCAST_DOT:
+            v = v.to(tl.float32)
+            w_hi = w_hi.to(tl.float32)
+            w_lo = w_lo.to(tl.float32)
+        acc = tl.dot(w_hi, v, input_precision=DOT_PREC)
+        if SPLIT_W:
+            # 16-bit W keeps ~3 digits and λ > 1 makes |W| up to 2λ − 1: add the rounding residual too.
+            acc = tl.dot(w_lo, v, acc, input_precision=DOT_PREC)
+        tl.store(
+            Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+            acc.to(Out.dtype.element_ty),
+            mask=m_ok[:, None] & d_ok[None, :],
+        )

@@ -1,0 +1,207 @@
+"""PLADIS cross-attention: ``((1 − λ)·softmax(S) + λ·entmax_α(S)) @ V`` with ``S = q·kᵀ·scale``.
+
+The blend is linear in the weights, so it is one matmul with V on mixed weights — the same as
+``At + λ(At_α − At)`` of the paper. Scores and weights are float32 whatever the input dtype (entmax in
+half precision is unreliable); the V matmul runs in float32 too and the result is cast back to q's
+dtype.
+
+Queries are processed in chunks: cross-attention has few keys (77–231 text tokens) and many queries
+(up to 4096 image tokens per head), so the float32 score block of a chunk stays small and in cache,
+which both bounds memory and makes the many cheap passes of the threshold search fast. Rows are
+independent, so results do not depend on the chunk size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .entmax import Workspace, check_alpha, entmax_centred, row_max, softmax_centred_
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+"""Upper bound, in bytes, on the float32 working set of one chunk (scores and temporaries)."""
+
+_CACHE_FRIENDLY_ELEMENTS = 1 << 20
+"""Preferred number of score elements per chunk on CPU (≈4 MiB of float32: stays in cache)."""
+
+_WORKING_COPIES = 6
+"""float32 score-sized buffers alive at once while a chunk is processed (scores, weights, temporaries)."""
+
+FORCE_TORCH_ENV = "PLADIS_FORCE_TORCH"
+"""Set to 1 to bypass the fused GPU kernel and use the torch path (debugging, comparisons)."""
+
+
+def check_lam(lam: float) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"PLADIS lambda: {lam!r} is outside the allowed range [0, inf)")
+    return float(lam)
+
+
+def pladis_weights(scores: Tensor, alpha: float, lam: float) -> Tensor:
+    """Mixed attention weights ``(1 − λ)·softmax + λ·entmax_α`` of ``scores`` (keys last), float32.
+
+    Rows whose keys are all masked (−inf) get zero weights.
+    """
+    alpha, lam = check_alpha(alpha), check_lam(lam)
+    shape = scores.shape
+    rows = scores.to(torch.float32).reshape(-1, shape[-1]).clone()
+    return blend_rows_(rows, alpha, lam, Workspace()).reshape(shape)
+
+
+def blend_rows_(scores: Tensor, alpha: float, lam: float, ws: Workspace) -> Tensor:
+    """The PLADIS weights, computed in place in the float32 (rows, keys) buffer ``scores``."""
+    centred = scores.sub_(row_max(scores))
+    if alpha == 1.0:  # entmax_1 is softmax: the blend is softmax itself
+        return softmax_centred_(centred)
+    sparse = entmax_centred(centred, alpha, ws)
+    return softmax_centred_(centred, 1.0 - lam).add_(sparse, alpha=lam)
+
+
+def pladis_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    alpha: float,
+    lam: float,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """PLADIS attention for q ``(B, H, N, d)`` and k, v ``(B, H, K, d)`` (any leading dims).
+
+    ``mask`` is boolean (True = attend) or additive float, broadcastable to ``(B, H, N, K)``, as for
+    :func:`torch.nn.functional.scaled_dot_product_attention`. ``scale`` defaults to ``1/sqrt(d)``.
+    λ = 0 returns exactly the stock SDPA result; λ = 1 is pure α-entmax attention; λ > 1
+    extrapolates (weights outside the sparse support become negative — that is the method).
+    Returns q's dtype.
+    """
+    alpha, lam = check_alpha(alpha), check_lam(lam)
+    if lam == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    fused = _fused_kernel(q, k, v, mask)
+    if fused is not None:
+        return fused(q, k, v, alpha=alpha, lam=lam, scale=scale, mask=mask)
+    return _pladis_attention_torch(q, k, v, alpha, lam, scale, mask, memory_budget)
+
+
+def _fused_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None):
+    """The Triton kernel when it can run this call, else None (CPU, no Triton, forced off, shape)."""
+    if not q.is_cuda or os.environ.get(FORCE_TORCH_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from . import triton_kernel
+    except ImportError:
+        return None
+    try:
+        if triton_kernel.is_supported(q, k, v, mask):
+            return triton_kernel.pladis_attention_triton
+    except Exception:  # a broken Triton install must not break generation: use the torch path
+        return None
+    return None
+
+
+def _pladis_attention_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: float,
+    lam: float,
+    scale: float,
+    mask: Tensor | None,
+    memory_budget: int,
+) -> Tensor:
+    *lead, n_queries, _ = q.shape
+    n_keys, d_v = k.shape[-2], v.shape[-1]
+    lead_q, lead_k = torch.Size(lead), torch.Size(k.shape[:-2])
+    batch = torch.broadcast_shapes(lead_q, lead_k, torch.Size(v.shape[:-2]))
+    out = torch.empty((*batch, n_queries, d_v), dtype=q.dtype, device=q.device)
+    if n_queries == 0 or out.numel() == 0:
+        return out.zero_()
+
+    groups = max(1, math.prod(batch))
+    q32 = q.to(torch.float32).expand(*batch, n_queries, q.shape[-1]).reshape(groups, n_queries, -1)
+    k32 = k.to(torch.float32).expand(*batch, n_keys, k.shape[-1]).reshape(groups, n_keys, -1)
+    v32 = v.to(torch.float32).expand(*batch, n_keys, d_v).reshape(groups, n_keys, d_v)
+    k32t = k32.transpose(1, 2)
+    mask_full = None if mask is None else _expand_mask(mask, batch, n_queries, n_keys, groups)
+    out_view = out.view(groups, n_queries, d_v)
+
+    step = chunk_queries(groups, n_queries, n_keys, memory_budget, q.is_cuda)
+    ws = Workspace()
+    for start in range(0, n_queries, step):
+        stop = min(start + step, n_queries)
+        rows = stop - start
+        scores = ws.buffer("scores", (groups, rows, n_keys), q.device)
+        torch.baddbmm(scores, q32[:, start:stop], k32t, beta=0.0, alpha=scale, out=scores)
+        if mask_full is not None:
+            _apply_mask(scores, mask_full[:, start:stop])
+        weights = blend_rows_(scores.view(-1, n_keys), alpha, lam, ws).view(groups, rows, n_keys)
+        chunk_out = ws.buffer("out", (groups, rows, d_v), q.device)
+        out_view[:, start:stop] = torch.bmm(weights, v32, out=chunk_out)
+    return out
+
+
+def chunk_queries(groups: int, n_queries: int, n_keys: int, memory_budget: int, on_gpu: bool) -> int:
+    """Queries per chunk: within the memory budget and, on CPU, small enough to stay in cache."""
+    if memory_budget <= 0:
+        raise ValueError(f"PLADIS memory_budget: {memory_budget!r} must be a positive number of bytes")
+    per_query = groups * n_keys * 4 * _WORKING_COPIES
+    step = max(1, memory_budget // per_query)
+    if not on_gpu:
+        step = min(step, max(1, _CACHE_FRIENDLY_ELEMENTS // (groups * n_keys)))
+    return min(step, n_queries)
+
+
+def _expand_mask(mask: Tensor, batch: torch.Size, n_queries: int, n_keys: int, groups: int) -> Tensor:
+    """Broadcast a (bool or additive) mask to ``(groups, N, K)`` without copying where possible."""
+    full = mask.expand(*batch, n_queries, n_keys)
+    return full.reshape(groups, n_queries, n_keys)
+
+
+def _apply_mask(scores: Tensor, mask: Tensor) -> None:
+    if mask.dtype == torch.bool:
+        scores.masked_fill_(~mask, -math.inf)
+    else:
+        scores.add_(mask.to(torch.float32))
+
+
+def pladis_attention_packed(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    *,
+    alpha: float,
+    lam: float,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """:func:`pladis_attention` for the packed layout of WebUI attention modules.
+
+    q ``(B, N, heads·d)``, k and v ``(B, K, heads·d)`` → ``(B, N, heads·d)`` in q's dtype. ``mask``
+    broadcasts against ``(B, heads, N, K)``.
+    """
+    batch, n_queries, _ = q.shape
+
+    def split(t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], t.shape[1], heads, t.shape[2] // heads).transpose(1, 2)
+
+    out = pladis_attention(
+        split(q),
+        split(k),
+        split(v),
+        alpha=alpha,
+        lam=lam,
+        scale=scale,
+        mask=mask,
+        memory_budget=memory_budget,
+    )
+    return out.transpose(1, 2).reshape(batch, n_queries, -1)

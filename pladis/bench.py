@@ -1,0 +1,227 @@
+"""Benchmark of PLADIS cross-attention against stock SDPA and the reference approach.
+
+Run ``python -m pladis.bench`` (``--help`` for options). For each cross-attention shape of SD1.5 512²,
+SDXL 1024² and long prompts it prints the median time of
+
+* ``sdpa``: stock :func:`torch.nn.functional.scaled_dot_product_attention`;
+* ``ref``: the reference approach — explicit softmax and the ``entmax`` package (sort-based
+  ``entmax15`` / ``sparsemax``, ``entmax_bisect`` otherwise), blended before one V matmul, in the
+  input dtype as the official code does (only when ``entmax`` is installed);
+* ``ours``: :func:`pladis.attention.pladis_attention` for each requested α;
+
+their ratios, and the extra peak memory of ours over SDPA. Variants are interleaved round by round
+and every ratio is the median of per-round ratios, so a machine shared with other work still gives
+comparable figures. Timings belong here, never in a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import pladis_attention
+
+Shape = tuple[int, int, int, int, int]  # (B, H, N, K, d)
+
+SHAPES: dict[str, Shape] = {
+    "SD1.5 L1": (2, 8, 4096, 77, 40),
+    "SD1.5 L2": (2, 8, 1024, 77, 80),
+    "SD1.5 L3": (2, 8, 256, 77, 160),
+    "SD1.5 L4": (2, 8, 64, 77, 160),
+    "SDXL L1": (2, 10, 4096, 77, 64),
+    "SDXL L2": (2, 20, 1024, 77, 64),
+    "SD1.5 L1 K=154": (2, 8, 4096, 154, 40),
+    "SD1.5 L1 K=231": (2, 8, 4096, 231, 40),
+    "SDXL L1 K=154": (2, 10, 4096, 154, 64),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    shape: Shape
+    sdpa_ms: float
+    ref_ms: float | None
+    ours_ms: dict[float, float]
+    ours_ratio: dict[float, float]
+    ref_speedup: float | None
+    extra_peak_mib: float
+
+
+def _reference(alpha: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    try:
+        import entmax as package
+    except ImportError:
+        return None
+    if alpha == 1.5:
+        return lambda s: package.entmax15(s, dim=-1)
+    if alpha == 2.0:
+        return lambda s: package.sparsemax(s, dim=-1)
+    return lambda s: package.entmax_bisect(s, alpha=alpha, dim=-1)
+
+
+def reference_attention(q, k, v, alpha: float, lam: float):
+    """The official recipe: explicit softmax and entmax weights, blended, one matmul with V."""
+    sparse = _reference(alpha)
+    assert sparse is not None
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    weights = (1.0 - lam) * torch.softmax(scores, dim=-1) + lam * sparse(scores)
+    return weights @ v
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory allocated while ``fn`` runs, above what was allocated before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    # CPU: torch's CPU allocator is invisible to tracemalloc, so use the profiler's memory view.
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    peak = current = 0
+    events = sorted(
+        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
+        key=lambda e: e.time_range.start,
+    )
+    for event in events:
+        current += event.cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def bench_shape(
+    name: str,
+    shape: Shape,
+    alphas: list[float],
+    lam: float,
+    rounds: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    with_reference: bool,
+) -> Row:
+    batch, heads, n_queries, n_keys, dim = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (
+        torch.randn(batch, heads, n, dim, generator=gen).to(device, dtype)
+        for n in (n_queries, n_keys, n_keys)
+    )
+    variants: dict[str, Callable[[], object]] = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    for alpha in alphas:
+        variants[f"ours {alpha:g}"] = lambda a=alpha: pladis_attention(q, k, v, alpha=a, lam=lam)
+    reference_alpha = alphas[0]
+    if with_reference and _reference(reference_alpha) is not None:
+        variants["ref"] = lambda: reference_attention(q, k, v, reference_alpha, lam)
+
+    times: dict[str, list[float]] = {key: [] for key in variants}
+    with torch.inference_mode():
+        for fn in variants.values():
+            fn()  # warm-up
+        for _ in range(rounds):
+            for key, fn in variants.items():
+                if key == "ref" and len(times[key]) >= max(1, rounds // 3):
+                    continue  # the reference is slow; a third of the rounds is plenty
+                times[key].append(_time_once(fn, device))
+        peak_sdpa = _peak_bytes(variants["sdpa"], device)
+        peak_ours = _peak_bytes(variants[f"ours {alphas[0]:g}"], device)
+
+    sdpa = statistics.median(times["sdpa"])
+    ours = {alpha: statistics.median(times[f"ours {alpha:g}"]) for alpha in alphas}
+    ratio = {
+        alpha: statistics.median(o / s for o, s in zip(times[f"ours {alpha:g}"], times["sdpa"], strict=True))
+        for alpha in alphas
+    }
+    ref = statistics.median(times["ref"]) if "ref" in times else None
+    return Row(
+        name=name,
+        shape=shape,
+        sdpa_ms=sdpa,
+        ref_ms=ref,
+        ours_ms=ours,
+        ours_ratio=ratio,
+        ref_speedup=None if ref is None else ref / ours[alphas[0]],
+        extra_peak_mib=max(0, peak_ours - peak_sdpa) / 2**20,
+    )
+
+
+def format_rows(rows: list[Row], alphas: list[float]) -> str:
+    head = ["shape (B,H,N,K,d)", "sdpa ms"]
+    head += [f"ours a={a:g} ms" for a in alphas] + [f"ours/sdpa a={a:g}" for a in alphas]
+    head += [f"a={a:g} vs a={alphas[0]:g}" for a in alphas[1:]]
+    head += [f"ref a={alphas[0]:g} ms", "ref/ours", "extra peak MiB"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for row in rows:
+        cells = [f"{row.name} {row.shape}", f"{row.sdpa_ms:.2f}"]
+        cells += [f"{row.ours_ms[a]:.2f}" for a in alphas] + [f"{row.ours_ratio[a]:.2f}x" for a in alphas]
+        cells += [f"{row.ours_ms[a] / row.ours_ms[alphas[0]]:.2f}x" for a in alphas[1:]]
+        cells += ["-" if row.ref_ms is None else f"{row.ref_ms:.1f}"]
+        cells += ["-" if row.ref_speedup is None else f"{row.ref_speedup:.1f}x", f"{row.extra_peak_mib:.1f}"]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), help="names from SHAPES")
+    parser.add_argument("--alphas", nargs="*", type=float, default=[1.5, 2.0, 1.25, 1.75])
+    parser.add_argument("--lam", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (CUDA default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-reference", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"dtype {dtype}, lambda {args.lam:g}, rounds {args.rounds}"
+    )
+    rows = []
+    for shape_name in args.shapes:
+        row = bench_shape(
+            shape_name,
+            SHAPES[shape_name],
+            args.alphas,
+            args.lam,
+            args.rounds,
+            device,
+            dtype,
+            with_reference=not args.no_reference,
+        )
+        rows.append(row)
+        print(format_rows([row], args.alphas).splitlines()[-1], flush=True)
+    print()
+    print(format_rows(rows, args.alphas))
+
+
+if __name__ == "__main__":
+    main()

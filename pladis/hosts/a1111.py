@@ -1,0 +1,381 @@
+"""AUTOMATIC1111 adapter: an instance-level PLADIS ``forward`` on the UNet's attn2 ``CrossAttention``s.
+
+Why instance-level: A1111 assigns ``CrossAttention.forward`` on the *class* (ldm and sgm) whenever a
+cross-attention optimisation is applied, which would wipe a class patch; an entry in
+``module.__dict__`` shadows the class attribute and is never touched by the WebUI. It also keeps
+ControlNet's own CrossAttention modules (outside ``diffusion_model``) untouched.
+
+Restore discipline: every patched module is tracked (weakly) and :meth:`Attn2Patcher.unpatch_all`
+puts back exactly what was there before. A patch that could not be removed (another extension wrapped
+it afterwards) belongs to a dead :class:`Session` and therefore calls the stock forward, which is
+looked up on ``type(module)`` at call time so that the current A1111 optimisation is used.
+
+WebUI modules (``modules.*``, ``ldm``, ``sgm``) are imported lazily inside functions only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import sys
+import types
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pladis.attention import pladis_attention_packed
+from pladis.params import PladisParams
+
+log = logging.getLogger(__name__)
+
+GROUP_OF_BLOCK: dict[str, str] = {"input_blocks": "down", "middle_block": "mid", "output_blocks": "up"}
+"""Top-level UNet container (ldm and sgm ``UNetModel``) → PLADIS layer group."""
+
+RECORD_ATTR = "_pladis_patch"
+"""Attribute on a patched module holding its :class:`_Record` (for inspection and idempotence)."""
+
+# kwargs the sgm forward accepts that PLADIS does not implement; non-default values fall back to stock.
+_UNSUPPORTED_DEFAULTS: dict[str, Any] = {"additional_tokens": None, "n_times_crossframe_attn_in_self": 0}
+
+
+@dataclass(frozen=True)
+class HostFunctions:
+    """WebUI functions the patched forward needs, resolved once per generation (not per call)."""
+
+    apply_hypernetworks: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None
+    loaded_hypernetworks: Callable[[], list]
+    without_autocast: Callable[[], contextlib.AbstractContextManager]
+
+
+def _torch_without_autocast() -> contextlib.AbstractContextManager:
+    """Fallback for ``devices.without_autocast``: leave CUDA autocast only if it is on."""
+    if torch.is_autocast_enabled():
+        return torch.autocast("cuda", enabled=False)
+    return contextlib.nullcontext()
+
+
+def resolve_host_functions() -> HostFunctions:
+    """Look up hypernetwork and autocast helpers in the running WebUI (stock fallbacks if absent)."""
+    try:
+        from modules.hypernetworks import hypernetwork
+
+        apply_hypernetworks = hypernetwork.apply_hypernetworks
+    except ImportError:
+        apply_hypernetworks = None
+    try:
+        from modules import shared
+
+        def loaded_hypernetworks() -> list:
+            return list(getattr(shared, "loaded_hypernetworks", None) or ())
+    except ImportError:
+
+        def loaded_hypernetworks() -> list:
+            return []
+
+    try:
+        from modules import devices
+
+        without_autocast = devices.without_autocast
+    except (ImportError, AttributeError):
+        without_autocast = _torch_without_autocast
+    return HostFunctions(apply_hypernetworks, loaded_hypernetworks, without_autocast)
+
+
+@dataclass(eq=False)
+class Session:
+    """One generation's PLADIS state. ``live`` turns False when it ends, disarming its patches."""
+
+    params: PladisParams
+    host: HostFunctions
+    owner: Callable[[], Any] = field(default=lambda: None)
+    progress: float = 0.0
+    live: bool = True
+
+    def applies(self) -> bool:
+        """Whether PLADIS replaces attention right now (live and inside the start/end window)."""
+        return self.live and self.params.active_at(self.progress)
+
+    def owned_by(self, p: Any) -> bool:
+        return p is not None and self.owner() is p
+
+
+@dataclass(eq=False)
+class _Record:
+    """What one patch installed on one module, and what was there before it."""
+
+    session: Session
+    group: str
+    previous: Callable[..., Any] | None  # another extension's instance forward, if any
+    forward: Callable[..., Any] | None = None  # our bound forward (identity marks ownership)
+    armed: bool = True  # False once restore could not remove it (wrapped by someone else)
+
+
+def weak_owner(p: Any) -> Callable[[], Any]:
+    """A weak reference to ``p`` (a strong one for objects that cannot be weakly referenced)."""
+    try:
+        return weakref.ref(p)
+    except TypeError:
+        return lambda: p
+
+
+def _fallback(record: _Record, module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Whatever would have run without us: the chained instance forward or the class forward *now*."""
+    if record.previous is not None:
+        return record.previous(x, *args, **kwargs)
+    return type(module).forward(module, x, *args, **kwargs)
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[Any, Any, bool]:
+    """(context, mask, supported) from a ``forward(x, context=None, mask=None, ...)`` call."""
+    context = args[0] if len(args) > 0 else kwargs.get("context")
+    mask = args[1] if len(args) > 1 else kwargs.get("mask")
+    supported = len(args) <= 2 and mask is None
+    for key, value in kwargs.items():
+        if key in ("context", "mask"):
+            continue
+        if key not in _UNSUPPORTED_DEFAULTS or value != _UNSUPPORTED_DEFAULTS[key]:
+            supported = False
+    return context, mask, supported
+
+
+def _pladis_forward(
+    record: _Record, module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
+    """Patched attn2 forward; identical call to the original whenever PLADIS does not apply."""
+    session = record.session
+    context, _mask, supported = _split_call(args, kwargs)
+    if not (supported and record.armed and session.applies()):
+        return _fallback(record, module, x, args, kwargs)
+    params = session.params
+    query = module.to_q(x)
+    context = x if context is None else context
+    if session.host.apply_hypernetworks is not None:
+        context_k, context_v = session.host.apply_hypernetworks(
+            session.host.loaded_hypernetworks(), context, module
+        )
+    else:
+        context_k = context_v = context
+    key = module.to_k(context_k)
+    value = module.to_v(context_v)
+    with session.host.without_autocast():
+        out = pladis_attention_packed(
+            query.float(),
+            key.float(),
+            value.float(),
+            module.heads,
+            alpha=params.alpha,
+            lam=params.lam,
+            scale=getattr(module, "scale", None),
+        )
+    return module.to_out(out.to(query.dtype))
+
+
+def _cross_attention_classes() -> tuple[type, ...]:
+    """ldm and sgm ``CrossAttention`` classes of the running WebUI (already imported there)."""
+    found = []
+    for name in ("ldm.modules.attention", "sgm.modules.attention"):
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = importlib.import_module(name)
+            except Exception:
+                continue
+        cls = getattr(module, "CrossAttention", None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def _looks_like_cross_attention(module: nn.Module) -> bool:
+    return all(hasattr(module, name) for name in ("heads", "to_q", "to_k", "to_v", "to_out"))
+
+
+def find_attn2(unet: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``(name, group, module)`` for every attn2 CrossAttention under ``unet`` (a ``diffusion_model``).
+
+    Counted dynamically (SD1/SD2: 16, SDXL: 70, refiner: 44, SD3: 0). Matched by the attribute name
+    ``attn2`` and the module class, never by the parent's class (tomesd swaps that one).
+    """
+    classes = _cross_attention_classes()
+    found = []
+    for name, module in unet.named_modules():
+        if name.rsplit(".", 1)[-1] != "attn2":
+            continue
+        if classes and not isinstance(module, classes):
+            continue
+        if not _looks_like_cross_attention(module):
+            continue
+        group = GROUP_OF_BLOCK.get(name.split(".", 1)[0])
+        if group is not None:
+            found.append((name, group, module))
+    return found
+
+
+def diffusion_model_of(sd_model: Any) -> nn.Module | None:
+    """``sd_model.model.diffusion_model`` (ldm DiffusionWrapper or sgm OpenAIWrapper) or None."""
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    return unet if isinstance(unet, nn.Module) else None
+
+
+def progress_from_cfg_params(params: Any) -> float:
+    """Fraction of the sampling schedule done, from an ``on_cfg_denoiser`` ``CFGDenoiserParams``.
+
+    Preferred: ``denoiser.step / denoiser.total_steps``. ``CFGDenoiser.step`` counts completed
+    denoiser calls of this sampling pass and ``total_steps`` is the sampler's planned number of
+    calls (``launch_sampling``), so Euler at 20 steps gives 0, 1/20, …, 19/20 — exactly
+    step_index/total_steps — and second-order samplers count their extra evaluations. The fallback
+    ``sampling_step / total_sampling_steps`` comes from ``shared.state``, whose step is only updated
+    by the sampler callback *after* a step, i.e. it lags by one.
+    """
+    denoiser = getattr(params, "denoiser", None)
+    step, total = getattr(denoiser, "step", None), getattr(denoiser, "total_steps", None)
+    if not (isinstance(step, int) and isinstance(total, int) and total > 0):
+        step, total = getattr(params, "sampling_step", 0), getattr(params, "total_sampling_steps", 0)
+    try:
+        fraction = float(step) / float(total) if total else 0.0
+    except (TypeError, ValueError):
+        fraction = 0.0
+    return min(max(fraction, 0.0), 1.0)
+
+
+class Attn2Patcher:
+    """Owns every PLADIS instance patch in the process; one generation (:class:`Session`) at a time."""
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+        self._patched: list[weakref.ReferenceType[nn.Module]] = []
+        self._targets: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, str, nn.Module]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._warned: set[str] = set()
+
+    # -- session lifecycle -------------------------------------------------------------------------
+    def begin(self, params: PladisParams, owner: Any = None, host: HostFunctions | None = None) -> Session:
+        """End any previous generation (removing its patches), then start a new one."""
+        self.end()
+        self.session = Session(params, host or resolve_host_functions(), weak_owner(owner))
+        return self.session
+
+    def end(self) -> int:
+        """Disarm the current session and remove every patch; returns how many modules were restored."""
+        if self.session is not None:
+            self.session.live = False
+            self.session = None
+        return self.unpatch_all()
+
+    def set_progress(self, progress: float) -> None:
+        if self.session is not None:
+            self.session.progress = min(max(float(progress), 0.0), 1.0)
+
+    # -- patching ----------------------------------------------------------------------------------
+    def patch_model(self, sd_model: Any) -> int:
+        """Patch attn2 of the selected groups of ``sd_model``'s UNet for the live session (idempotent)."""
+        session = self.session
+        if session is None or not session.live or not session.params.acts:
+            return 0
+        unet = diffusion_model_of(sd_model)
+        if unet is None:
+            self._warn_once("no-unet", "PLADIS: this model has no UNet diffusion_model; PLADIS is inactive.")
+            return 0
+        self._warn_if_unet_bypassed()
+        targets = self._targets.get(unet)
+        if targets is None:
+            targets = find_attn2(unet)
+            self._targets[unet] = targets
+        if not targets:
+            self._warn_once(
+                f"no-attn2-{type(unet).__name__}",
+                "PLADIS: no cross-attention (attn2) layers in this model (e.g. SD3); PLADIS is inactive.",
+            )
+        count = 0
+        for _name, group, module in targets:
+            if group in session.params.layers:
+                self._ensure(module, group, session)
+                count += 1
+        return count
+
+    def _ensure(self, module: nn.Module, group: str, session: Session) -> None:
+        current = module.__dict__.get("forward")
+        record = module.__dict__.get(RECORD_ATTR)
+        if isinstance(record, _Record) and current is not None and current is record.forward:
+            if record.session is not session or not record.armed:  # our old patch on top: re-arm, don't stack
+                record.session, record.armed = session, True
+                self._track(module)
+            return
+        record = _Record(session=session, group=group, previous=current)
+        record.forward = types.MethodType(functools.partial(_pladis_forward, record), module)
+        module.__dict__[RECORD_ATTR] = record
+        module.__dict__["forward"] = record.forward
+        self._track(module)
+
+    def _track(self, module: nn.Module) -> None:
+        if not any(ref() is module for ref in self._patched):
+            self._patched.append(weakref.ref(module))
+
+    def unpatch_all(self) -> int:
+        """Remove our patches from every module ever patched (any model object, refiner included)."""
+        restored = 0
+        for ref in self._patched:
+            module = ref()
+            if module is not None and unpatch_module(module):
+                restored += 1
+        self._patched.clear()
+        self._targets = weakref.WeakKeyDictionary()
+        return restored
+
+    def patched_modules(self) -> Iterator[nn.Module]:
+        """Modules currently carrying a PLADIS forward of ours on top (diagnostics and tests)."""
+        for ref in self._patched:
+            module = ref()
+            if module is not None and is_patched(module):
+                yield module
+
+    # -- warnings ----------------------------------------------------------------------------------
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    def _warn_if_unet_bypassed(self) -> None:
+        sd_unet = sys.modules.get("modules.sd_unet")
+        if getattr(sd_unet, "current_unet", None) is not None:
+            self._warn_once(
+                "sd-unet",
+                "PLADIS: an alternative UNet (e.g. TensorRT) is active; it bypasses attention patches.",
+            )
+
+
+def is_patched(module: nn.Module) -> bool:
+    """Whether ``module``'s instance forward is a PLADIS patch."""
+    record = module.__dict__.get(RECORD_ATTR)
+    return isinstance(record, _Record) and module.__dict__.get("forward") is record.forward
+
+
+def unpatch_module(module: nn.Module) -> bool:
+    """Put back what was there before our patch, if our patch is still on top; True if restored.
+
+    When another extension wrapped our forward afterwards we leave the chain intact and disarm our
+    link, so it just passes the call through.
+    """
+    record = module.__dict__.get(RECORD_ATTR)
+    if not isinstance(record, _Record):
+        return False
+    if module.__dict__.get("forward") is not record.forward:
+        record.armed = False
+        return False
+    if record.previous is not None:
+        module.__dict__["forward"] = record.previous
+    else:
+        del module.__dict__["forward"]
+    del module.__dict__[RECORD_ATTR]
+    return True
+
+
+PATCHER = Attn2Patcher()
+"""The process-wide patcher (the WebUI runs one generation at a time under its queue lock)."""

@@ -1,0 +1,172 @@
+"""PLADIS for Flux / Chroma on Forge (joint text+image attention, no attn2 to replace).
+
+Forge's Flux blocks concatenate ``[text; image]`` tokens and call the module-level function
+``attention(q, k, v, pe)`` of ``backend.nn.flux`` (Chroma: ``backend.nn.chroma``, imported by name).
+The model has no patch points, so PLADIS goes in through a chained UNet function wrapper
+(``model_options["model_function_wrapper"]``) that swaps that module-level function for the length
+of one model call and always puts it back (``try/finally``).
+
+The blend follows the official Flux formulation: only the image-query × text-key block of each
+joint attention map changes, to ``m · ((1−λ)·softmax + λ·entmax)`` of the text logits, where ``m``
+is the mass the dense softmax gives the text keys. Every row still sums to 1, text-query rows and
+image keys keep their dense weights, and λ = 0 returns the host's output untouched. In code: the
+host's dense output plus ``m · λ · (entmax − softmax) @ V_text`` on the image rows, in float32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pladis.attention import pladis_weights
+from pladis.params import PladisParams
+
+from .forge_attn2 import first_sigma, in_window, is_full_window
+
+log = logging.getLogger("pladis")
+
+MARK = "pladis_flux_wrapper"
+PRIOR = "pladis_prior"
+ROPE_MODULE = "backend.nn.flux"
+"""Where Forge's ``apply_rope`` lives (Chroma imports Flux's)."""
+
+CHUNK_ELEMENTS = 1 << 25
+"""float32 logits per chunk of image queries (128 MiB) when computing the text-block correction."""
+
+UnetWrapper = Callable[[Callable, dict], Tensor]
+
+
+def is_joint_model(diffusion_model: Any) -> bool:
+    """Flux-like: double- and single-stream blocks over a joint ``[text; image]`` sequence."""
+    return hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
+
+
+def attention_modules(diffusion_model: Any) -> tuple[str, ...]:
+    """Names of the modules whose global ``attention`` the model's blocks call (Forge only)."""
+    names: list[str] = []
+    for blocks in (diffusion_model.double_blocks, diffusion_model.single_blocks):
+        for block in list(blocks)[:1]:
+            name = type(block).__module__
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def install(unet: Any, params: PladisParams, sigma_hi: float, sigma_lo: float) -> bool:
+    """Chain our wrapper in front of any existing UNet function wrapper; False when unsupported."""
+    modules = attention_modules(unet.model.diffusion_model)
+    if not modules or not all(name.startswith("backend.") for name in modules):
+        log.warning("PLADIS: joint-attention model outside Forge's backend (%s); skipped", ", ".join(modules))
+        return False
+    for name in modules:
+        if not callable(getattr(importlib.import_module(name), "attention", None)):
+            log.warning("PLADIS: %s has no attention function; skipped", name)
+            return False
+    prior = unwrap(unet.model_options.get("model_function_wrapper"))
+    wrapper = make_wrapper(
+        alpha=params.alpha, lam=params.lam, sigma_hi=sigma_hi, sigma_lo=sigma_lo, modules=modules, prior=prior
+    )
+    unet.set_model_unet_function_wrapper(wrapper)
+    return True
+
+
+def is_ours(wrapper: Any) -> bool:
+    return getattr(wrapper, MARK, False) is True
+
+
+def unwrap(wrapper: Any) -> Any:
+    """The first non-PLADIS wrapper under ``wrapper`` (so a re-apply never nests ours twice)."""
+    while wrapper is not None and is_ours(wrapper):
+        wrapper = getattr(wrapper, PRIOR, None)
+    return wrapper
+
+
+def make_wrapper(
+    *,
+    alpha: float,
+    lam: float,
+    sigma_hi: float,
+    sigma_lo: float,
+    modules: tuple[str, ...],
+    prior: UnetWrapper | None = None,
+) -> UnetWrapper:
+    """UNet function wrapper: inside the sigma window, run the model with PLADIS joint attention."""
+    alpha, lam = float(alpha), float(lam)
+    sigma_hi, sigma_lo = float(sigma_hi), float(sigma_lo)
+    modules = tuple(str(name) for name in modules)
+    check_window = not is_full_window(sigma_hi, sigma_lo)
+
+    def pladis_flux_wrapper(apply_model: Callable, args: dict) -> Tensor:
+        def run() -> Tensor:
+            if prior is not None:
+                return prior(apply_model, args)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        if lam == 0.0:
+            return run()
+        if check_window and not in_window(first_sigma(args.get("timestep")), sigma_hi, sigma_lo):
+            return run()
+        context = args.get("c", {}).get("c_crossattn")
+        if context is None:
+            return run()
+        text_len = int(context.shape[1])
+        targets = [importlib.import_module(name) for name in modules]
+        originals = [target.attention for target in targets]
+        try:
+            for target, original in zip(targets, originals, strict=True):
+                target.attention = make_joint_attention(original, text_len, alpha, lam)
+            return run()
+        finally:
+            for target, original in zip(targets, originals, strict=True):
+                target.attention = original
+
+    setattr(pladis_flux_wrapper, MARK, True)
+    setattr(pladis_flux_wrapper, PRIOR, prior)
+    return pladis_flux_wrapper
+
+
+def make_joint_attention(original: Callable, text_len: int, alpha: float, lam: float) -> Callable:
+    """Replacement for Forge's ``attention(q, k, v, pe)`` with the text-block PLADIS blend."""
+
+    def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
+        out = original(q, k, v, pe=pe)
+        if lam == 0.0 or not 0 < text_len < q.shape[2]:
+            return out
+        apply_rope = importlib.import_module(ROPE_MODULE).apply_rope
+        q_rot, k_rot = apply_rope(q, k, pe)
+        correction = text_block_correction(q_rot, k_rot, v, text_len, alpha, lam)
+        image = (out[:, text_len:].float() + correction).to(out.dtype)
+        return torch.cat((out[:, :text_len], image), dim=1)
+
+    return attention
+
+
+def text_block_correction(q: Tensor, k: Tensor, v: Tensor, text_len: int, alpha: float, lam: float) -> Tensor:
+    """``m · (W_pladis − softmax)(S_text) @ V_text`` for the image queries, float32 ``(B, N_img, H·D)``.
+
+    ``q``/``k``/``v`` are ``(B, H, L, D)`` with RoPE already applied to ``q`` and ``k``; tokens
+    ``[0, text_len)`` are text. ``m = Σ_text softmax(S)`` over all keys, computed per chunk of image
+    queries so the ``N_img × L`` logits never exist at once.
+    """
+    b, h, length, dim = q.shape
+    scale = dim**-0.5
+    keys = k.float()
+    text_values = v[:, :, :text_len].float()
+    queries = q[:, :, text_len:]
+    step = max(1, CHUNK_ELEMENTS // max(1, b * h * length))
+    parts = []
+    for start in range(0, queries.shape[2], step):
+        logits = (queries[:, :, start : start + step].float() @ keys.transpose(-1, -2)) * scale
+        text_logits = logits[..., :text_len]
+        mass = torch.exp(
+            torch.logsumexp(text_logits, -1, keepdim=True) - torch.logsumexp(logits, -1, keepdim=True)
+        )
+        change = pladis_weights(text_logits, alpha, lam) - torch.softmax(text_logits, dim=-1)
+        parts.append((mass * change) @ text_values)
+    correction = torch.cat(parts, dim=2)
+    return correction.transpose(1, 2).reshape(b, length - text_len, h * dim)

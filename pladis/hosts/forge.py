@@ -1,0 +1,168 @@
+"""Forge / reForge adapter: install PLADIS on a clone of ``p.sd_model.forge_objects.unet``.
+
+Called from the shared script's ``process_before_every_sampling``. Forge's convention is followed
+instead of patching modules: clone the UNet patcher (the clone deep-copies ``model_options``), add
+attn2 replacements to the clone, and put the clone back. Forge re-assigns ``forge_objects`` from its
+clean copy before every sampling pass, so nothing needs restoring and an exception cannot leak a
+patch into later generations. The original patcher is never modified.
+
+* SD1.x / SD2.x / SDXL UNets: one replacement per attn2 site of the selected layer groups
+  (down = ``input``, mid = ``middle``, up = ``output``), keyed ``(block, number, transformer_index)``
+  like the host's own lookup (3-tuple first, then 2-tuple), chained with whatever was found there.
+* Flux / Chroma (Forge ``backend.nn``): a chained UNet function wrapper, see :mod:`pladis.hosts.flux`.
+
+No WebUI module is imported here at import time; host modules are looked up lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pladis.params import PladisParams
+
+from . import flux
+from .forge_attn2 import (
+    FORGE_HOST,
+    REFORGE_HOST,
+    is_ours,
+    make_attn2_replacement,
+    unwrap,
+)
+
+log = logging.getLogger("pladis")
+
+GROUP_TO_BLOCK: dict[str, str] = {"down": "input", "mid": "middle", "up": "output"}
+"""PLADIS layer groups → Forge/ComfyUI UNet block names used in patch keys."""
+
+# input_blocks.4.1.transformer_blocks.0 / middle_block.1.transformer_blocks.3 / output_blocks.2.1.…
+_SITE_NAME = re.compile(
+    r"^(?:(?P<io>input|output)_blocks\.(?P<number>\d+)|middle_block)\.\d+\.transformer_blocks\.(?P<index>\d+)$"
+)
+
+Site = tuple[str, int, int]
+
+
+def apply(p: Any, params: PladisParams) -> None:
+    """Install PLADIS on a clone of ``p.sd_model.forge_objects.unet`` and put the clone back.
+
+    Does nothing when ``params.acts`` is False. Safe to call several times per generation (hires fix
+    calls the hook two or three times): a clone that already carries our patches is re-patched in
+    place of them, never wrapped twice.
+    """
+    if not params.acts:
+        return
+    forge_objects = p.sd_model.forge_objects
+    unet = forge_objects.unet.clone()
+    diffusion_model = unet.model.diffusion_model
+    try:
+        sigma_hi, sigma_lo = sigma_window(unet, params)
+    except RuntimeError as error:
+        log.warning("%s; skipped", error)
+        return
+    sites = list(attn2_sites(diffusion_model))
+    if sites:
+        host = host_of(diffusion_model)
+        chosen = [site for site in sites if _group_of(site[0]) in params.layers]
+        install_attn2(unet, chosen, params, sigma_hi, sigma_lo, host)
+    elif flux.is_joint_model(diffusion_model):
+        if not flux.install(unet, params, sigma_hi, sigma_lo):
+            return
+    else:
+        log.warning("PLADIS: no cross-attention found in %s; skipped", type(diffusion_model).__name__)
+        return
+    forge_objects.unet = unet
+
+
+def host_of(diffusion_model: Any) -> str:
+    """``"reforge"`` for ldm_patched (ComfyUI-derived) UNets, else ``"forge"`` (``backend.nn``)."""
+    for module in diffusion_model.modules():
+        if type(module).__name__ == "BasicTransformerBlock":
+            return REFORGE_HOST if type(module).__module__.startswith("ldm_patched") else FORGE_HOST
+    return FORGE_HOST
+
+
+def attn2_sites(diffusion_model: Any) -> Iterator[Site]:
+    """Patch keys ``(block, number, transformer_index)`` of every ``BasicTransformerBlock`` with attn2."""
+    for name, module in diffusion_model.named_modules():
+        if type(module).__name__ != "BasicTransformerBlock" or getattr(module, "attn2", None) is None:
+            continue
+        match = _SITE_NAME.match(name)
+        if match is None:
+            continue
+        block = match.group("io") or "middle"
+        number = int(match.group("number") or 0)
+        yield block, number, int(match.group("index"))
+
+
+def _group_of(block: str) -> str:
+    return {block_name: group for group, block_name in GROUP_TO_BLOCK.items()}[block]
+
+
+def install_attn2(
+    unet: Any, sites: list[Site], params: PladisParams, sigma_hi: float, sigma_lo: float, host: str
+) -> None:
+    """Set our replacement on every site, chained with the replacement already found there."""
+    for block, number, index in sites:
+        prior = existing_attn2(unet, (block, number, index))
+        patch = make_attn2_replacement(
+            alpha=params.alpha, lam=params.lam, sigma_hi=sigma_hi, sigma_lo=sigma_lo, host=host, prior=prior
+        )
+        unet.set_model_attn2_replace(patch, block, number, index)
+
+
+def existing_attn2(unet: Any, site: Site) -> Any:
+    """The replacement the host would call for ``site`` without us (3-tuple key first, then 2-tuple).
+
+    Our own replacements (from an earlier call on the same patcher) are unwrapped, so re-applying
+    never stacks PLADIS twice.
+    """
+    table = unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    found = unwrap(table.get(site))
+    if found is None:
+        found = unwrap(table.get(site[:2]))
+    return found
+
+
+def sigma_window(unet: Any, params: PladisParams) -> tuple[float, float]:
+    """``(sigma_hi, sigma_lo)``: PLADIS acts iff ``sigma_lo < sigma <= sigma_hi``.
+
+    Uses the host's own schedule (Forge ``model.predictor``, reForge ``model.model_sampling``).
+    ``start == 0`` has no upper bound and ``end == 1`` reaches down to sigma 0 inclusive.
+    """
+    if params.start <= 0.0 and params.end >= 1.0:
+        return math.inf, -math.inf
+    to_sigma = percent_to_sigma_function(unet)
+    sigma_hi = math.inf if params.start <= 0.0 else float(to_sigma(params.start))
+    sigma_lo = -math.inf if params.end >= 1.0 else float(to_sigma(params.end))
+    return sigma_hi, sigma_lo
+
+
+def percent_to_sigma_function(unet: Any) -> Callable[[float], float]:
+    """The host's ``percent_to_sigma`` for this UNet, or ``RuntimeError`` when there is none."""
+    model = unet.model
+    for owner in (getattr(model, "predictor", None), getattr(model, "model_sampling", None)):
+        function = getattr(owner, "percent_to_sigma", None)
+        if callable(function):
+            return function
+    getter = getattr(unet, "get_model_object", None)
+    if callable(getter):
+        try:
+            function = getattr(getter("model_sampling"), "percent_to_sigma", None)
+        except (AttributeError, KeyError):
+            function = None
+        if callable(function):
+            return function
+    raise RuntimeError(
+        "PLADIS: this model has no percent_to_sigma (model.predictor / model.model_sampling); "
+        "cannot apply a start/end window"
+    )
+
+
+def installed_sites(unet: Any) -> dict[tuple, Any]:
+    """Our replacements on ``unet`` by key (diagnostics and tests)."""
+    table = unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    return {key: patch for key, patch in table.items() if is_ours(patch)}

@@ -1,0 +1,262 @@
+"""The attn2 replacement installed on Forge / reForge UNets (``patches_replace["attn2"]``).
+
+Forge's ``BasicTransformerBlock`` calls a replacement as ``fn(q, k, v, extra_options)`` with the
+already projected ``q`` ``(B, N, heads·dim_head)`` and ``k``/``v`` ``(B, K, heads·dim_head)``, and
+expects ``(B, N, heads·dim_head)`` back. Everything here is a plain closure over floats, strings and
+other functions, because Forge deep-copies ``model_options`` on every ``clone()`` (closures are
+copied by reference; bound methods and objects would be duplicated with their tensors).
+
+Why the row groups: Forge batches cond and uncond chunks and, when their contexts differ in length,
+repeats the shorter one up to the LCM (``ConditionCrossAttn.concat``). Softmax does not notice the
+repeat; α-entmax does (m-fold repetition sharpens it like scaling the logits). Each chunk's keys are
+therefore cut back to their un-repeated length before PLADIS is computed, so that a batched run
+gives the same answer as running each prompt alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pladis.attention import pladis_attention_packed, pladis_weights
+
+MARK = "pladis_attn2"
+"""Attribute set (to ``True``) on every replacement made here; lets a re-apply recognise its own."""
+
+PRIOR = "pladis_prior"
+"""Attribute holding the replacement that was in the slot before ours (or ``None``)."""
+
+FORGE_HOST = "forge"
+REFORGE_HOST = "reforge"
+
+# The host's own attention entry points (module, attribute). Looked up at call time, never copied.
+_HOST_ATTENTION: dict[str, tuple[str, str]] = {
+    FORGE_HOST: ("backend.attention", "attention_function"),
+    REFORGE_HOST: ("ldm_patched.ldm.modules.attention", "optimized_attention"),
+}
+
+MAX_TILE_REPEAT = 4
+"""Forge/ComfyUI only batch contexts whose LCM is at most 4× the shorter one (``can_concat``)."""
+
+AttnReplacement = Callable[[Tensor, Tensor, Tensor, dict], Tensor]
+
+
+def host_attention(host: str, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
+    """Call the host's own attention exactly as its stock ``CrossAttention.forward`` does.
+
+    Forge: ``attention_function(q, k, v, heads)`` (mask ``None``). reForge: ``optimized_attention(q, k,
+    v, heads, attn_precision=...)``. Using the host function (not a re-implementation) keeps the
+    pass-through bit-identical to a stock run.
+    """
+    module_name, attr = _HOST_ATTENTION[host]
+    function = getattr(importlib.import_module(module_name), attr)
+    heads = int(extra_options["n_heads"])
+    if host == REFORGE_HOST:
+        return function(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+    return function(q, k, v, heads)
+
+
+def first_sigma(sigmas: Any) -> float | None:
+    """The current noise level from ``extra_options["sigmas"]`` (all rows share it), or ``None``."""
+    if sigmas is None:
+        return None
+    if isinstance(sigmas, Tensor):
+        if sigmas.numel() == 0:
+            return None
+        return float(sigmas.reshape(-1)[0])
+    if isinstance(sigmas, (list, tuple)):
+        return float(sigmas[0]) if sigmas else None
+    return float(sigmas)
+
+
+def in_window(sigma: float | None, sigma_hi: float, sigma_lo: float) -> bool:
+    """Active iff ``sigma_lo < sigma <= sigma_hi``; an unknown sigma counts as active."""
+    if sigma is None:
+        return True
+    return sigma_lo < sigma <= sigma_hi
+
+
+def is_full_window(sigma_hi: float, sigma_lo: float) -> bool:
+    """True when the window covers every sigma, so no per-call check (and no GPU sync) is needed."""
+    return sigma_hi == math.inf and sigma_lo == -math.inf
+
+
+def row_groups(batch: int, cond_or_uncond: Sequence[int] | None) -> list[tuple[int, int]]:
+    """Row ranges of the batched chunks: chunk ``i`` of ``cond_or_uncond`` holds rows ``[i·b, (i+1)·b)``.
+
+    Without ``cond_or_uncond`` (or when it does not divide the batch) each row is its own group.
+    """
+    chunks = len(cond_or_uncond) if cond_or_uncond else 0
+    if chunks <= 0 or batch % chunks != 0:
+        return [(row, row + 1) for row in range(batch)]
+    size = batch // chunks
+    return [(i * size, (i + 1) * size) for i in range(chunks)]
+
+
+REPEAT_TOLERANCE_EPS = 8.0
+"""Keys count as repeated when they match within this many ulps (of the dtype) of the largest key.
+
+Forge projects the repeated context with one GEMM, which normally gives bit-identical rows; the
+tolerance only absorbs kernels that round rows differently. Different prompt chunks differ by O(1)
+at their token positions, far above it.
+"""
+
+
+def _shift_equal(t: Tensor, period: int) -> bool:
+    """Whether ``t[:, j] == t[:, j + period]`` for all ``j`` (up to a few ulps of ``t``'s dtype)."""
+    ahead, behind = t[:, period:], t[:, :-period]
+    if torch.equal(ahead, behind):
+        return True
+    if not t.is_floating_point():
+        return False
+    tol = REPEAT_TOLERANCE_EPS * torch.finfo(t.dtype).eps * float(t.abs().amax())
+    return float((ahead - behind).abs().amax()) <= tol
+
+
+def untiled_length(k: Tensor, v: Tensor) -> int:
+    """The shortest length the keys/values are an exact repeat of (``K`` when not repeated).
+
+    Only repeat factors Forge can produce (2..4) are considered. A context that is genuinely made of
+    identical chunks is indistinguishable from a repeated one and is treated as repeated.
+    """
+    length = k.shape[1]
+    for repeat in range(MAX_TILE_REPEAT, 1, -1):
+        if length % repeat:
+            continue
+        period = length // repeat
+        if _shift_equal(k, period) and _shift_equal(v, period):
+            return period
+    return length
+
+
+def _rows_by_length(k: Tensor, v: Tensor, groups: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """Map each un-repeated key length to the batch rows that have it.
+
+    A single chunk was never concatenated with another one, so Forge cannot have repeated it.
+    """
+    if len(groups) == 1:
+        start, stop = groups[0]
+        return {k.shape[1]: list(range(start, stop))}
+    by_length: dict[int, list[int]] = {}
+    for start, stop in groups:
+        length = untiled_length(k[start:stop], v[start:stop])
+        by_length.setdefault(length, []).extend(range(start, stop))
+    return by_length
+
+
+def _scores(q: Tensor, k: Tensor, heads: int) -> tuple[Tensor, int]:
+    """float32 logits ``(B, H, N, K)`` of packed ``q``/``k`` and the head size."""
+    b, n, inner = q.shape
+    dim = inner // heads
+    qh = q.reshape(b, n, heads, dim).transpose(1, 2).float()
+    kh = k.reshape(k.shape[0], k.shape[1], heads, dim).transpose(1, 2).float()
+    return (qh @ kh.transpose(-1, -2)) * (dim**-0.5), dim
+
+
+def pladis_delta_packed(q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: float, lam: float) -> Tensor:
+    """float32 ``(W_pladis − softmax) @ V = λ·(entmax − softmax) @ V``, packed ``(B, N, heads·d)``.
+
+    Used to add PLADIS on top of another replacement's output (e.g. IP-Adapter's text + image
+    attention): the other replacement keeps its own dense text attention and we add the change.
+    """
+    scores, dim = _scores(q, k, heads)
+    weights = pladis_weights(scores, alpha, lam) - torch.softmax(scores, dim=-1)
+    vh = v.reshape(v.shape[0], v.shape[1], heads, dim).transpose(1, 2).float()
+    out = weights @ vh
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], heads * dim)
+
+
+def pladis_untiled(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: float, lam: float, groups: list[tuple[int, int]]
+) -> Tensor:
+    """PLADIS cross-attention with each row group's keys cut back to their un-repeated length."""
+    by_length = _rows_by_length(k, v, groups)
+    if len(by_length) == 1 and k.shape[1] in by_length:
+        return pladis_attention_packed(q, k, v, heads, alpha=alpha, lam=lam)
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    for length, rows in by_length.items():
+        index = torch.tensor(rows, device=q.device)
+        out[index] = pladis_attention_packed(
+            q[index], k[index, :length], v[index, :length], heads, alpha=alpha, lam=lam
+        ).to(q.dtype)
+    return out
+
+
+def delta_untiled(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: float, lam: float, groups: list[tuple[int, int]]
+) -> Tensor:
+    """:func:`pladis_delta_packed` with each row group's keys cut back to their un-repeated length."""
+    by_length = _rows_by_length(k, v, groups)
+    if len(by_length) == 1 and k.shape[1] in by_length:
+        return pladis_delta_packed(q, k, v, heads, alpha, lam)
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float32, device=q.device)
+    for length, rows in by_length.items():
+        index = torch.tensor(rows, device=q.device)
+        out[index] = pladis_delta_packed(q[index], k[index, :length], v[index, :length], heads, alpha, lam)
+    return out
+
+
+def make_attn2_replacement(
+    *,
+    alpha: float,
+    lam: float,
+    sigma_hi: float = math.inf,
+    sigma_lo: float = -math.inf,
+    host: str = FORGE_HOST,
+    prior: AttnReplacement | None = None,
+) -> AttnReplacement:
+    """Build the attn2 replacement for one slot.
+
+    Inside the sigma window it returns PLADIS attention (or ``prior``'s output plus the PLADIS change
+    when chaining); outside it returns exactly what the slot would give without us: ``prior``'s output,
+    or the host's own attention function.
+    """
+    alpha, lam = float(alpha), float(lam)
+    sigma_hi, sigma_lo = float(sigma_hi), float(sigma_lo)
+    if host not in _HOST_ATTENTION:
+        raise ValueError(f"PLADIS: unknown host {host!r}; expected one of {sorted(_HOST_ATTENTION)}")
+    check_window = not is_full_window(sigma_hi, sigma_lo)
+
+    def pladis_attn2(q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
+        active = lam != 0.0 and (
+            not check_window or in_window(first_sigma(extra_options.get("sigmas")), sigma_hi, sigma_lo)
+        )
+        if not active:
+            if prior is not None:
+                return prior(q, k, v, extra_options)
+            return host_attention(host, q, k, v, extra_options)
+        heads = int(extra_options["n_heads"])
+        groups = row_groups(q.shape[0], extra_options.get("cond_or_uncond"))
+        if prior is None:
+            return pladis_untiled(q, k, v, heads, alpha, lam, groups)
+        base = prior(q, k, v, extra_options)
+        delta = delta_untiled(q, k, v, heads, alpha, lam, groups)
+        return (base.float() + delta).to(base.dtype)
+
+    setattr(pladis_attn2, MARK, True)
+    setattr(pladis_attn2, PRIOR, prior)
+    pladis_attn2.pladis_settings = {  # type: ignore[attr-defined]  # for logs/tests; plain values only
+        "alpha": alpha,
+        "lam": lam,
+        "sigma_hi": sigma_hi,
+        "sigma_lo": sigma_lo,
+        "host": host,
+    }
+    return pladis_attn2
+
+
+def is_ours(patch: Any) -> bool:
+    """Whether ``patch`` is a replacement made by :func:`make_attn2_replacement`."""
+    return getattr(patch, MARK, False) is True
+
+
+def unwrap(patch: Any) -> Any:
+    """The first non-PLADIS replacement under ``patch`` (``None`` when ours sat on an empty slot)."""
+    while patch is not None and is_ours(patch):
+        patch = getattr(patch, PRIOR, None)
+    return patch

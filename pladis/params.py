@@ -1,0 +1,226 @@
+"""User-facing PLADIS parameters: one validated, immutable record.
+
+Every entry point (the WebUI controls, pasted infotext, X/Y/Z cells, API requests, the diffusers
+helper) builds a :class:`PladisParams` through :func:`parse_params` or the constructor, so a bad
+value is rejected in one place with one kind of message: ``ValueError`` naming the parameter, the
+offending value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+LAYER_GROUPS: tuple[str, ...] = ("down", "mid", "up")
+"""UNet block groups whose cross-attention can be modified, in canonical order."""
+
+DEFAULT_LAYERS: tuple[str, ...] = ("down", "up")
+"""The official PLADIS choice: every attn2 of the down and up blocks, mid block excluded."""
+
+ALPHA_RANGE: tuple[float, float] = (1.0, 2.0)
+LAM_RANGE: tuple[float, float] = (0.0, 10.0)
+FRACTION_RANGE: tuple[float, float] = (0.0, 1.0)
+
+_TRUE_WORDS = frozenset({"true", "1", "yes", "on", "enabled", "enable"})
+_FALSE_WORDS = frozenset({"false", "0", "no", "off", "disabled", "disable", "none", ""})
+
+# Accepted spellings of each field in mappings (API dicts, infotext-like dicts).
+_ALIASES: dict[str, str] = {
+    "enabled": "enabled",
+    "enable": "enabled",
+    "alpha": "alpha",
+    "lam": "lam",
+    "lambda": "lam",
+    "scale": "lam",
+    "pladis_scale": "lam",
+    "layers": "layers",
+    "layer_groups": "layers",
+    "start": "start",
+    "end": "end",
+}
+
+
+def _range_text(bounds: tuple[float, float]) -> str:
+    return f"[{bounds[0]:g}, {bounds[1]:g}]"
+
+
+def _check_real(name: str, value: Any, bounds: tuple[float, float]) -> float:
+    """Return ``value`` as a float if it is a finite real within ``bounds``, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"PLADIS {name}: expected a number in {_range_text(bounds)}, "
+            f"got {value!r} of type {type(value).__name__}"
+        )
+    number = float(value)
+    if not math.isfinite(number) or not bounds[0] <= number <= bounds[1]:
+        raise ValueError(f"PLADIS {name}: {value!r} is outside the allowed range {_range_text(bounds)}")
+    return number
+
+
+@dataclass(frozen=True)
+class PladisParams:
+    """Everything a user can set; validated on construction.
+
+    ``alpha`` is the entmax exponent (1 = softmax, 1.5 = entmax15, 2 = sparsemax); ``lam`` the blend
+    scale λ of ``(1-λ)·softmax + λ·entmax`` (0 = stock model, 1 = pure sparse attention, >1
+    extrapolates); ``layers`` the UNet block groups to modify; ``start``/``end`` the active part of
+    the sampling schedule as fractions (active while ``start <= progress < end``; ``end == 1``
+    includes the last step).
+    """
+
+    enabled: bool = False
+    alpha: float = 1.5
+    lam: float = 2.0
+    layers: tuple[str, ...] = DEFAULT_LAYERS
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"PLADIS enabled: expected true or false, got {self.enabled!r}")
+        object.__setattr__(self, "alpha", _check_real("alpha", self.alpha, ALPHA_RANGE))
+        object.__setattr__(self, "lam", _check_real("lambda", self.lam, LAM_RANGE))
+        object.__setattr__(self, "start", _check_real("start", self.start, FRACTION_RANGE))
+        object.__setattr__(self, "end", _check_real("end", self.end, FRACTION_RANGE))
+        if self.start > self.end:
+            raise ValueError(
+                f"PLADIS start/end: start ({self.start:g}) must not be greater than end ({self.end:g}); "
+                f"both are fractions of the sampling schedule in {_range_text(FRACTION_RANGE)}"
+            )
+        object.__setattr__(self, "layers", _check_layers(self.layers))
+
+    @property
+    def acts(self) -> bool:
+        """True when this setting changes the model at all (enabled, λ > 0, some layer, some window)."""
+        return self.enabled and self.lam > 0.0 and bool(self.layers) and self.end > self.start
+
+    def active_at(self, progress: float) -> bool:
+        """Whether PLADIS applies at ``progress`` ∈ [0, 1] of the sampling schedule."""
+        if not self.acts:
+            return False
+        if self.end >= 1.0:
+            return progress >= self.start
+        return self.start <= progress < self.end
+
+    def replace(self, **changes: Any) -> PladisParams:
+        """A copy with some fields changed (loose values accepted, validated again)."""
+        merged = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in changes.items():
+            merged[_canonical_key(key)] = value
+        return parse_params(**merged)
+
+    def layers_text(self) -> str:
+        """Layer groups as written in infotext: ``down+up``; ``none`` when empty."""
+        return "+".join(self.layers) if self.layers else "none"
+
+
+def _check_layers(value: Any) -> tuple[str, ...]:
+    allowed = ", ".join(LAYER_GROUPS)
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"PLADIS layers: expected a collection of layer groups from ({allowed}), got {value!r}"
+        )
+    chosen = set()
+    for item in value:
+        if not isinstance(item, str) or item not in LAYER_GROUPS:
+            raise ValueError(f"PLADIS layers: unknown layer group {item!r}; allowed groups: {allowed}")
+        chosen.add(item)
+    return tuple(group for group in LAYER_GROUPS if group in chosen)
+
+
+def _canonical_key(key: str) -> str:
+    canonical = _ALIASES.get(str(key).strip().lower())
+    if canonical is None:
+        raise ValueError(
+            f"PLADIS: unknown parameter {key!r}; known parameters: {', '.join(sorted(_ALIASES))}"
+        )
+    return canonical
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """Loose boolean: bools, 0/1 numbers, and words such as "true"/"off"."""
+    if isinstance(value, bool):
+        return value
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy / torch scalars
+        value = value.item()
+        if isinstance(value, bool):
+            return value
+    if isinstance(value, numbers.Real) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    raise ValueError(f"PLADIS {name}: expected true or false, got {value!r}")
+
+
+def parse_number(name: str, value: Any) -> float:
+    """Loose real number: ints, floats, numpy scalars and numeric strings. Range is checked later."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, bool):
+        raise ValueError(f"PLADIS {name}: expected a number, got the boolean {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"PLADIS {name}: expected a number, got {value!r}")
+
+
+def parse_layers(value: Any) -> tuple[str, ...]:
+    """Loose layer groups: ``"down+up"``, ``"down, up"``, ``["down", "up"]``, ``"all"``, ``"none"``."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "none"):
+            return ()
+        if text == "all":
+            return LAYER_GROUPS
+        value = [part.strip() for part in text.replace("+", ",").replace(" ", ",").split(",") if part.strip()]
+    elif isinstance(value, Iterable):
+        value = [item.strip().lower() if isinstance(item, str) else item for item in value]
+    return _check_layers(value)
+
+
+def parse_params(
+    enabled: Any = None,
+    alpha: Any = None,
+    lam: Any = None,
+    layers: Any = None,
+    start: Any = None,
+    end: Any = None,
+) -> PladisParams:
+    """Build validated params from loose input; ``None`` means "use the default"."""
+    values: dict[str, Any] = {}
+    if enabled is not None:
+        values["enabled"] = parse_bool("enabled", enabled)
+    if alpha is not None:
+        values["alpha"] = parse_number("alpha", alpha)
+    if lam is not None:
+        values["lam"] = parse_number("lambda", lam)
+    if layers is not None:
+        values["layers"] = parse_layers(layers)
+    if start is not None:
+        values["start"] = parse_number("start", start)
+    if end is not None:
+        values["end"] = parse_number("end", end)
+    return PladisParams(**values)
+
+
+def params_from_mapping(mapping: Mapping[str, Any], base: PladisParams | None = None) -> PladisParams:
+    """Params from a dict such as ``{"enabled": true, "alpha": 1.5, "lambda": 2}``.
+
+    Keys may use the aliases in ``_ALIASES`` (``lambda``/``lam``); unknown keys are an error so that
+    a typo in an API request does not silently fall back to a default.
+    """
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"PLADIS: expected a mapping of parameters, got {type(mapping).__name__}")
+    start = base or PladisParams()
+    merged: dict[str, Any] = {f.name: getattr(start, f.name) for f in fields(start)}
+    for key, value in mapping.items():
+        if value is not None:
+            merged[_canonical_key(key)] = value
+    return parse_params(**merged)

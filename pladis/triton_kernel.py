@@ -1,0 +1,389 @@
+"""Fused Triton path for PLADIS cross-attention: ``((1−λ)·softmax(S) + λ·entmax_α(S)) @ V`` in one kernel.
+
+Why: done with separate torch ops the blend is many K-wide passes over a float32 score tensor; with
+cross-attention's short key rows (77–231 text tokens) one program can hold a whole row on-chip and do the
+softmax, the entmax threshold and the blend between the two matmuls, writing only the output.
+
+Triton is imported lazily (``pladis._triton_fwd``), never at ``import pladis`` time. The kernel runs on
+CUDA tensors (NVIDIA; ROCm is left to the torch path), or on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before Triton is imported) for tests.
+
+Public API: :func:`is_supported`, :func:`unsupported_reason`, :func:`pladis_attention_triton`,
+:func:`pladis_weights_triton`; :class:`TritonUnsupported` is raised when a supported-looking call cannot
+be launched on this GPU (e.g. not enough shared memory) — callers fall back to the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MAX_KEYS = 512
+"""Longest key row the kernel holds on-chip (padded to a power of two)."""
+HEAD_DIM_RANGE = (16, 256)
+"""Supported head dims (padded to a power of two); SD1.5/SD2/SDXL/Flux use 40–160."""
+ROW_SUM_TOL = 2e-6
+"""Entmax rows whose unnormalised sum is off by more than this keep iterating in the kernel."""
+MAX_FIX = 32
+"""Bound on the in-kernel extra rounds for unsettled rows (Newton from below converges long before)."""
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_GRID_Y = 65535
+_failed_shapes: set[tuple[Any, ...]] = set()
+
+
+class TritonUnsupported(RuntimeError):
+    """The kernel cannot run this call on this device (e.g. shared memory); use the torch path."""
+
+
+def interpreter_mode() -> bool:
+    """True when Triton's CPU interpreter is requested (tests without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether Triton imports (cached; Windows installs often lack it)."""
+    try:
+        import triton
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _tiles(k_len: int, d: int) -> tuple[int, int]:
+    return max(16, _next_pow2(k_len)), max(16, _next_pow2(d))
+
+
+def _shape_class(q: Tensor, k_len: int) -> tuple[Any, ...]:
+    return (q.device.type, q.device.index, q.dtype, *_tiles(k_len, q.shape[-1]))
+
+
+def _smem_estimate(k_len: int, d: int, elem_size: int) -> int:
+    """Shared memory the compiled kernel uses (ptxas-checked: one K/V tile plus ≤ 24 KiB of staging)."""
+    block_k, block_d = _tiles(k_len, d)
+    return block_k * block_d * elem_size + 24 * 1024
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=16)
+def _smem_limit(device: torch.device) -> int | None:
+    """Opt-in shared memory per block of a CUDA device (None when unknown or not CUDA)."""
+    if device.type != "cuda":
+        return None
+    try:
+        props = torch.cuda.get_device_properties(device)
+    except Exception:
+        return None
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    return int(limit) if limit else None
+
+
+def _mask_ok(mask: Tensor, q: Tensor, k: Tensor) -> str | None:
+    if not isinstance(mask, Tensor):
+        return "mask is not a tensor"
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        return f"mask dtype {mask.dtype} (need bool or floating)"
+    if mask.device != q.device:
+        return "mask on another device"
+    if mask.dim() > 4:
+        return "mask has more than 4 dims"
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    if any(m not in (1, t) for m, t in zip(shape, target, strict=True)):
+        return f"mask shape {tuple(mask.shape)} does not broadcast to {target}"
+    return None
+
+
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> str | None:
+    """Why the kernel cannot take this call, or None when it can (cheap; no GPU work, no sync)."""
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        return "q/k/v are not tensors"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q/k/v must be (B, H, N|K, d)"
+    dev = q.device
+    if k.device != dev or v.device != dev:
+        return "q/k/v on different devices"
+    if dev.type == "cuda":
+        if torch.version.hip is not None:
+            return "ROCm (use the torch path)"
+        cap = _capability(dev)
+        if cap < (7, 5):
+            return f"compute capability {cap} (kernel needs 7.5+)"
+        if q.dtype == torch.bfloat16 and cap < (8, 0):
+            return f"bf16 needs compute capability 8.0+ (have {cap})"
+    elif not (dev.type == "cpu" and interpreter_mode()):
+        return f"device {dev.type} (kernel needs CUDA, or CPU under TRITON_INTERPRET=1)"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (need one of fp16/bf16/fp32 for all)"
+    b, h, _n, d = q.shape
+    if k.shape[:2] != (b, h) or v.shape[:2] != (b, h):
+        return "batch/heads of q, k, v differ"
+    k_len = k.shape[2]
+    if v.shape[2] != k_len or k.shape[3] != d or v.shape[3] != d:
+        return "k/v shapes do not match q"
+    if not 1 <= k_len <= MAX_KEYS:
+        return f"{k_len} keys (kernel holds at most {MAX_KEYS})"
+    if not HEAD_DIM_RANGE[0] <= d <= HEAD_DIM_RANGE[1]:
+        return f"head dim {d} outside {HEAD_DIM_RANGE}"
+    if b * h > _MAX_GRID_Y:
+        return "too many batch·heads for one launch"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "autograd requested (kernel has no backward)"
+    if mask is not None:
+        reason = _mask_ok(mask, q, k)
+        if reason:
+            return reason
+        if torch.is_grad_enabled() and mask.requires_grad:
+            return "autograd requested on the mask"
+    need = _smem_estimate(k_len, d, q.element_size())
+    limit = _smem_limit(dev)
+    if limit is not None and need > limit:
+        return f"tiles need ~{need // 1024} KiB of shared memory, this GPU has {limit // 1024} KiB per block"
+    if _shape_class(q, k_len) in _failed_shapes:
+        return "this tile size failed to launch on this device before"
+    if not triton_available():
+        return "triton is not importable"
+    return None
+
+
+def is_supported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> bool:
+    """True when :func:`pladis_attention_triton` can take these inputs."""
+    try:
+        return unsupported_reason(q, k, v, mask) is None
+    except Exception:
+        return False
+
+
+def _mode(alpha: float, lam: float) -> tuple[int, float, float]:
+    """Kernel branch and (α−1, β=1/(α−1)): 0 softmax only, 1 α=1.5, 2 α=2, 3 other α."""
+    if lam == 0.0 or alpha == 1.0:
+        return 0, 1.0, 1.0
+    if alpha == 1.5:
+        return 1, 0.5, 2.0
+    if alpha == 2.0:
+        return 2, 1.0, 1.0
+    return 3, alpha - 1.0, 1.0 / (alpha - 1.0)
+
+
+def _newton_steps(mode: int, block_k: int) -> int:
+    """Fixed Newton steps before the exact step: enough that unsettled rows are rare (<0.3%)."""
+    if mode == 1:
+        return 3 if block_k <= 128 else 4
+    if mode == 2:
+        return 4 if block_k <= 256 else 5
+    return 4 if block_k <= 128 else 5
+
+
+def _fits(block_m: int, block_k: int, block_d: int, wide: bool = False) -> bool:
+    """Tiles that compile for sm_80–sm_90 without register spills (checked with ptxas, 4 and 8 warps).
+
+    ``wide``: float32 inputs, whose exact (non-tensor-core) dots need far more registers.
+    """
+    if wide and block_m > 16:
+        return False
+    return block_m * block_k <= 8192 and block_m * block_k * block_d <= 8192 * 128
+
+
+def _heuristic(block_k: int, block_d: int, wide: bool = False) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) when not autotuning: the largest spill-free query block, 8 warps."""
+    for block_m in (32, 16):
+        if _fits(block_m, block_k, block_d, wide):
+            return block_m, 8
+    return 16, 8
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("PLADIS_TRITON_AUTOTUNE", "1") != "0" and not interpreter_mode()
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> tuple[Any, Any]:
+    """(raw kernel, autotuned kernel) — imports Triton on first use."""
+    import triton
+
+    from . import _triton_fwd
+
+    raw = _triton_fwd.pladis_fwd_kernel
+    configs = [
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1) for bm in (16, 32, 64) for w in (4, 8)
+    ]
+
+    def prune(configs: list, nargs: dict | None, **kwargs: Any) -> list:
+        args = {**(nargs or {}), **kwargs}
+        bk, bd = int(args["BLOCK_K"]), int(args["BLOCK_D"])
+        wide = args.get("DOT_PREC") == "ieee"
+        keep = [c for c in configs if _fits(c.kwargs["BLOCK_M"], bk, bd, wide)]
+        return keep or [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.num_warps == 8]
+
+    tuned = triton.autotune(
+        configs=configs,
+        key=["N", "KLEN", "D", "MODE", "MASK_KIND", "WRITE_O", "WRITE_W"],
+        prune_configs_by={"early_config_prune": prune},
+    )(raw)
+    return raw, tuned
+
+
+def _prepare_mask(mask: Tensor | None, q: Tensor, k_len: int) -> tuple[int, Tensor, tuple[int, ...]]:
+    if mask is None:
+        return 0, q, (0, 0, 0, 0)
+    b, h, n, _ = q.shape
+    full = torch.broadcast_to(mask, (b, h, n, k_len))
+    kind = 1 if mask.dtype == torch.bool else 2
+    return kind, full, tuple(full.stride())
+
+
+def _check_args(alpha: float, lam: float, scale: float | None, d: int) -> tuple[float, float, float]:
+    if isinstance(alpha, bool) or not 1.0 <= float(alpha) <= 2.0:
+        raise ValueError(f"alpha: {alpha!r} is outside [1, 2]")
+    if not math.isfinite(float(lam)):
+        raise ValueError(f"lam: {lam!r} is not finite")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: {scale!r} is not finite")
+    return float(alpha), float(lam), scale
+
+
+def _launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor | None,
+    mask: Tensor | None,
+    alpha: float,
+    lam: float,
+    scale: float | None,
+    write_o: bool,
+    write_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    vv = k if v is None else v
+    reason = unsupported_reason(q, k, vv, mask)
+    if reason:
+        raise ValueError(f"pladis triton kernel: unsupported input: {reason}")
+    b, h, n, d = q.shape
+    k_len = k.shape[2]
+    alpha, lam, scale = _check_args(alpha, lam, scale, d)
+    mode, am1, beta = _mode(alpha, lam)
+    block_k, block_d = _tiles(k_len, d)
+    out = torch.empty_like(q) if write_o else None
+    wout = torch.empty((b, h, n, k_len), device=q.device, dtype=torch.float32) if write_w else None
+    if n == 0:
+        return out, wout
+    mask_kind, mask_t, ms = _prepare_mask(mask, q, k_len)
+    upcast = q.dtype == torch.bfloat16 and interpreter_mode()
+    o_t = out if out is not None else q
+    w_t = wout if wout is not None else q
+    os_ = tuple(out.stride()) if out is not None else (0, 0, 0, 0)
+    ws = tuple(wout.stride()) if wout is not None else (0, 0, 0, 0)
+    args: tuple[Any, ...] = (
+        q, k, vv, o_t, w_t, mask_t,
+        *q.stride(), *k.stride(), *vv.stride(), *os_, *ws, *ms,
+        h, n, k_len, d,
+        scale, lam, am1, beta, ROW_SUM_TOL,
+    )  # fmt: skip
+    meta: dict[str, Any] = {
+        "MODE": mode,
+        "MASK_KIND": mask_kind,
+        "N_NEWTON": _newton_steps(mode, block_k),
+        "MAX_FIX": MAX_FIX,
+        "WRITE_O": write_o,
+        "WRITE_W": write_w,
+        "DOT_PREC": "ieee" if q.dtype == torch.float32 or upcast else "tf32",
+        "UPCAST_DOT": upcast,
+        "SPLIT_W": q.dtype != torch.float32,
+        "BLOCK_K": block_k,
+        "BLOCK_D": block_d,
+    }
+    raw, tuned = _kernels()
+    try:
+        with _device_guard(q):
+            if _autotune_enabled():
+
+                def grid(m: dict[str, Any]) -> tuple[int, int]:
+                    return (-(-n // m["BLOCK_M"]), b * h)
+
+                tuned[grid](*args, **meta)
+            else:
+                block_m, warps = _heuristic(block_k, block_d, q.dtype == torch.float32)
+                raw[(-(-n // block_m), b * h)](*args, **meta, BLOCK_M=block_m, num_warps=warps, num_stages=1)
+    except Exception as exc:  # resources (shared memory, registers) differ per GPU
+        if type(exc).__name__ in (
+            "OutOfResources",
+            "PTXASError",
+            "CompilationError",
+            "CompileTimeAssertionFailure",
+        ):
+            _failed_shapes.add(_shape_class(q, k_len))
+            raise TritonUnsupported(f"pladis triton kernel cannot run here: {exc}") from exc
+        raise
+    return out, wout
+
+
+def _device_guard(q: Tensor) -> Any:
+    if q.is_cuda:
+        return torch.cuda.device(q.device)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def pladis_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    alpha: float,
+    lam: float,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Fused ``((1−λ)·softmax(S) + λ·entmax_α(S)) @ v`` with ``S = q·kᵀ·scale (+ mask)``; q.dtype out.
+
+    q: (B, H, N, d); k, v: (B, H, K, d); mask: bool (True = attend) or additive float, broadcastable to
+    (B, H, N, K). The output has q's memory layout (a head-split view of a packed tensor stays packed).
+    Raises ValueError for unsupported inputs (check :func:`is_supported` first) and
+    :class:`TritonUnsupported` when this GPU cannot launch the tile size.
+    """
+    out, _ = _launch(q, k, v, mask, alpha, lam, scale, write_o=True, write_w=False)
+    assert out is not None
+    return out
+
+
+def pladis_weights_triton(
+    q: Tensor,
+    k: Tensor,
+    *,
+    alpha: float,
+    lam: float,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """The kernel's float32 mixed weights ``(1−λ)·softmax + λ·entmax_α`` (B, H, N, K), for testing."""
+    _, w = _launch(q, k, None, mask, alpha, lam, scale, write_o=False, write_w=True)
+    assert w is not None
+    return w
+
+
+__all__: list[str] = [
+    "HEAD_DIM_RANGE",
+    "MAX_KEYS",
+    "TritonUnsupported",
+    "interpreter_mode",
+    "is_supported",
+    "pladis_attention_triton",
+    "pladis_weights_triton",
+    "triton_available",
+    "unsupported_reason",
+]

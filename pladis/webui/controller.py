@@ -1,0 +1,154 @@
+"""Per-generation control: what the script hooks and WebUI callbacks do, host-independent.
+
+Flow (A1111 ``processing.py``): ``process`` (parse, infotext, clean up any previous generation) →
+``p.init`` → per sampling pass ``process_before_every_sampling`` (patch the UNet being sampled;
+on Forge/reForge hand over to ``pladis.hosts.forge.apply``) → ``on_cfg_denoiser`` before every UNet
+call (progress for the start/end window, and the model that the SDXL refiner switched to) →
+``postprocess`` (restore). ``postprocess`` is skipped when sampling raises, so the next ``process``,
+a foreign generation seen in ``on_cfg_denoiser``, a model (re)load and script unload also restore.
+
+WebUI script hooks swallow exceptions, so a bad value cannot fail a request from ``process``; it is
+re-raised from ``p.init``, which ``process_images_inner`` calls unwrapped right after the hooks and
+before anything touched the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pladis import hosts
+from pladis.hosts import a1111
+from pladis.params import PladisParams
+from pladis.webui import infotext
+from pladis.webui.args import params_for
+
+FAILED_INIT_ATTR = "_pladis_error"
+"""Attribute of a processing object whose request must fail (holds the validation error)."""
+
+GENERATION_ATTR = "_pladis_generation"
+"""Attribute of the processing object carrying its :class:`Generation` (set in ``process``)."""
+
+
+@dataclass(eq=False)
+class Generation:
+    """What PLADIS does for one processing object; only valid for that very object (not its copies)."""
+
+    owner: Callable[[], Any]
+    params: PladisParams
+    host: str
+
+    def owns(self, p: Any) -> bool:
+        return p is not None and self.owner() is p
+
+
+def generation_of(p: Any) -> Generation | None:
+    """The generation configured for ``p`` by our ``process`` hook, if any (copies of ``p`` have none)."""
+    generation = getattr(p, GENERATION_ATTR, None)
+    return generation if isinstance(generation, Generation) and generation.owns(p) else None
+
+
+def fail_at_init(p: Any, error: Exception) -> None:
+    """Make this request fail with ``error`` when the WebUI calls ``p.init`` (outside hook wrappers)."""
+
+    def init(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    setattr(p, FAILED_INIT_ATTR, error)
+    p.init = init
+
+
+def _undo_fail_at_init(p: Any) -> None:
+    state = getattr(p, "__dict__", {})
+    if FAILED_INIT_ATTR in state:
+        state.pop(FAILED_INIT_ATTR, None)
+        state.pop("init", None)
+
+
+class Controller:
+    """Glue between the WebUI hooks and the host adapter; one instance per process.
+
+    Per-generation settings live on the processing object itself, so a generation nested inside
+    another one (ADetailer, X/Y/Z cells) neither inherits nor destroys the outer one's settings: the
+    outer generation simply re-patches at its next sampling pass.
+    """
+
+    def __init__(self, patcher: a1111.Attn2Patcher | None = None) -> None:
+        self.patcher = patcher or a1111.PATCHER
+
+    # -- script hooks ------------------------------------------------------------------------------
+    def process(self, p: Any, args: Sequence[Any]) -> PladisParams | None:
+        """Parse the args (+ X/Y/Z overrides), write infotext, clean up, configure PLADIS for ``p``."""
+        self.patcher.end()  # leftovers of a crashed or enclosing generation must not leak into this one
+        _undo_fail_at_init(p)
+        setattr(p, GENERATION_ATTR, None)
+        extra = getattr(p, "extra_generation_params", None)
+        try:
+            params = params_for(p, args)
+        except ValueError as error:
+            if extra is not None:
+                infotext.clear(extra)
+            fail_at_init(p, error)
+            return None
+        if extra is not None:
+            infotext.write(extra, params)
+        if params.acts:
+            setattr(p, GENERATION_ATTR, Generation(a1111.weak_owner(p), params, hosts.detect_host()))
+        return params
+
+    def before_sampling(self, p: Any) -> None:
+        """Each sampling pass (first pass, hires pass, img2img): patch the model about to be sampled."""
+        generation = generation_of(p)
+        if generation is None:
+            return
+        if generation.host != "a1111":
+            forge = importlib.import_module("pladis.hosts.forge")
+            forge.apply(p, generation.params)
+            return
+        self._activate(p, generation)
+        self.patcher.set_progress(0.0)
+        self.patcher.patch_model(p.sd_model)
+
+    def postprocess(self, p: Any) -> None:
+        self.patcher.end()
+        if generation_of(p) is not None:
+            setattr(p, GENERATION_ATTR, None)
+
+    def stop(self) -> None:
+        """Remove every patch and disarm the running session (idempotent)."""
+        self.patcher.end()
+
+    def _activate(self, p: Any, generation: Generation) -> None:
+        session = self.patcher.session
+        if session is None or not session.owned_by(p) or session.params != generation.params:
+            self.patcher.begin(generation.params, owner=p)
+
+    # -- WebUI callbacks ---------------------------------------------------------------------------
+    def on_cfg_denoiser(self, params: Any) -> None:
+        """Before every UNet call: window progress, and patch the model the refiner may have switched to."""
+        p = getattr(getattr(params, "denoiser", None), "p", None)
+        if p is None:
+            return
+        generation = generation_of(p)
+        if generation is None:
+            self.patcher.unpatch_all()  # a generation we did not configure: stay out of it
+            return
+        if generation.host != "a1111":
+            return
+        self._activate(p, generation)
+        self.patcher.set_progress(a1111.progress_from_cfg_params(params))
+        self.patcher.patch_model(p.sd_model)
+
+    def on_model_loaded(self, sd_model: Any) -> None:
+        """Weights (re)loaded: drop patches; the running generation re-patches before its next UNet call."""
+        del sd_model
+        self.patcher.unpatch_all()
+
+    def unload(self) -> None:
+        """``on_script_unloaded``: leave nothing behind before the WebUI reloads scripts."""
+        self.patcher.end()
+
+
+CONTROLLER = Controller()

@@ -1,0 +1,119 @@
+"""PLADIS keys in the generation parameters ("infotext") and their paste-back.
+
+Keys contain only word characters and spaces (the WebUI's infotext regex). They are removed when
+PLADIS is disabled because X/Y/Z cells share one ``extra_generation_params`` dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from pladis.params import PladisParams, parse_params
+
+ALPHA_KEY = "PLADIS alpha"
+LAMBDA_KEY = "PLADIS lambda"
+LAYERS_KEY = "PLADIS layers"
+RANGE_KEY = "PLADIS range"
+KEYS: tuple[str, ...] = (ALPHA_KEY, LAMBDA_KEY, LAYERS_KEY, RANGE_KEY)
+
+
+def _number(value: float) -> float:
+    return round(float(value), 4)
+
+
+def range_text(params: PladisParams) -> str:
+    """``start-end`` as fractions of the sampling steps, e.g. ``0-1`` or ``0.2-0.8``."""
+    return f"{params.start:g}-{params.end:g}"
+
+
+def write(extra: MutableMapping[str, Any], params: PladisParams) -> None:
+    """Record ``params`` in ``p.extra_generation_params`` when enabled; remove our keys otherwise."""
+    clear(extra)
+    if not params.enabled:
+        return
+    extra[ALPHA_KEY] = _number(params.alpha)
+    extra[LAMBDA_KEY] = _number(params.lam)
+    extra[LAYERS_KEY] = params.layers_text()
+    extra[RANGE_KEY] = range_text(params)
+
+
+def clear(extra: MutableMapping[str, Any]) -> None:
+    for key in KEYS:
+        extra.pop(key, None)
+
+
+def parse_range(text: Any) -> tuple[float, float]:
+    """``"0.2-0.8"`` → ``(0.2, 0.8)``; ValueError naming the key otherwise."""
+    parts = str(text).strip().split("-")
+    if len(parts) != 2:
+        raise ValueError(f"{RANGE_KEY}: expected 'start-end' with fractions in [0, 1], got {text!r}")
+    try:
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ValueError(
+            f"{RANGE_KEY}: expected 'start-end' with fractions in [0, 1], got {text!r}"
+        ) from None
+
+
+def params_from_infotext(fields: Mapping[str, Any]) -> PladisParams:
+    """Params described by parsed infotext; ``enabled`` is the presence of ``PLADIS alpha``."""
+    if ALPHA_KEY not in fields:
+        return PladisParams(enabled=False)
+    start = end = None
+    if RANGE_KEY in fields:
+        start, end = parse_range(fields[RANGE_KEY])
+    return parse_params(
+        enabled=True,
+        alpha=fields.get(ALPHA_KEY),
+        lam=fields.get(LAMBDA_KEY),
+        layers=fields.get(LAYERS_KEY),
+        start=start,
+        end=end,
+    )
+
+
+# -- paste-back: callables receive the parsed infotext dict; None leaves the control unchanged ------
+def paste_enabled(fields: Mapping[str, Any]) -> bool:
+    """Turn the accordion on exactly when the image was made with PLADIS (off otherwise)."""
+    return ALPHA_KEY in fields
+
+
+def paste_layers(fields: Mapping[str, Any]) -> list[str] | None:
+    if LAYERS_KEY not in fields:
+        return None
+    try:
+        return list(parse_params(layers=fields[LAYERS_KEY]).layers)
+    except ValueError:
+        return None
+
+
+def _paste_range_part(fields: Mapping[str, Any], index: int) -> float | None:
+    if RANGE_KEY not in fields:
+        return None
+    try:
+        return parse_range(fields[RANGE_KEY])[index]
+    except ValueError:
+        return None
+
+
+def paste_start(fields: Mapping[str, Any]) -> float | None:
+    return _paste_range_part(fields, 0)
+
+
+def paste_end(fields: Mapping[str, Any]) -> float | None:
+    return _paste_range_part(fields, 1)
+
+
+def paste_fields(
+    enabled: Any, alpha: Any, lam: Any, layers: Any, start: Any, end: Any
+) -> list[tuple[Any, Any]]:
+    """``Script.infotext_fields`` entries for the six controls."""
+    return [
+        (enabled, paste_enabled),
+        (alpha, ALPHA_KEY),
+        (lam, LAMBDA_KEY),
+        (layers, paste_layers),
+        (start, paste_start),
+        (end, paste_end),
+    ]

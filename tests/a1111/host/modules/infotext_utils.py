@@ -1,0 +1,68 @@
+"""Stand-in ``modules.infotext_utils``.
+
+Quoting (:56-61), the parse regex (:16-17) and the paste conversion (:476-517).
+"""
+
+import json
+import re
+
+re_param_code = r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)'
+re_param = re.compile(re_param_code)
+
+
+def quote(text):
+    if "," not in str(text) and "\n" not in str(text) and ":" not in str(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text):
+    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except Exception:
+        return text
+
+
+def parse_generation_parameters(x: str):
+    """Key/value pairs of the last line (prompt parsing is not modelled)."""
+    res = {}
+    *_lines, lastline = x.strip().split("\n")
+    for k, v in re_param.findall(lastline):
+        try:
+            if v and v[0] == '"' and v[-1] == '"':
+                v = unquote(v)
+            res[k] = v
+        except Exception:
+            print(f'Error parsing "{k}: {v}"')
+    return res
+
+
+def paste_values(paste_fields, params):
+    """What ``connect_paste`` sends to each component: a value, or None for ``gr.update()`` (unchanged)."""
+    res = []
+    for output, key in paste_fields:
+        if callable(key):
+            try:
+                v = key(params)
+            except Exception:
+                v = None
+        else:
+            v = params.get(key, None)
+
+        if v is None:
+            res.append(None)
+        else:
+            try:
+                valtype = type(output.value)
+                if valtype == bool and v == "False":  # noqa: E721 - as upstream
+                    val = False
+                elif valtype == int:  # noqa: E721
+                    val = float(v)
+                else:
+                    val = valtype(v)
+                res.append(val)
+            except Exception:
+                res.append(None)
+    return res

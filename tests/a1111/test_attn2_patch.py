@@ -1,0 +1,248 @@
+"""The attn2 instance patch on single ldm/sgm CrossAttention modules: maths, fall-through, chaining."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pladis.hosts import a1111
+from pladis.params import PladisParams
+
+
+def _module(host, kind, seed=0, heads=4, dim_head=8, query_dim=32, context_dim=24):
+    torch.manual_seed(seed)
+    cls = host.ldm_attention.CrossAttention if kind == "ldm" else host.sgm_attention.CrossAttention
+    return cls(query_dim=query_dim, context_dim=context_dim, heads=heads, dim_head=dim_head).eval()
+
+
+class _Model(nn.Module):
+    """``sd_model.model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2`` around one module."""
+
+    def __init__(self, attn2):
+        super().__init__()
+        block = nn.Module()
+        block.attn2 = attn2
+        st = nn.Module()
+        st.transformer_blocks = nn.ModuleList([block])
+        unet = nn.Module()
+        unet.input_blocks = nn.ModuleList([nn.Identity(), nn.ModuleList([nn.Identity(), st])])
+        self.model = nn.Module()
+        self.model.diffusion_model = unet
+
+
+def _xc(seed=1, batch=2, tokens=10, ctx_tokens=77):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, tokens, 32, generator=g), torch.randn(batch, ctx_tokens, 24, generator=g) * 3
+
+
+def _patch(module, **changes):
+    patcher = a1111.Attn2Patcher()
+    params = PladisParams(enabled=True).replace(**changes)
+    patcher.begin(params)
+    assert patcher.patch_model(_Model(module)) == 1
+    return patcher
+
+
+@pytest.mark.parametrize("kind", ["ldm", "sgm"])
+@pytest.mark.parametrize(("alpha", "lam"), [(1.5, 2.0), (2.0, 2.0), (1.5, 1.0), (2.0, 0.5), (1.25, 3.0)])
+def test_patched_forward_equals_independent_pladis(host, kind, alpha, lam):
+    module = _module(host, kind)
+    x, context = _xc()
+    with torch.no_grad():
+        expected = host.kit.oracle_attn2(module, x, context, alpha, lam)
+        stock = module(x, context=context)
+        patcher = _patch(module, alpha=alpha, lam=lam)
+        got = module(x, context=context)
+    patcher.end()
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, stock, atol=1e-3)  # PLADIS really changed the output
+
+
+@pytest.mark.parametrize("ctx_tokens", [77, 154, 231])
+def test_long_prompts_and_batches(host, ctx_tokens):
+    module = _module(host, "ldm", seed=3)
+    x, context = _xc(seed=4, batch=3, ctx_tokens=ctx_tokens)
+    with torch.no_grad():
+        expected = host.kit.oracle_attn2(module, x, context, 1.5, 2.0)
+        patcher = _patch(module)
+        got = module(x, context=context)
+    patcher.end()
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_half_precision_is_computed_in_float32_and_cast_back(host):
+    module = _module(host, "sgm").to(torch.bfloat16)
+    x, context = _xc()
+    x, context = x.bfloat16(), context.bfloat16()
+    with torch.no_grad():
+        patcher = _patch(module)
+        got = module(x, context=context)
+        patcher.end()
+        # oracle on the same bf16 projections, maths in float64, then the same cast before to_out
+        expected = host.kit.oracle_attn2(module, x, context, 1.5, 2.0)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["ldm", "sgm"])
+def test_restore_and_inactive_paths_are_bit_identical(host, kind):
+    module = _module(host, kind)
+    x, context = _xc()
+    with torch.no_grad():
+        stock = module(x, context=context)
+        patcher = _patch(module, start=0.5)
+        assert "forward" in module.__dict__
+        patcher.set_progress(0.25)  # outside the window: falls through to the class forward
+        assert torch.equal(module(x, context=context), stock)
+        patcher.set_progress(0.5)
+        assert not torch.equal(module(x, context=context), stock)
+        patcher.end()
+        assert "forward" not in module.__dict__ and a1111.RECORD_ATTR not in module.__dict__
+        assert torch.equal(module(x, context=context), stock)
+
+
+def test_lambda_zero_and_disabled_patch_nothing(host):
+    module = _module(host, "ldm")
+    for params in (
+        PladisParams(enabled=True, lam=0.0),
+        PladisParams(enabled=False),
+        PladisParams(enabled=True, layers=()),
+    ):
+        patcher = a1111.Attn2Patcher()
+        patcher.begin(params)
+        assert patcher.patch_model(_Model(module)) == 0
+        assert "forward" not in module.__dict__
+
+
+def test_stock_forward_is_looked_up_on_the_class_at_call_time(host, monkeypatch):
+    module = _module(host, "ldm")
+    x, context = _xc()
+    patcher = _patch(module, start=0.9)
+    patcher.set_progress(0.0)
+    calls = []
+
+    def other_optimisation(self, x, context=None, mask=None, **kwargs):
+        calls.append(self)
+        return host.hypernetwork.attention_CrossAttention_forward(self, x, context, mask)
+
+    monkeypatch.setattr(host.ldm_attention.CrossAttention, "forward", other_optimisation)  # A1111 redo_hijack
+    with torch.no_grad():
+        out = module(x, context=context)
+        assert calls == [module]
+        assert torch.equal(out, host.hypernetwork.attention_CrossAttention_forward(module, x, context))
+    patcher.end()
+
+
+def test_stale_session_falls_through(host):
+    module = _module(host, "ldm")
+    x, context = _xc()
+    with torch.no_grad():
+        stock = module(x, context=context)
+        patcher = _patch(module)
+        forward = module.__dict__["forward"]
+        patcher.session.live = False  # e.g. a generation that ended without postprocess
+        assert module.__dict__["forward"] is forward
+        assert torch.equal(module(x, context=context), stock)
+    patcher.end()
+
+
+def test_chains_to_and_restores_another_extensions_instance_forward(host):
+    module = _module(host, "ldm")
+    x, context = _xc()
+    seen = []
+
+    def theirs(x, context=None, mask=None, **kwargs):
+        seen.append("theirs")
+        return type(module).forward(module, x, context=context, mask=mask) * 2
+
+    module.forward = theirs
+    with torch.no_grad():
+        doubled = module(x, context=context)
+        patcher = _patch(module, start=0.5)
+        patcher.set_progress(0.0)
+        assert torch.equal(module(x, context=context), doubled)  # inactive → their forward, not the class one
+        patcher.end()
+    assert module.__dict__["forward"] is theirs
+
+
+def test_wrapped_by_another_extension_after_us_stays_but_is_disarmed(host):
+    module = _module(host, "sgm")
+    x, context = _xc()
+    with torch.no_grad():
+        stock = module(x, context=context)
+        patcher = _patch(module)
+        ours = module.__dict__["forward"]
+        module.forward = lambda x, context=None, **kw: ours(x, context=context, **kw)  # someone wraps us
+        assert patcher.unpatch_all() == 0  # cannot remove without breaking their chain
+        assert torch.equal(module(x, context=context), stock)  # but our link passes through
+        patcher.end()
+
+
+@pytest.mark.parametrize("kind", ["ldm", "sgm"])
+def test_hypernetwork_is_applied_to_the_context(host, kind):
+    module = _module(host, kind)
+    x, context = _xc()
+    host.shared.loaded_hypernetworks.append(
+        host.hypernetwork.Hypernetwork("hn", enable_sizes=[24, 32], seed=7)
+    )
+    with torch.no_grad():
+        with_hn = host.kit.oracle_attn2(module, x, context, 1.5, 2.0)
+        patcher = _patch(module)
+        got = module(x, context=context)
+        patcher.end()
+        host.shared.loaded_hypernetworks.clear()
+        without_hn = host.kit.oracle_attn2(module, x, context, 1.5, 2.0)
+    torch.testing.assert_close(got, with_hn, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(with_hn, without_hn, atol=1e-3)
+    assert getattr(module, "hyper_k", None) is not None  # passed as `layer`, like the fallback forward
+
+
+def test_lora_style_class_level_linear_patch_reaches_to_k(host, monkeypatch):
+    """Built-in Lora patches ``nn.Linear.forward`` at class level; calling ``to_k`` as a module honours it."""
+    module = _module(host, "ldm")
+    x, context = _xc()
+    module.to_k.network_layer_name = "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+    g = torch.Generator().manual_seed(9)
+    down, up = torch.randn(24, 4, generator=g), torch.randn(4, 32, generator=g)
+    stock_linear = nn.Linear.forward
+
+    def lora_linear_forward(self, input):
+        out = stock_linear(self, input)
+        if getattr(self, "network_layer_name", "").endswith("attn2_to_k"):
+            out = out + input @ down @ up
+        return out
+
+    with torch.no_grad():
+        plain = host.kit.oracle_attn2(module, x, context, 1.5, 2.0)
+        monkeypatch.setattr(nn.Linear, "forward", lora_linear_forward)
+        expected = host.kit.oracle_attn2(module, x, context, 1.5, 2.0)
+        patcher = _patch(module)
+        got = module(x, context=context)
+        patcher.end()
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(expected, plain, atol=1e-3)
+
+
+def test_unsupported_calls_fall_back(host):
+    module = _module(host, "sgm")
+    x, context = _xc()
+    extra = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        stock = module(x, context=context, additional_tokens=extra)
+        patcher = _patch(module)
+        assert torch.equal(module(x, context=context, additional_tokens=extra), stock)
+    patcher.end()
+
+
+def test_progress_from_cfg_params():
+    class Den:
+        step, total_steps = 5, 20
+
+    class Params:
+        denoiser = Den()
+        sampling_step, total_sampling_steps = 4, 20
+
+    assert a1111.progress_from_cfg_params(Params()) == 0.25
+    Params.denoiser = None
+    assert a1111.progress_from_cfg_params(Params()) == 0.2

@@ -1,0 +1,66 @@
+"""Infotext keys: written when enabled, removed when disabled, and pasted back into every control."""
+
+from __future__ import annotations
+
+import pytest
+
+from pladis.params import PladisParams
+from pladis.webui import infotext
+
+
+def _paste(webui, text):
+    script = webui.kit.pladis_script(webui.runner)
+    fields = webui.infotext_utils.parse_generation_parameters(text)
+    return webui.infotext_utils.paste_values(script.infotext_fields, fields), fields
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0),
+        (True, 2.0, 0.75, ["mid"], 0.2, 0.8),
+        (True, 1.35, 4.95, ["down", "mid", "up"], 0.05, 0.55),
+    ],
+)
+def test_infotext_round_trip_restores_every_control(webui, values):
+    kit = webui.kit
+    kit.use_models(kit.sd15())
+    _, res = kit.run(kit.txt2img(webui.runner, kit.script_args(webui.runner, *values)))
+    text = res.infotexts[0]
+    pasted, fields = _paste(webui, text)
+    assert pasted == list(values)
+    assert [type(v) for v in pasted] == [bool, float, float, list, float, float]
+    assert infotext.params_from_infotext(fields) == PladisParams(*values[:3], tuple(values[3]), *values[4:])
+
+
+def test_paste_without_pladis_turns_it_off_and_leaves_the_rest(webui):
+    pasted, fields = _paste(webui, "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7")
+    assert pasted == [False, None, None, None, None, None]
+    assert infotext.params_from_infotext(fields) == PladisParams(enabled=False)
+
+
+def test_keys_are_removed_when_disabled_because_xyz_shares_the_dict():
+    extra = {"Other": 1}
+    infotext.write(extra, PladisParams(True, 2.0, 1.0, ("up",), 0.25, 0.5))
+    assert extra == {
+        "Other": 1,
+        "PLADIS alpha": 2.0,
+        "PLADIS lambda": 1.0,
+        "PLADIS layers": "up",
+        "PLADIS range": "0.25-0.5",
+    }
+    infotext.write(extra, PladisParams(False, 2.0))
+    assert extra == {"Other": 1}
+
+
+def test_keys_fit_the_webui_infotext_grammar(webui):
+    pattern = webui.infotext_utils.re_param
+    for key in infotext.KEYS:
+        assert pattern.fullmatch(f"{key}: 1") is not None
+
+
+def test_bad_pasted_values_are_ignored_for_derived_fields(webui):
+    pasted, _ = _paste(
+        webui, "x\nSteps: 3, PLADIS alpha: 1.5, PLADIS lambda: 2, PLADIS layers: sideways, PLADIS range: soon"
+    )
+    assert pasted == [True, 1.5, 2.0, None, None, None]

@@ -1,0 +1,91 @@
+"""X/Y/Z axes: registered once into the loaded xyz_grid.py module, validated, per-cell override."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pladis.webui import xyz
+
+
+def _xyz(webui):
+    return webui.loaded["xyz_grid.py"]
+
+
+def test_axes_register_once(webui):
+    module = _xyz(webui).module
+    webui.script_callbacks.before_ui_callback()  # what the WebUI does before building the UI
+    labels = [o.label for o in module.axis_options]
+    assert [lbl for lbl in labels if lbl.startswith("[PLADIS]")] == [a[0] for a in xyz.AXES]
+    assert xyz.register() == 0  # duplicate-guarded
+    webui.script_callbacks.before_ui_callback()
+    assert [o.label for o in module.axis_options] == labels
+    enabled = next(o for o in module.axis_options if o.label == "[PLADIS] Enabled")
+    assert enabled.choices() == ["False", "True"]
+
+
+def test_missing_xyz_module_is_fine(webui):
+    assert xyz.register(scripts_data=[]) == 0
+
+
+@pytest.mark.parametrize(
+    ("label", "values", "fragments"),
+    [
+        ("[PLADIS] Alpha", "1.5, 2.5", ["alpha", "[1, 2]"]),
+        ("[PLADIS] Lambda", "2, 10.5", ["lambda", "[0, 10]"]),
+        ("[PLADIS] Start", "1.2", ["start", "[0, 1]"]),
+        ("[PLADIS] End", "-0.5", ["end", "[0, 1]"]),
+    ],
+)
+def test_bad_axis_values_are_rejected_before_the_grid(webui, label, values, fragments):
+    webui.script_callbacks.before_ui_callback()
+    kit = webui.kit
+    kit.use_models(kit.sd15())
+    script = _xyz(webui).script_class()
+    with pytest.raises(ValueError) as info:
+        script.run_axis(kit.txt2img(webui.runner, kit.script_args(webui.runner, True)), label, values)
+    assert all(f in str(info.value) for f in fragments)
+
+
+def test_cells_override_ui_values(webui):
+    webui.script_callbacks.before_ui_callback()
+    kit = webui.kit
+    model = kit.sd15()
+    data = kit.inputs()
+    expected = {}
+    for alpha in (1.5, 2.0):
+        kit.use_models(kit.install_oracle(kit.baseline_copy(model), alpha, 0.5, layers=("down",)))
+        expected[alpha], _ = kit.run(kit.txt2img(None, (), data=data))
+    kit.use_models(kit.baseline_copy(model))
+    baseline, _ = kit.run(kit.txt2img(None, (), data=data))
+
+    kit.use_models(model)
+    script = _xyz(webui).script_class()
+    # UI says alpha 1.5, lambda 0.5, layers down; the axis overrides alpha per cell
+    p = kit.txt2img(webui.runner, kit.script_args(webui.runner, True, 1.5, 0.5, ["down"]), data=data)
+    cells = script.run_axis(p, "[PLADIS] Alpha", "2.0, 1.5")
+    torch.testing.assert_close(torch.cat(cells[0].images), expected[2.0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(cells[1].images), expected[1.5], atol=1e-5, rtol=1e-4)
+    assert cells[0].extra_generation_params["PLADIS alpha"] == 2.0
+    assert not hasattr(p, "_pladis_xyz")  # the parent p is never modified
+
+    # Enabled axis: "False" cell is stock and carries no PLADIS keys even though the dict is shared
+    p = kit.txt2img(webui.runner, kit.script_args(webui.runner, True, 2.0, 0.5, ["down"]), data=data)
+    on, off = script.run_axis(p, "[PLADIS] Enabled", "True, False")
+    torch.testing.assert_close(torch.cat(on.images), expected[2.0], atol=1e-5, rtol=1e-4)
+    assert torch.equal(torch.cat(off.images), baseline)
+    assert "PLADIS alpha" in on.extra_generation_params and "PLADIS alpha" not in off.extra_generation_params
+    assert kit.instance_forwards(model) == []
+
+
+def test_start_after_end_cell_fails_that_cell_only(webui):
+    webui.script_callbacks.before_ui_callback()
+    kit = webui.kit
+    model = kit.sd15()
+    kit.use_models(model)
+    script = _xyz(webui).script_class()
+    p = kit.txt2img(webui.runner, kit.script_args(webui.runner, True, 1.5, 2.0, ["down"], 0.6, 1.0))
+    cells = script.run_axis(p, "[PLADIS] End", "0.5, 0.9")
+    assert cells[0] is None and cells[1] is not None  # X/Y/Z reports the failed cell and goes on
+    assert "start" in str(webui.errors.reported[-1][1])
+    assert kit.instance_forwards(model) == []

@@ -1,0 +1,164 @@
+"""The PLADIS blend: oracle agreement, λ = 0 / λ = 1 identities, masks, chunking, dtypes, layout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pladis.attention import chunk_queries, pladis_attention, pladis_attention_packed, pladis_weights
+from pladis.entmax import entmax
+from tests.core.oracles import reference_pladis
+
+
+def qkv(b: int, h: int, n: int, k: int, d: int, seed: int = 0, dtype=torch.float32):  # noqa: ANN001, ANN201
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(
+        (torch.randn(b, h, m, d, generator=gen) * s).to(dtype) for m, s in ((n, 1.5), (k, 1.5), (k, 1.0))
+    )
+
+
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 1.75, 2.0])
+@pytest.mark.parametrize("lam", [0.5, 1.0, 2.0, 5.0])
+def test_matches_float64_oracle(alpha: float, lam: float) -> None:
+    q, k, v = qkv(2, 3, 70, 77, 40, seed=int(alpha * 10 + lam))
+    got = pladis_attention(q, k, v, alpha=alpha, lam=lam)
+    want = reference_pladis(q, k, v, alpha, lam)
+    assert got.dtype == torch.float32
+    assert (got.double() - want).abs().max().item() <= 2e-5 * max(1.0, lam)
+
+
+def test_lambda_zero_is_exactly_sdpa() -> None:
+    q, k, v = qkv(2, 4, 33, 77, 40)
+    mask = torch.rand(2, 1, 33, 77, generator=torch.Generator().manual_seed(1)) > 0.2
+    assert torch.equal(pladis_attention(q, k, v, alpha=1.5, lam=0.0), F.scaled_dot_product_attention(q, k, v))
+    assert torch.equal(
+        pladis_attention(q, k, v, alpha=1.5, lam=0.0, mask=mask, scale=0.3),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3),
+    )
+
+
+def test_lambda_one_is_pure_sparse_attention() -> None:
+    q, k, v = qkv(1, 2, 40, 77, 64, seed=3)
+    scores = (q @ k.transpose(-1, -2)) / 8.0
+    want = entmax(scores, 1.5) @ v
+    torch.testing.assert_close(pladis_attention(q, k, v, alpha=1.5, lam=1.0), want, rtol=0, atol=2e-6)
+
+
+def test_alpha_one_is_softmax_attention_for_any_lambda() -> None:
+    q, k, v = qkv(1, 2, 40, 77, 40, seed=4)
+    want = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(pladis_attention(q, k, v, alpha=1.0, lam=3.0), want, rtol=0, atol=2e-6)
+
+
+def test_lambda_above_one_gives_negative_weights_that_still_sum_to_one() -> None:
+    scores = torch.randn(64, 77, generator=torch.Generator().manual_seed(5)) * 2
+    weights = pladis_weights(scores, 1.5, 2.0)
+    assert (weights < 0).any()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(64), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 1.8])
+def test_chunked_equals_unchunked(alpha: float) -> None:
+    q, k, v = qkv(2, 2, 300, 154, 40, seed=6)
+    whole = pladis_attention(q, k, v, alpha=alpha, lam=2.0, memory_budget=1 << 40)
+    tiny_budget = 2 * 2 * 154 * 4 * 6 * 7  # 7 queries per chunk
+    assert chunk_queries(4, 300, 154, tiny_budget, on_gpu=False) == 7
+    chunked = pladis_attention(q, k, v, alpha=alpha, lam=2.0, memory_budget=tiny_budget)
+    # Rows are independent; only the matmul blocking may differ, by an ulp or two.
+    torch.testing.assert_close(chunked, whole, rtol=2e-6, atol=2e-6)
+
+
+def test_chunk_size_respects_the_memory_budget() -> None:
+    budget = 256 * 2**20
+    step = chunk_queries(20, 4096, 77, budget, on_gpu=True)
+    assert step * 20 * 77 * 4 * 6 <= budget
+    assert chunk_queries(20, 4096, 77, budget, on_gpu=False) <= step
+    with pytest.raises(ValueError, match="memory_budget"):
+        chunk_queries(1, 1, 1, 0, on_gpu=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_give_the_float32_answer_of_the_rounded_inputs(dtype) -> None:  # noqa: ANN001
+    q, k, v = qkv(2, 2, 50, 77, 40, seed=8, dtype=dtype)
+    got = pladis_attention(q, k, v, alpha=1.5, lam=2.0)
+    assert got.dtype == dtype
+    want = pladis_attention(q.float(), k.float(), v.float(), alpha=1.5, lam=2.0)
+    assert torch.equal(got, want.to(dtype))
+    assert torch.isfinite(got).all()
+
+
+def test_boolean_and_additive_masks() -> None:
+    q, k, v = qkv(2, 2, 20, 77, 40, seed=9)
+    keep = torch.ones(2, 1, 1, 77, dtype=torch.bool)
+    keep[0, ..., 50:] = False
+    keep[1, ..., ::2] = False
+    got = pladis_attention(q, k, v, alpha=1.5, lam=2.0, mask=keep)
+    want = reference_pladis(q, k, v, 1.5, 2.0, mask=keep.expand(2, 2, 20, 77))
+    assert (got.double() - want).abs().max().item() <= 5e-5
+    additive = torch.zeros(2, 1, 1, 77).masked_fill(~keep, -math.inf)
+    torch.testing.assert_close(
+        pladis_attention(q, k, v, alpha=1.5, lam=2.0, mask=additive), got, rtol=0, atol=0
+    )
+    # Masked keys do not matter at all: dropping them gives the same result.
+    trimmed = pladis_attention(q[:1], k[:1, :, :50], v[:1, :, :50], alpha=1.5, lam=2.0)
+    torch.testing.assert_close(got[:1], trimmed, rtol=0, atol=2e-6)
+
+
+def test_fully_masked_query_rows_give_zeros() -> None:
+    q, k, v = qkv(1, 1, 4, 8, 16, seed=10)
+    keep = torch.ones(1, 1, 4, 8, dtype=torch.bool)
+    keep[..., 2, :] = False
+    out = pladis_attention(q, k, v, alpha=1.5, lam=2.0, mask=keep)
+    assert (out[..., 2, :] == 0).all()
+    assert torch.isfinite(out).all()
+
+
+def test_explicit_scale_is_used() -> None:
+    q, k, v = qkv(1, 2, 10, 77, 40, seed=11)
+    got = pladis_attention(q, k, v, alpha=2.0, lam=2.0, scale=0.05)
+    want = reference_pladis(q, k, v, 2.0, 2.0, scale=0.05)
+    assert (got.double() - want).abs().max().item() <= 2e-5
+
+
+def test_packed_layout_matches_split_heads() -> None:
+    b, n, kk, heads, d = 2, 30, 77, 5, 16
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (
+        torch.randn(b, n, heads * d, generator=gen),
+        torch.randn(b, kk, heads * d, generator=gen),
+        torch.randn(b, kk, heads * d, generator=gen),
+    )
+    got = pladis_attention_packed(q, k, v, heads, alpha=1.5, lam=2.0)
+    assert got.shape == (b, n, heads * d)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(b, -1, heads, d).transpose(1, 2)
+
+    want = reference_pladis(split(q), split(k), split(v), 1.5, 2.0).transpose(1, 2).reshape(b, n, heads * d)
+    assert (got.double() - want).abs().max().item() <= 2e-5
+
+
+def test_broadcast_batch_dimensions() -> None:
+    q, k, v = qkv(3, 2, 10, 77, 16, seed=13)
+    got = pladis_attention(q, k[:1], v[:1], alpha=1.5, lam=2.0)
+    want = pladis_attention(q, k[:1].expand(3, -1, -1, -1), v[:1].expand(3, -1, -1, -1), alpha=1.5, lam=2.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [("alpha", {"alpha": 2.5, "lam": 1.0}), ("lambda", {"alpha": 1.5, "lam": -1.0})]
+)
+def test_invalid_blend_parameters_are_rejected(name: str, kwargs: dict) -> None:
+    q, k, v = qkv(1, 1, 2, 3, 4)
+    with pytest.raises(ValueError, match=name):
+        pladis_attention(q, k, v, **kwargs)
+
+
+def test_cpu_path_ignores_force_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLADIS_FORCE_TORCH", "1")
+    q, k, v = qkv(1, 1, 5, 77, 8)
+    want = reference_pladis(q, k, v, 1.5, 2.0)
+    assert (pladis_attention(q, k, v, alpha=1.5, lam=2.0).double() - want).abs().max().item() <= 2e-5

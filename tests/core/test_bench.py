@@ -1,0 +1,31 @@
+"""The benchmark runs end to end on a tiny shape (a smoke test: no timing is asserted)."""
+
+from __future__ import annotations
+
+import torch
+
+from pladis import bench
+
+
+def test_bench_shape_runs_and_formats(capsys) -> None:  # noqa: ANN001
+    bench.SHAPES["tiny"] = (1, 2, 16, 9, 8)
+    try:
+        bench.main(["--shapes", "tiny", "--alphas", "1.5", "2", "--rounds", "2"])
+    finally:
+        del bench.SHAPES["tiny"]
+    out = capsys.readouterr().out
+    assert "device: cpu" in out
+    assert "tiny (1, 2, 16, 9, 8)" in out
+
+
+def test_reference_attention_is_the_official_recipe() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=gen) for n in (5, 9, 9))
+    from pladis.attention import pladis_attention
+
+    torch.testing.assert_close(
+        bench.reference_attention(q, k, v, 1.5, 2.0),
+        pladis_attention(q, k, v, alpha=1.5, lam=2.0),
+        rtol=0,
+        atol=1e-5,
+    )

@@ -1,0 +1,117 @@
+"""α-entmax against the reference ``entmax`` package (float64) on random and adversarial rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tests.core.oracles import reference_entmax
+
+from pladis.entmax import entmax
+
+ALPHAS = [1.1, 1.25, 1.5, 1.75, 1.9, 2.0]
+
+
+def tolerance(alpha: float) -> float:
+    # α = 1.5 and 2 have closed-form thresholds; other α rely on the root finder (issue 2).
+    return 1e-6 if alpha in (1.5, 2.0) else 1e-5
+
+
+def random_rows(seed: int, rows: int, keys: int, sigma: float) -> torch.Tensor:
+    return torch.randn(rows, keys, generator=torch.Generator().manual_seed(seed)) * sigma
+
+
+def adversarial_rows() -> dict[str, torch.Tensor]:
+    inf = math.inf
+    gen = torch.Generator().manual_seed(7)
+    masked = torch.randn(64, 77, generator=gen)
+    masked[:, 40:] = -inf
+    masked[::3, 1:40:2] = -inf
+    sink = torch.randn(64, 154, generator=gen)
+    sink[:, 0] = 12.0
+    sink[:, 77] = 12.0
+    return {
+        "ties": torch.tensor([[1.0, 1.0, 1.0, 0.0], [2.0, 2.0, -1.0, -1.0], [0.0, 0.0, 0.0, 0.0], [5.0] * 4]),
+        "all equal long": torch.full((3, 512), 0.25),
+        "two top ties": torch.tensor([[3.0, 3.0] + [0.0] * 75]),
+        "masked keys": masked,
+        "single key": torch.randn(5, 1, generator=gen),
+        "huge range": torch.tensor(
+            [[1e4, -1e4, 0.0, 1e4 - 0.5, 3.0], [-1e4, -1e4 + 1.0, -1e4 + 0.5, -9e3, -1e4]]
+        ),
+        "tiny logits": torch.randn(16, 77, generator=gen) * 1e-6,
+        "huge logits": torch.randn(16, 77, generator=gen) * 1e4,
+        "bos sinks": sink,
+        "long rows": torch.randn(32, 512, generator=gen) * 2,
+    }
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize(
+    ("keys", "sigma"), [(77, 1.0), (77, 3.0), (154, 0.3), (231, 1.0), (512, 2.0), (16, 10.0)]
+)
+def test_matches_reference_on_random_rows(alpha: float, keys: int, sigma: float) -> None:
+    x = random_rows(int(alpha * 100) + keys, 2048 if keys <= 154 else 256, keys, sigma)
+    got = entmax(x, alpha)
+    assert got.dtype == torch.float32
+    assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= tolerance(alpha)
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("case", list(adversarial_rows()))
+def test_matches_reference_on_adversarial_rows(alpha: float, case: str) -> None:
+    x = adversarial_rows()[case]
+    got = entmax(x, alpha)
+    assert torch.isfinite(got).all()
+    assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= tolerance(alpha)
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_give_the_float32_answer_of_the_rounded_inputs(alpha: float, dtype) -> None:  # noqa: ANN001
+    x = random_rows(3, 1024, 154, 2.0)
+    x[:, 0] = 12.0  # a BOS-like sink: the case where bf16 arithmetic breaks the reference package
+    rounded = x.to(dtype)
+    got = entmax(rounded, alpha)
+    assert got.dtype == torch.float32
+    assert (got.double() - reference_entmax(rounded.float(), alpha)).abs().max().item() <= tolerance(alpha)
+    assert torch.equal(got, entmax(rounded.float(), alpha))
+
+
+def test_alpha_one_is_softmax() -> None:
+    x = random_rows(1, 256, 77, 3.0)
+    torch.testing.assert_close(entmax(x, 1.0), torch.softmax(x, -1), rtol=0, atol=1e-6)
+
+
+def test_dim_argument_and_shape() -> None:
+    x = random_rows(2, 6 * 77, 5, 1.0).reshape(6, 77, 5)
+    got = entmax(x, 1.5, dim=1)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, entmax(x.transpose(1, 2), 1.5).transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(got.sum(1), torch.ones(6, 5), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.3, 1.5, 2.0])
+def test_fully_masked_rows_give_zeros_not_nan(alpha: float) -> None:
+    x = torch.full((2, 77), -math.inf)
+    x[1, 3] = 0.0
+    got = entmax(x, alpha)
+    assert torch.equal(got[0], torch.zeros(77))
+    assert got[1, 3] == 1.0 and got[1].sum() == 1.0
+
+
+@pytest.mark.parametrize("bad", [0.99, 2.01, math.nan, math.inf, "1.5", None, True])
+def test_invalid_alpha_is_rejected_with_its_name(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"alpha.*\[1, 2\]"):
+        entmax(torch.zeros(1, 4), bad)  # type: ignore[arg-type]
+
+
+def test_does_not_modify_its_input() -> None:
+    x = random_rows(5, 64, 77, 1.0)
+    before = x.clone()
+    entmax(x, 1.5)
+    entmax(x, 1.7)
+    assert torch.equal(x, before)

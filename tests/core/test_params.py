@@ -1,0 +1,127 @@
+"""PladisParams: defaults, loose parsing, and one error per kind of bad value, naming the parameter."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pladis.params import DEFAULT_LAYERS, LAYER_GROUPS, PladisParams, params_from_mapping, parse_params
+
+
+def test_defaults_are_the_official_choices() -> None:
+    p = PladisParams()
+    assert (p.enabled, p.alpha, p.lam, p.layers, p.start, p.end) == (
+        False,
+        1.5,
+        2.0,
+        ("down", "up"),
+        0.0,
+        1.0,
+    )
+    assert DEFAULT_LAYERS == ("down", "up") and LAYER_GROUPS == ("down", "mid", "up")
+    assert not p.acts
+
+
+def test_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        PladisParams().alpha = 2.0  # type: ignore[misc]
+
+
+def test_loose_values_from_ui_infotext_xyz_and_api() -> None:
+    p = parse_params(
+        enabled="True", alpha="1.75", lam=np.float32(2.5), layers="up+down", start=np.int64(0), end="0.8"
+    )
+    assert p == PladisParams(enabled=True, alpha=1.75, lam=2.5, layers=("down", "up"), start=0.0, end=0.8)
+    assert parse_params(enabled=1, layers=["mid", "down"]).layers == ("down", "mid")
+    assert parse_params(layers="all").layers == LAYER_GROUPS
+    assert parse_params(layers="none").layers == ()
+    assert parse_params(layers="down, mid").layers == ("down", "mid")
+    assert parse_params(enabled=np.bool_(True)).enabled is True
+    assert parse_params() == PladisParams()
+    assert isinstance(parse_params(alpha=2).alpha, float)
+
+
+def test_mapping_with_aliases_and_base() -> None:
+    p = params_from_mapping({"enabled": True, "lambda": "3", "layers": ["up"], "start": 0.1, "end": None})
+    assert (p.enabled, p.lam, p.layers, p.start, p.end) == (True, 3.0, ("up",), 0.1, 1.0)
+    assert params_from_mapping({"alpha": 2}, base=p).lam == 3.0
+
+
+def test_replace_revalidates() -> None:
+    p = PladisParams(enabled=True)
+    assert p.replace(alpha="2").alpha == 2.0
+    with pytest.raises(ValueError, match="alpha"):
+        p.replace(alpha=3)
+
+
+def test_window_semantics() -> None:
+    p = PladisParams(enabled=True, start=0.25, end=0.5)
+    assert [p.active_at(x) for x in (0.0, 0.25, 0.49, 0.5, 0.9)] == [False, True, True, False, False]
+    full = PladisParams(enabled=True)
+    assert full.active_at(0.0) and full.active_at(1.0)
+    assert not PladisParams(enabled=True, lam=0.0).acts
+    assert not PladisParams(enabled=True, layers=()).acts
+    assert not PladisParams(enabled=True, start=0.5, end=0.5).acts
+    assert PladisParams(enabled=True).layers_text() == "down+up"
+
+
+BAD_CASES = {
+    "alpha below range": ({"alpha": 0.5}, r"alpha: 0\.5 is outside the allowed range \[1, 2\]"),
+    "alpha above range": ({"alpha": 2.5}, r"alpha: 2\.5 is outside the allowed range \[1, 2\]"),
+    "alpha nan": ({"alpha": math.nan}, r"alpha: nan is outside the allowed range \[1, 2\]"),
+    "alpha inf": ({"alpha": math.inf}, r"alpha: inf is outside the allowed range \[1, 2\]"),
+    "alpha wrong type": ({"alpha": [1.5]}, r"alpha: expected a number"),
+    "alpha not a number string": ({"alpha": "high"}, r"alpha: expected a number, got 'high'"),
+    "alpha boolean": ({"alpha": True}, r"alpha: expected a number, got the boolean True"),
+    "lambda negative": ({"lam": -0.1}, r"lambda: -0\.1 is outside the allowed range \[0, 10\]"),
+    "lambda too large": ({"lam": 11}, r"lambda: 11(\.0)? is outside the allowed range \[0, 10\]"),
+    "lambda nan": ({"lam": "nan"}, r"lambda: nan is outside the allowed range \[0, 10\]"),
+    "lambda inf": ({"lam": "inf"}, r"lambda: inf is outside the allowed range \[0, 10\]"),
+    "lambda wrong type": ({"lam": object()}, r"lambda: expected a number"),
+    "start negative": ({"start": -0.1}, r"start: -0\.1 is outside the allowed range \[0, 1\]"),
+    "end above one": ({"end": 1.5}, r"end: 1\.5 is outside the allowed range \[0, 1\]"),
+    "end nan": ({"end": math.nan}, r"end: nan is outside the allowed range \[0, 1\]"),
+    "start after end": (
+        {"start": 0.8, "end": 0.2},
+        r"start/end: start \(0\.8\) must not be greater than end \(0\.2\)",
+    ),
+    "unknown layer group": (
+        {"layers": "down+middle"},
+        r"layers: unknown layer group 'middle'; allowed groups: down, mid, up",
+    ),
+    "layers wrong type": ({"layers": 3}, r"layers: expected a collection of layer groups"),
+    "enabled not a boolean": ({"enabled": "maybe"}, r"enabled: expected true or false, got 'maybe'"),
+    "enabled number other than 0/1": ({"enabled": 2}, r"enabled: expected true or false, got 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_each_invalid_parameter_raises_value_error_naming_it(case: str) -> None:
+    kwargs, message = BAD_CASES[case]
+    with pytest.raises(ValueError, match=message):
+        parse_params(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": 2.5}, r"alpha: 2\.5 is outside"),
+        ({"lam": -1.0}, r"lambda: -1\.0 is outside"),
+        ({"enabled": "yes"}, r"enabled: expected true or false"),
+        ({"layers": "down"}, r"layers: expected a collection"),
+        ({"layers": ("down", "top")}, r"layers: unknown layer group 'top'"),
+        ({"start": 0.9, "end": 0.1}, r"start/end"),
+    ],
+)
+def test_the_constructor_validates_too(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PladisParams(**kwargs)
+
+
+def test_unknown_mapping_key_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"unknown parameter 'alhpa'"):
+        params_from_mapping({"alhpa": 1.5})
+    with pytest.raises(ValueError, match="expected a mapping"):
+        params_from_mapping([1.5])  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Test stand-in for the Forge/reForge package of the same name (see tests/forge/conftest.py)."""

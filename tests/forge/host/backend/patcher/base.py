@@ -1,0 +1,55 @@
+"""Stand-in for Forge ``backend/patcher/base.py`` (the parts an attention patch touches)."""
+
+import copy
+
+
+def set_model_options_patch_replace(model_options, patch, name, block_name, number, transformer_index=None):
+    """Copy-on-write insert of ``patches_replace[name][key] = patch`` (as Forge does)."""
+    to = model_options["transformer_options"].copy()
+    to["patches_replace"] = dict(to.get("patches_replace", {}))
+    to["patches_replace"][name] = dict(to["patches_replace"].get(name, {}))
+    key = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
+    to["patches_replace"][name][key] = patch
+    model_options["transformer_options"] = to
+    return model_options
+
+
+class ModelPatcher:
+    def __init__(self, model, load_device=None, offload_device=None, size=0, current_device=None, **kwargs):
+        self.model = model
+        self.load_device = load_device
+        self.offload_device = offload_device
+        self.size = size
+        self.current_device = current_device
+        self.patches = {}
+        self.object_patches = {}
+        self.model_options = {"transformer_options": {}}
+
+    def clone(self):
+        n = ModelPatcher(self.model, self.load_device, self.offload_device, self.size, self.current_device)
+        n.patches = {k: v[:] for k, v in self.patches.items()}
+        n.object_patches = self.object_patches.copy()
+        n.model_options = copy.deepcopy(self.model_options)
+        return n
+
+    def set_model_unet_function_wrapper(self, unet_wrapper_function):
+        self.model_options["model_function_wrapper"] = unet_wrapper_function
+
+    def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
+        self.model_options = set_model_options_patch_replace(
+            self.model_options, patch, name, block_name, number, transformer_index=transformer_index
+        )
+
+    def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
+        self.set_model_patch_replace(patch, "attn1", block_name, number, transformer_index)
+
+    def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
+        self.set_model_patch_replace(patch, "attn2", block_name, number, transformer_index)
+
+    def model_patches_to(self, device):
+        """Forge calls ``.to`` on any patch that has one (patches must not grow one by accident)."""
+        to = self.model_options["transformer_options"]
+        for table in to.get("patches_replace", {}).values():
+            for key in table:
+                if hasattr(table[key], "to"):
+                    table[key] = table[key].to(device)

@@ -1,0 +1,127 @@
+"""Builders and independent oracles for the Forge adapter tests (test code, not a host stand-in).
+
+The oracles are written from the method's definition with ``torch.softmax`` and the reference
+``entmax`` package (deep-spin), never with pladis code.
+"""
+
+from types import SimpleNamespace
+
+import entmax as entmax_package
+import torch
+from backend.modules.k_model import KModel
+from backend.modules.k_prediction import Prediction, PredictionFlux
+from backend.nn.chroma import IntegratedChromaTransformer2DModel
+from backend.nn.flux import IntegratedFluxTransformer2DModel, apply_rope
+from backend.nn.unet import IntegratedUNet2DConditionModel
+from backend.patcher.unet import UnetPatcher
+from backend.sampling.sampling_function import calc_cond_uncond_batch
+
+DIM, HEADS, DIM_HEAD, CONTEXT_DIM = 8, 2, 4, 6
+
+
+# ----------------------------------------------------------------------------------- builders
+def unet_patcher(seed=0):
+    torch.manual_seed(seed)
+    model = KModel(IntegratedUNet2DConditionModel(DIM, HEADS, DIM_HEAD, CONTEXT_DIM).eval(), Prediction())
+    return UnetPatcher(model)
+
+
+def reforge_patcher(seed=0):
+    from ldm_patched.ldm.modules.attention import BaseModel, UNetModel
+
+    torch.manual_seed(seed)
+    return UnetPatcher(BaseModel(UNetModel(DIM, HEADS, DIM_HEAD, CONTEXT_DIM).eval()))
+
+
+def flux_patcher(seed=0, chroma=False):
+    torch.manual_seed(seed)
+    cls = IntegratedChromaTransformer2DModel if chroma else IntegratedFluxTransformer2DModel
+    return UnetPatcher(KModel(cls(in_channels=4, context_dim=CONTEXT_DIM).eval(), PredictionFlux()))
+
+
+def processing(patcher):
+    """``p`` with Forge's forge_objects (+ the clean copy Forge re-assigns before each sampling pass)."""
+    objects = SimpleNamespace(unet=patcher)
+    original = SimpleNamespace(unet=patcher)
+    return SimpleNamespace(
+        sd_model=SimpleNamespace(forge_objects=objects, forge_objects_after_applying_lora=original)
+    )
+
+
+def reset(p):
+    """What Forge's processing does before every ``process_before_every_sampling`` call."""
+    p.sd_model.forge_objects = SimpleNamespace(unet=p.sd_model.forge_objects_after_applying_lora.unet)
+
+
+def denoise(patcher, x, sigma, cond, uncond=None, batch_together=True):
+    """One model evaluation through Forge's cond/uncond batching; returns (cond_pred, uncond_pred)."""
+    with torch.no_grad():
+        sigmas = torch.full((x.shape[0],), float(sigma))
+        return calc_cond_uncond_batch(
+            patcher.model,
+            [cond],
+            None if uncond is None else [uncond],
+            x,
+            sigmas,
+            patcher.model_options,
+            batch_together=batch_together,
+        )
+
+
+def attn2_table(patcher):
+    return patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+
+
+# ------------------------------------------------------------------------------------ oracles
+def sparse(scores, alpha):
+    """Reference α-entmax from the ``entmax`` package, in float64."""
+    s = scores.double()
+    if alpha == 1.5:
+        return entmax_package.entmax15(s, dim=-1)
+    if alpha == 2.0:
+        return entmax_package.sparsemax(s, dim=-1)
+    return entmax_package.entmax_bisect(s, alpha=alpha, dim=-1, n_iter=200)
+
+
+def oracle_weights(scores, alpha, lam):
+    """PLADIS weights ``(1 − λ)·softmax + λ·entmax_α`` in float64."""
+    s = scores.double()
+    return (1.0 - lam) * torch.softmax(s, dim=-1) + lam * sparse(s, alpha)
+
+
+def split(t, heads):
+    b, n, inner = t.shape
+    return t.double().reshape(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def merge(t):
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def oracle_attn2(q, k, v, heads, alpha, lam):
+    """PLADIS cross-attention on packed ``(B, N, H·D)`` tensors, float64."""
+    qh, kh, vh = split(q, heads), split(k, heads), split(v, heads)
+    scores = qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5
+    return merge(oracle_weights(scores, alpha, lam) @ vh)
+
+
+def oracle_dense(q, k, v, heads):
+    qh, kh, vh = split(q, heads), split(k, heads), split(v, heads)
+    return merge(torch.softmax(qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1) @ vh)
+
+
+def oracle_joint_weights(q, k, pe, text_len, alpha, lam):
+    """Full joint attention weights ``(B, H, L, L)`` with the official Flux PLADIS text block, float64.
+
+    Image-query rows: text block ``m·((1−λ)softmax + λ·entmax)(S_text)`` with ``m`` the dense mass on
+    the text keys; image block dense. Text-query rows: dense.
+    """
+    q, k = apply_rope(q, k, pe)
+    s = q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5
+    dense = torch.softmax(s, dim=-1)
+    weights = dense.clone()
+    image_text = s[:, :, text_len:, :text_len]
+    mass = dense[:, :, text_len:, :text_len].sum(-1, keepdim=True)
+    weights[:, :, text_len:, :text_len] = mass * oracle_weights(image_text, alpha, lam)
+    return weights

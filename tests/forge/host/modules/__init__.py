@@ -1,0 +1,1 @@
+"""Test stand-in for the WebUI ``modules`` package, Forge flavour (see tests/forge/conftest.py)."""

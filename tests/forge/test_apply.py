@@ -1,0 +1,311 @@
+"""``pladis.hosts.forge.apply`` on Forge stand-ins: sites, cloning, window, chaining, tiling, restore."""
+
+import copy
+
+import pytest
+import torch
+
+from pladis.params import PladisParams
+
+
+def params(**changes):
+    return PladisParams(enabled=True).replace(**changes)
+
+
+def inputs(seed=0, batch=2, tokens=6, cond_len=4, uncond_len=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, 8, generator=g)
+    cond = torch.randn(batch, cond_len, 6, generator=g) * 2
+    uncond = torch.randn(batch, uncond_len, 6, generator=g) * 2
+    return x, cond, uncond
+
+
+def oracle_site(tk, alpha, lam, prior=None):
+    """A test-side attn2 replacement computing PLADIS with the float64 oracle."""
+
+    def fn(q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        if prior is None:
+            return tk.oracle_attn2(q, k, v, heads, alpha, lam).to(q.dtype)
+        delta = tk.oracle_attn2(q, k, v, heads, alpha, lam) - tk.oracle_dense(q, k, v, heads)
+        return (prior(q, k, v, extra_options).double() + delta).to(q.dtype)
+
+    return fn
+
+
+def with_oracle(tk, patcher, sites, alpha, lam, priors=None):
+    patched = patcher.clone()
+    for site in sites:
+        prior = (priors or {}).get(site)
+        patched.set_model_attn2_replace(oracle_site(tk, alpha, lam, prior), *site)
+    return patched
+
+
+def sites_of(tk, *groups):
+    from backend.nn.unet import EXPECTED_SITES
+
+    return [site for group in groups for site in EXPECTED_SITES[group]]
+
+
+@pytest.mark.parametrize("layers", [("down", "up"), ("down", "mid", "up"), ("mid",), ("up",)])
+def test_installs_one_replacement_per_attn2_site_of_the_selected_groups(forge_host, layers):
+    from pladis.hosts.forge import apply, installed_sites
+
+    tk = forge_host
+    original = tk.unet_patcher()
+    p = tk.processing(original)
+    apply(p, params(layers=layers))
+    clone = p.sd_model.forge_objects.unet
+    assert clone is not original and clone.model is original.model
+    assert set(installed_sites(clone)) == set(sites_of(tk, *layers))
+    assert set(tk.attn2_table(clone)) == set(sites_of(tk, *layers))
+    assert original.model_options == {"transformer_options": {}}
+
+
+@pytest.mark.parametrize(
+    "settings", [dict(enabled=False), dict(lam=0.0), dict(layers=()), dict(start=0.5, end=0.5)]
+)
+def test_installs_nothing_when_it_cannot_act(forge_host, settings):
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    original = tk.unet_patcher()
+    p = tk.processing(original)
+    apply(p, PladisParams(enabled=True).replace(**settings))
+    assert p.sd_model.forge_objects.unet is original
+    assert original.model_options == {"transformer_options": {}}
+
+
+@pytest.mark.parametrize(
+    ("alpha", "lam", "layers"), [(1.5, 2.0, ("down", "up")), (2.0, 1.0, ("down", "mid", "up"))]
+)
+def test_generation_equals_the_pladis_oracle_on_the_selected_sites(forge_host, alpha, lam, layers):
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    original = tk.unet_patcher()
+    x, cond, uncond = inputs()
+    p = tk.processing(original)
+    apply(p, params(alpha=alpha, lam=lam, layers=layers))
+    got = tk.denoise(p.sd_model.forge_objects.unet, x, 3.0, cond, uncond)
+    expected = tk.denoise(with_oracle(tk, original, sites_of(tk, *layers), alpha, lam), x, 3.0, cond, uncond)
+    stock = tk.denoise(original, x, 3.0, cond, uncond)
+    for g, e, s in zip(got, expected, stock, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+        assert (g - s).abs().max() > 1e-3
+
+
+def test_window_uses_the_hosts_percent_to_sigma_and_passes_through_bit_identically(forge_host, monkeypatch):
+    import backend.attention
+
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    original = tk.unet_patcher()
+    predictor = original.model.predictor
+    p = tk.processing(original)
+    apply(p, params(start=0.25, end=0.75))
+    assert predictor.calls == [0.25, 0.75]
+    sigma_hi, sigma_lo = predictor.percent_to_sigma(0.25), predictor.percent_to_sigma(0.75)
+    patched = p.sd_model.forge_objects.unet
+    x, cond, uncond = inputs()
+
+    calls = []
+    real = backend.attention.attention_function
+
+    def spy(*args, **kwargs):
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend.attention, "attention_function", spy)
+    for sigma in (sigma_hi * 1.01, sigma_lo, sigma_lo * 0.5):  # outside (sigma_lo, sigma_hi]
+        calls.clear()
+        got = tk.denoise(patched, x, sigma, cond, uncond)
+        stock = tk.denoise(original, x, sigma, cond, uncond)
+        assert all(torch.equal(g, s) for g, s in zip(got, stock, strict=True))
+        assert len(calls) == len(sites_of(tk, "down", "up"))  # one batched call, one per patched site
+
+    for sigma in (sigma_hi, (sigma_hi + sigma_lo) / 2):  # inside
+        calls.clear()
+        got = tk.denoise(patched, x, sigma, cond, uncond)
+        expected = tk.denoise(
+            with_oracle(tk, original, sites_of(tk, "down", "up"), 1.5, 2.0), x, sigma, cond, uncond
+        )
+        assert calls == []
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_repeated_hook_calls_patch_once(forge_host):
+    """Hires fix calls the hook again, with or without Forge resetting forge_objects in between."""
+    from pladis.hosts.forge import apply, installed_sites
+    from pladis.hosts.forge_attn2 import PRIOR
+
+    tk = forge_host
+    original = tk.unet_patcher()
+    x, cond, uncond = inputs()
+    p = tk.processing(original)
+    apply(p, params())
+    once = tk.denoise(p.sd_model.forge_objects.unet, x, 3.0, cond, uncond)
+
+    apply(p, params())  # no reset: the clone already carries our patches
+    apply(p, params())
+    twice = p.sd_model.forge_objects.unet
+    assert all(getattr(fn, PRIOR) is None for fn in installed_sites(twice).values())
+    again = tk.denoise(twice, x, 3.0, cond, uncond)
+    assert all(torch.equal(a, b) for a, b in zip(once, again, strict=True))
+
+    tk.reset(p)  # Forge's reset before the second hires call
+    apply(p, params())
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(once, tk.denoise(p.sd_model.forge_objects.unet, x, 3.0, cond, uncond), strict=True)
+    )
+    assert original.model_options == {"transformer_options": {}}
+
+
+def test_reapply_with_new_settings_replaces_ours(forge_host):
+    from pladis.hosts.forge import apply, installed_sites
+
+    tk = forge_host
+    p = tk.processing(tk.unet_patcher())
+    apply(p, params(lam=2.0))
+    apply(p, params(lam=4.0, layers=("down", "mid", "up")))
+    sites = installed_sites(p.sd_model.forge_objects.unet)
+    assert set(sites) == set(sites_of(tk, "down", "mid", "up"))
+    assert {fn.pladis_settings["lam"] for fn in sites.values()} == {4.0}
+
+
+def ip_adapter_like(tk, calls, scale):
+    """A replacement like Forge's IP-Adapter: dense text attention plus an extra term."""
+
+    def patch(q, k, v, extra_options):
+        calls.append(extra_options["block"])
+        return tk.oracle_dense(q, k, v, extra_options["n_heads"]).to(q.dtype) + scale * q
+
+    return patch
+
+
+def test_existing_replacements_are_chained_and_still_applied(forge_host):
+    from pladis.hosts.forge import apply, installed_sites
+    from pladis.hosts.forge_attn2 import PRIOR
+
+    tk = forge_host
+    base = tk.unet_patcher()
+    calls = []
+    two_tuple = ip_adapter_like(tk, calls, 0.3)  # SD1.x-style key: ("input", 2) covers both index 0 and 1
+    three_tuple = ip_adapter_like(tk, calls, -0.2)
+    unrelated = ip_adapter_like(tk, calls, 0.1)  # on a mid site PLADIS does not touch (default layers)
+    base.set_model_attn2_replace(two_tuple, "input", 2)
+    base.set_model_attn2_replace(three_tuple, "output", 0, 1)
+    base.set_model_attn2_replace(unrelated, "middle", 0, 0)
+    before = copy.copy(tk.attn2_table(base))
+
+    p = tk.processing(base)
+    apply(p, params())
+    clone = p.sd_model.forge_objects.unet
+    ours = installed_sites(clone)
+    assert getattr(ours[("input", 2, 0)], PRIOR) is two_tuple
+    assert getattr(ours[("input", 2, 1)], PRIOR) is two_tuple
+    assert getattr(ours[("output", 0, 1)], PRIOR) is three_tuple
+    assert getattr(ours[("input", 1, 0)], PRIOR) is None
+    assert tk.attn2_table(clone)[("middle", 0, 0)] is unrelated
+
+    x, cond, uncond = inputs()
+    got = tk.denoise(clone, x, 3.0, cond, uncond)
+    assert sorted(calls) == sorted([("input", 2), ("input", 2), ("output", 0), ("middle", 0)])
+    priors = {("input", 2, 0): two_tuple, ("input", 2, 1): two_tuple, ("output", 0, 1): three_tuple}
+    expected = tk.denoise(
+        with_oracle(tk, base, sites_of(tk, "down", "up"), 1.5, 2.0, priors), x, 3.0, cond, uncond
+    )
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+    assert tk.attn2_table(base) == before  # same keys, same objects: the original patcher is untouched
+    apply(p, params())  # re-applying keeps the same priors (never ours wrapped in ours)
+    assert getattr(installed_sites(p.sd_model.forge_objects.unet)[("input", 2, 0)], PRIOR) is two_tuple
+
+
+def test_chained_pass_through_outside_window_is_the_prior_alone(forge_host):
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    base = tk.unet_patcher()
+    base.set_model_attn2_replace(ip_adapter_like(tk, [], 0.3), "input", 2)
+    p = tk.processing(base)
+    apply(p, params(start=0.5))
+    sigma = base.model.predictor.percent_to_sigma(0.25)  # earlier than start: outside
+    x, cond, uncond = inputs()
+    got = tk.denoise(p.sd_model.forge_objects.unet, x, sigma, cond, uncond)
+    stock = tk.denoise(base, x, sigma, cond, uncond)
+    assert all(torch.equal(g, s) for g, s in zip(got, stock, strict=True))
+
+
+def test_batched_tiled_contexts_match_separate_untiled_calls(forge_host, monkeypatch):
+    """cond 8 tokens + uncond 4 tokens: Forge batches them, repeating the uncond context to 8."""
+    from pladis.hosts import forge_attn2
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    x, cond, uncond = inputs(cond_len=8, uncond_len=4)
+    p = tk.processing(tk.unet_patcher())
+    apply(p, params(layers=("down", "mid", "up")))
+    patched = p.sd_model.forge_objects.unet
+    batched = tk.denoise(patched, x, 3.0, cond, uncond)
+    separate = tk.denoise(patched, x, 3.0, cond, uncond, batch_together=False)
+    for b, s in zip(batched, separate, strict=True):
+        torch.testing.assert_close(b, s, atol=1e-5, rtol=1e-5)
+
+    # Control: without cutting the repeat back, the batched uncond result differs.
+    monkeypatch.setattr(forge_attn2, "untiled_length", lambda k, v: k.shape[1])
+    naive = tk.denoise(patched, x, 3.0, cond, uncond)
+    assert (naive[1] - separate[1]).abs().max() > 1e-4
+    torch.testing.assert_close(naive[0], separate[0], atol=1e-5, rtol=1e-5)  # cond was never repeated
+
+
+def test_original_patcher_is_clean_after_a_generation_and_after_an_exception(forge_host):
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    original = tk.unet_patcher()
+    x, cond, uncond = inputs()
+    stock = tk.denoise(original, x, 3.0, cond, uncond)
+
+    p = tk.processing(original)
+    apply(p, params())
+    tk.denoise(p.sd_model.forge_objects.unet, x, 3.0, cond, uncond)
+    assert original.model_options == {"transformer_options": {}}
+
+    tk.reset(p)
+    apply(p, params())
+
+    def failing(q, k, v, extra_options):
+        raise RuntimeError("out of memory")
+
+    boom = p.sd_model.forge_objects.unet
+    boom.set_model_attn2_replace(failing, "output", 1, 0)  # a later extension's patch fails mid-generation
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tk.denoise(boom, x, 3.0, cond, uncond)
+    assert original.model_options == {"transformer_options": {}}
+    tk.reset(p)
+    after = tk.denoise(p.sd_model.forge_objects.unet, x, 3.0, cond, uncond)
+    assert all(torch.equal(a, s) for a, s in zip(after, stock, strict=True))
+
+
+def test_patched_options_survive_forge_deep_copies(forge_host):
+    from pladis.hosts.forge import apply, installed_sites
+
+    tk = forge_host
+    p = tk.processing(tk.unet_patcher())
+    apply(p, params())
+    clone = p.sd_model.forge_objects.unet
+    later = clone.clone()  # e.g. an extension running after us
+    later.model_patches_to("cpu")
+    assert installed_sites(later) == installed_sites(clone)
+    x, cond, uncond = inputs()
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            tk.denoise(later, x, 3.0, cond, uncond), tk.denoise(clone, x, 3.0, cond, uncond), strict=True
+        )
+    )

@@ -1,0 +1,230 @@
+"""The attn2 replacement itself: maths vs an independent oracle, window, pass-through, chaining, tiling."""
+
+import math
+
+import pytest
+import torch
+
+HEADS = 2
+
+
+def options(batch, sigma=5.0, cond_or_uncond=(0,)):
+    return {
+        "n_heads": HEADS,
+        "dim_head": 4,
+        "cond_or_uncond": list(cond_or_uncond),
+        "sigmas": torch.full((batch // len(cond_or_uncond),), sigma),
+    }
+
+
+def qkv(batch=3, n=5, keys=7, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(batch, n, 8, generator=g) * 2).to(dtype)
+    k = (torch.randn(batch, keys, 8, generator=g) * 2).to(dtype)
+    v = torch.randn(batch, keys, 8, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.fixture
+def attention_spy(forge_host, monkeypatch):
+    """Count calls of Forge's ``backend.attention.attention_function`` (still computing the real thing)."""
+    import backend.attention
+
+    calls = []
+    real = backend.attention.attention_function
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend.attention, "attention_function", spy)
+    return calls
+
+
+@pytest.mark.parametrize(("alpha", "lam"), [(1.5, 2.0), (2.0, 0.5), (1.5, 1.0), (1.3, 2.0)])
+def test_replacement_equals_pladis_formula(forge_host, alpha, lam):
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    q, k, v = qkv()
+    out = make_attn2_replacement(alpha=alpha, lam=lam)(q, k, v, options(3))
+    expected = forge_host.oracle_attn2(q, k, v, HEADS, alpha, lam)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+    assert (expected - forge_host.oracle_dense(q, k, v, HEADS)).abs().max() > 1e-2  # PLADIS moved it
+
+
+def test_half_precision_is_computed_in_float32_and_cast_back(forge_host):
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    q, k, v = qkv(dtype=torch.float16)
+    out = make_attn2_replacement(alpha=1.5, lam=2.0)(q, k, v, options(3))
+    assert out.dtype == torch.float16
+    expected = forge_host.oracle_attn2(q, k, v, HEADS, 1.5, 2.0)
+    torch.testing.assert_close(out.double(), expected, atol=3e-3, rtol=2e-3)
+
+
+def test_sigma_window_bounds_and_pass_through_calls_host_attention(forge_host, attention_spy):
+    import backend.attention
+
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    q, k, v = qkv()
+    fn = make_attn2_replacement(alpha=1.5, lam=2.0, sigma_hi=5.0, sigma_lo=1.0)
+    stock = backend.attention.attention_pytorch(q, k, v, HEADS)
+    pladis = forge_host.oracle_attn2(q, k, v, HEADS, 1.5, 2.0)
+
+    for sigma in (5.0, 3.0, 1.0001):  # inside: (1, 5]
+        torch.testing.assert_close(fn(q, k, v, options(3, sigma)).double(), pladis, atol=2e-5, rtol=1e-5)
+    assert attention_spy == []
+    for count, sigma in enumerate((5.0001, 1.0, 0.5, 0.0), start=1):  # outside
+        out = fn(q, k, v, options(3, sigma))
+        assert torch.equal(out, stock)
+        assert len(attention_spy) == count
+        args, kwargs = attention_spy[-1]
+        assert args[0] is q and args[1] is k and args[2] is v and args[3] == HEADS and kwargs == {}
+
+
+def test_end_one_reaches_sigma_zero(forge_host, attention_spy):
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    q, k, v = qkv()
+    fn = make_attn2_replacement(alpha=1.5, lam=2.0, sigma_hi=5.0, sigma_lo=-math.inf)
+    out = fn(q, k, v, options(3, 0.0))
+    torch.testing.assert_close(
+        out.double(), forge_host.oracle_attn2(q, k, v, HEADS, 1.5, 2.0), atol=2e-5, rtol=0
+    )
+    assert attention_spy == []
+
+
+def test_chained_replacement_gets_pladis_added_and_passes_through(forge_host, attention_spy):
+    from pladis.hosts.forge_attn2 import PRIOR, is_ours, make_attn2_replacement
+
+    q, k, v = qkv()
+    extra = torch.linspace(-1, 1, 5 * 8).reshape(1, 5, 8)
+    prior_calls = []
+
+    def ip_adapter_like(q, k, v, extra_options):  # text attention + an image-prompt term
+        prior_calls.append(extra_options)
+        return forge_host.oracle_dense(q, k, v, extra_options["n_heads"]).float() + extra
+
+    fn = make_attn2_replacement(alpha=1.5, lam=2.0, sigma_hi=5.0, sigma_lo=1.0, prior=ip_adapter_like)
+    assert is_ours(fn) and getattr(fn, PRIOR) is ip_adapter_like
+    out = fn(q, k, v, options(3, 2.0))
+    expected = forge_host.oracle_attn2(q, k, v, HEADS, 1.5, 2.0) + extra.double()
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+    assert len(prior_calls) == 1
+
+    outside = fn(q, k, v, options(3, 9.0))
+    assert torch.equal(outside, ip_adapter_like(q, k, v, options(3)))
+    assert attention_spy == []  # the prior decides how to attend outside the window, not us
+
+
+def tiled(k, repeat):
+    return k.repeat(1, repeat, 1)
+
+
+def test_tiled_context_gives_the_untiled_answer(forge_host):
+    """uncond (3 keys) batched with cond (6 keys): Forge repeats the uncond keys ×2 to 6."""
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(4, 5, 8, generator=g) * 2
+    k_unc, v_unc = torch.randn(2, 3, 8, generator=g) * 2, torch.randn(2, 3, 8, generator=g)
+    k_cond, v_cond = torch.randn(2, 6, 8, generator=g) * 2, torch.randn(2, 6, 8, generator=g)
+    k = torch.cat((tiled(k_unc, 2), k_cond))
+    v = torch.cat((tiled(v_unc, 2), v_cond))
+
+    out = make_attn2_replacement(alpha=1.5, lam=2.0)(q, k, v, options(4, cond_or_uncond=(1, 0)))
+    untiled = torch.cat(
+        (
+            forge_host.oracle_attn2(q[:2], k_unc, v_unc, HEADS, 1.5, 2.0),
+            forge_host.oracle_attn2(q[2:], k_cond, v_cond, HEADS, 1.5, 2.0),
+        )
+    )
+    torch.testing.assert_close(out.double(), untiled, atol=2e-5, rtol=1e-5)
+    # entmax is not invariant to the repeat: the naive tiled answer is measurably different.
+    naive = forge_host.oracle_attn2(q, k, v, HEADS, 1.5, 2.0)
+    assert (naive - untiled).abs().max() > 1e-2
+
+
+def test_three_chunks_with_different_repeat_factors(forge_host):
+    """Lengths 3 and 4 batched: LCM 12, repeats ×4 and ×3; a third chunk of 12 is not repeated."""
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 5, 8, generator=g) * 2
+    ks = [torch.randn(1, n, 8, generator=g) * 2 for n in (3, 4, 12)]
+    vs = [torch.randn(1, n, 8, generator=g) for n in (3, 4, 12)]
+    k = torch.cat([tiled(t, 12 // t.shape[1]) for t in ks])
+    v = torch.cat([tiled(t, 12 // t.shape[1]) for t in vs])
+    out = make_attn2_replacement(alpha=2.0, lam=2.0)(q, k, v, options(3, cond_or_uncond=(1, 0, 0)))
+    expected = torch.cat(
+        [forge_host.oracle_attn2(q[i : i + 1], ks[i], vs[i], HEADS, 2.0, 2.0) for i in range(3)]
+    )
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_chained_delta_also_uses_untiled_keys(forge_host):
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 5, 8, generator=g) * 2
+    k_unc, v_unc = torch.randn(1, 3, 8, generator=g) * 2, torch.randn(1, 3, 8, generator=g)
+    k_cond, v_cond = torch.randn(1, 6, 8, generator=g) * 2, torch.randn(1, 6, 8, generator=g)
+    k, v = torch.cat((tiled(k_unc, 2), k_cond)), torch.cat((tiled(v_unc, 2), v_cond))
+
+    def prior(q, k, v, extra_options):
+        return torch.zeros(q.shape)
+
+    out = make_attn2_replacement(alpha=1.5, lam=2.0, prior=prior)(q, k, v, options(2, cond_or_uncond=(1, 0)))
+    delta = torch.cat(
+        (
+            forge_host.oracle_attn2(q[:1], k_unc, v_unc, HEADS, 1.5, 2.0)
+            - forge_host.oracle_dense(q[:1], k_unc, v_unc, HEADS),
+            forge_host.oracle_attn2(q[1:], k_cond, v_cond, HEADS, 1.5, 2.0)
+            - forge_host.oracle_dense(q[1:], k_cond, v_cond, HEADS),
+        )
+    )
+    torch.testing.assert_close(out.double(), delta, atol=2e-5, rtol=1e-5)
+
+
+def test_replacement_is_a_plain_deep_copyable_closure(forge_host):
+    import copy
+
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    fn = make_attn2_replacement(alpha=1.5, lam=2.0)
+    assert copy.deepcopy({"f": fn})["f"] is fn  # functions are atomic for deepcopy: nothing duplicated
+    assert not hasattr(fn, "to")  # Forge's model_patches_to would otherwise call fn.to(device)
+    cells = [cell.cell_contents for cell in fn.__closure__]
+    assert all(isinstance(c, (float, int, str, bool, type(None))) or callable(c) for c in cells)
+    assert not any(isinstance(c, torch.Tensor) for c in cells)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_repeat_detection_tolerates_rounding_but_not_a_different_token(forge_host, dtype):
+    from pladis.hosts.forge_attn2 import untiled_length
+
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(2, 77, 8, generator=g).to(dtype)
+    k = base.repeat(1, 2, 1)
+    v = torch.randn(2, 77, 8, generator=g).to(dtype).repeat(1, 2, 1)
+    assert untiled_length(k, v) == 77
+    noisy = k.clone()
+    noisy[:, 77:] = (k[:, 77:].float() * (1 + torch.finfo(dtype).eps)).to(dtype)  # one-ulp GEMM noise
+    assert untiled_length(noisy, v) == 77
+    other = k.clone()
+    other[:, 100] = torch.randn(2, 8, generator=g).to(dtype)  # the second chunk has one different token
+    assert untiled_length(other, v) == 154
+    assert untiled_length(torch.randn(2, 154, 8, generator=g).to(dtype), v) == 154
+
+
+def test_a_lone_chunk_is_never_cut(forge_host):
+    """Only batched chunks can have been repeated; a prompt of two identical chunks alone stays whole."""
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    q, k, v = qkv(batch=2, keys=3)
+    k2, v2 = tiled(k, 2), tiled(v, 2)
+    out = make_attn2_replacement(alpha=1.5, lam=2.0)(q, k2, v2, options(2, cond_or_uncond=(0,)))
+    expected = forge_host.oracle_attn2(q, k2, v2, HEADS, 1.5, 2.0)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)

@@ -1,0 +1,218 @@
+"""Flux / Chroma on Forge: text-block PLADIS inside joint attention via a chained UNet wrapper."""
+
+import pytest
+import torch
+
+from pladis.params import PladisParams
+
+TEXT, IMAGE, HEADS = 3, 5, 2
+
+
+def joint_inputs(seed=0, dim=8, batch=2):
+    from backend.nn.flux import positions_to_pe
+
+    g = torch.Generator().manual_seed(seed)
+    length = TEXT + IMAGE
+    q = torch.randn(batch, HEADS, length, dim, generator=g) * 2
+    k = torch.randn(batch, HEADS, length, dim, generator=g) * 2
+    v = torch.randn(batch, HEADS, length, dim, generator=g)
+    ids = torch.cat(
+        (torch.zeros(batch, TEXT), torch.arange(1, IMAGE + 1, dtype=torch.float32).expand(batch, IMAGE)), 1
+    )
+    return q, k, v, positions_to_pe(ids, dim)
+
+
+def per_head(out, dim):
+    b, length, _ = out.shape
+    return out.reshape(b, length, HEADS, dim).transpose(1, 2)
+
+
+@pytest.mark.parametrize(("alpha", "lam"), [(1.5, 2.0), (2.0, 1.0)])
+def test_joint_attention_matches_the_official_flux_formulation(forge_host, alpha, lam):
+    import backend.nn.flux as flux
+
+    from pladis.hosts.flux import make_joint_attention
+
+    q, k, v, pe = joint_inputs()
+    out = make_joint_attention(flux.attention, TEXT, alpha, lam)(q, k, v, pe=pe)
+    weights = forge_host.oracle_joint_weights(q, k, pe, TEXT, alpha, lam)
+    torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=2e-5, rtol=1e-5)
+    stock = flux.attention(q, k, v, pe=pe)
+    assert torch.equal(out[:, :TEXT], stock[:, :TEXT])  # text-query rows untouched
+    assert (out[:, TEXT:] - stock[:, TEXT:]).abs().max() > 1e-2
+
+
+def test_joint_rows_still_sum_to_one_and_image_keys_keep_their_weight(forge_host):
+    """With one-hot values (v_j = e_j) the attention output *is* the weight matrix."""
+    import backend.nn.flux as flux
+
+    from pladis.hosts.flux import make_joint_attention
+
+    length = TEXT + IMAGE
+    q, k, _, pe = joint_inputs(dim=length)
+    v = torch.eye(length).expand(2, HEADS, length, length).contiguous()
+    weights = per_head(make_joint_attention(flux.attention, TEXT, 1.5, 3.0)(q, k, v, pe=pe), length)
+    dense = per_head(flux.attention(q, k, v, pe=pe), length)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, HEADS, length), atol=1e-5, rtol=0)
+    torch.testing.assert_close(weights[:, :, TEXT:, TEXT:], dense[:, :, TEXT:, TEXT:], atol=1e-6, rtol=0)
+    assert (weights[:, :, TEXT:, :TEXT] < -1e-3).any()  # λ > 1 extrapolates: negative text weights exist
+
+
+def test_lambda_zero_is_bit_identical(forge_host):
+    import backend.nn.flux as flux
+
+    from pladis.hosts.flux import make_joint_attention, make_wrapper
+
+    q, k, v, pe = joint_inputs()
+    assert torch.equal(
+        make_joint_attention(flux.attention, TEXT, 1.5, 0.0)(q, k, v, pe=pe), flux.attention(q, k, v, pe=pe)
+    )
+
+    tk = forge_host
+    patcher = tk.flux_patcher()
+    x, context = torch.randn(2, IMAGE, 4), torch.randn(2, TEXT, 6)
+    stock = tk.denoise(patcher, x, 0.5, context)[0]
+    zero = patcher.clone()
+    zero.set_model_unet_function_wrapper(
+        make_wrapper(
+            alpha=1.5, lam=0.0, sigma_hi=float("inf"), sigma_lo=float("-inf"), modules=("backend.nn.flux",)
+        )
+    )
+    assert torch.equal(tk.denoise(zero, x, 0.5, context)[0], stock)
+
+
+def oracle_attention(tk, text_len, alpha, lam):
+    def attention(q, k, v, pe):
+        weights = tk.oracle_joint_weights(q, k, pe, text_len, alpha, lam)
+        out = weights @ v.double()
+        b, h, length, d = out.shape
+        return out.transpose(1, 2).reshape(b, length, h * d).to(q.dtype)
+
+    return attention
+
+
+@pytest.mark.parametrize("chroma", [False, True])
+def test_generation_swaps_attention_only_during_the_call(forge_host, monkeypatch, chroma):
+    import backend.nn.chroma
+    import backend.nn.flux
+
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    module = backend.nn.chroma if chroma else backend.nn.flux
+    other = backend.nn.flux if chroma else backend.nn.chroma
+    original_attention, other_attention = module.attention, other.attention
+    patcher = tk.flux_patcher(chroma=chroma)
+    p = tk.processing(patcher)
+    apply(p, PladisParams(enabled=True, alpha=1.5, lam=2.0))
+    patched = p.sd_model.forge_objects.unet
+    assert "model_function_wrapper" in patched.model_options and patcher.model_options == {
+        "transformer_options": {}
+    }
+
+    x, context = torch.randn(2, IMAGE, 4), torch.randn(2, TEXT, 6)
+    got = tk.denoise(patched, x, 0.5, context)[0]
+    assert module.attention is original_attention and other.attention is other_attention
+    stock = tk.denoise(patcher, x, 0.5, context)[0]
+    assert (got - stock).abs().max() > 1e-3
+
+    monkeypatch.setattr(module, "attention", oracle_attention(tk, TEXT, 1.5, 2.0))
+    expected = tk.denoise(patcher, x, 0.5, context)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_is_restored_when_the_model_call_raises(forge_host):
+    import backend.nn.flux
+
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    patcher = tk.flux_patcher()
+    seen = []
+
+    def failing_wrapper(apply_model, args):
+        seen.append(backend.nn.flux.attention)
+        raise RuntimeError("interrupted")
+
+    patcher.set_model_unet_function_wrapper(failing_wrapper)
+    original_attention = backend.nn.flux.attention
+    p = tk.processing(patcher)
+    apply(p, PladisParams(enabled=True))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tk.denoise(p.sd_model.forge_objects.unet, torch.randn(1, IMAGE, 4), 0.5, torch.randn(1, TEXT, 6))
+    assert seen and seen[0] is not original_attention  # it was swapped during the call ...
+    assert backend.nn.flux.attention is original_attention  # ... and put back despite the exception
+    assert patcher.model_options["model_function_wrapper"] is failing_wrapper
+
+
+def test_existing_wrapper_is_chained_and_reapply_does_not_nest(forge_host):
+    from pladis.hosts.flux import PRIOR
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    patcher = tk.flux_patcher()
+    calls = []
+
+    def tiled_diffusion_like(apply_model, args):
+        calls.append(args["cond_or_uncond"])
+        return apply_model(args["input"], args["timestep"], **args["c"]) * 0.5
+
+    patcher.set_model_unet_function_wrapper(tiled_diffusion_like)
+    p = tk.processing(patcher)
+    apply(p, PladisParams(enabled=True))
+    apply(p, PladisParams(enabled=True))  # hires fix calls the hook again
+    wrapper = p.sd_model.forge_objects.unet.model_options["model_function_wrapper"]
+    assert getattr(wrapper, PRIOR) is tiled_diffusion_like
+
+    x, context = torch.randn(2, IMAGE, 4), torch.randn(2, TEXT, 6)
+    got = tk.denoise(p.sd_model.forge_objects.unet, x, 0.5, context)[0]
+    assert calls == [[0]]
+    plain = tk.processing(tk.flux_patcher())
+    apply(plain, PladisParams(enabled=True))
+    torch.testing.assert_close(got, tk.denoise(plain.sd_model.forge_objects.unet, x, 0.5, context)[0] * 0.5)
+
+
+def test_outside_the_window_nothing_is_swapped_and_output_is_stock(forge_host):
+    import backend.nn.flux
+
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    patcher = tk.flux_patcher()
+    p = tk.processing(patcher)
+    apply(p, PladisParams(enabled=True, start=0.5, end=1.0))
+    assert patcher.model.predictor.calls == [0.5]  # the host's own schedule gives sigma_hi = 0.5
+    seen = []
+    real = backend.nn.flux.attention
+
+    def spy(q, k, v, pe):
+        seen.append(True)
+        return real(q, k, v, pe=pe)
+
+    backend.nn.flux.attention = spy
+    try:
+        x, context = torch.randn(2, IMAGE, 4), torch.randn(2, TEXT, 6)
+        got = tk.denoise(p.sd_model.forge_objects.unet, x, 0.75, context)[0]
+        assert len(seen) == 4  # 2 double + 2 single blocks went through the unswapped function
+        stock = tk.denoise(patcher, x, 0.75, context)[0]
+        assert torch.equal(got, stock)
+        seen.clear()
+        inside = tk.denoise(p.sd_model.forge_objects.unet, x, 0.5, context)[0]
+        assert len(seen) == 4  # inside, our replacement still gets the dense part from the host function
+        assert (inside - tk.denoise(patcher, x, 0.5, context)[0]).abs().max() > 1e-3
+    finally:
+        backend.nn.flux.attention = real
+
+
+def test_joint_model_outside_forge_backend_is_left_alone(forge_host):
+    """reForge's ldm_patched Flux has another layout (optional [img; txt] order): not patched."""
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    patcher = tk.flux_patcher()
+    foreign = type("DoubleStreamBlock", (torch.nn.Module,), {"__module__": "ldm_patched.ldm.flux.layers"})
+    patcher.model.diffusion_model.double_blocks[0] = foreign()
+    p = tk.processing(patcher)
+    apply(p, PladisParams(enabled=True))
+    assert p.sd_model.forge_objects.unet is patcher
+    assert patcher.model_options == {"transformer_options": {}}

@@ -1,0 +1,59 @@
+"""reForge (ldm_patched UNet): same patch protocol, its own attention function and schedule object."""
+
+import torch
+
+from pladis.params import PladisParams
+
+
+def test_reforge_pass_through_calls_optimized_attention_with_attn_precision(forge_host, monkeypatch):
+    import ldm_patched.ldm.modules.attention as attention
+
+    from pladis.hosts.forge import apply, installed_sites
+
+    tk = forge_host
+    original = tk.reforge_patcher()
+    schedule = original.model.model_sampling
+    p = tk.processing(original)
+    apply(p, PladisParams(enabled=True, start=0.5))
+    assert schedule.calls == [0.5]
+    patched = p.sd_model.forge_objects.unet
+    assert {fn.pladis_settings["host"] for fn in installed_sites(patched).values()} == {"reforge"}
+
+    calls = []
+    real = attention.optimized_attention
+
+    def spy(q, k, v, heads, **kwargs):
+        calls.append(kwargs)
+        return real(q, k, v, heads, **kwargs)
+
+    monkeypatch.setattr(attention, "optimized_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    x, cond, uncond = (
+        torch.randn(2, 6, 8, generator=g),
+        torch.randn(2, 4, 6, generator=g),
+        torch.randn(2, 4, 6, generator=g),
+    )
+    outside = schedule.percent_to_sigma(0.25)
+    got = tk.denoise(patched, x, outside, cond, uncond)
+    stock = tk.denoise(original, x, outside, cond, uncond)
+    assert all(torch.equal(a, b) for a, b in zip(got, stock, strict=True))
+    # stock: 2 (attn1 + attn2) per block × 8 blocks; patched: the same count, 6 of them from our pass-through
+    assert len(calls) == 32 and all(c == {"attn_precision": None} for c in calls)
+
+    inside = schedule.percent_to_sigma(0.75)
+    got = tk.denoise(patched, x, inside, cond, uncond)
+    assert any(
+        (a - b).abs().max() > 1e-3
+        for a, b in zip(got, tk.denoise(original, x, inside, cond, uncond), strict=True)
+    )
+
+
+def test_unknown_model_is_left_alone(forge_host):
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    patcher = tk.unet_patcher()
+    patcher.model.diffusion_model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    p = tk.processing(patcher)
+    apply(p, PladisParams(enabled=True))
+    assert p.sd_model.forge_objects.unet is patcher

@@ -1,0 +1,91 @@
+"""End to end on Forge stand-ins: the shared ``scripts/pladis.py`` drives ``pladis.hosts.forge.apply``.
+
+Emulates Forge's ``processing.py`` order for txt2img with hires fix: ``process`` → reset →
+``process_before_every_sampling`` → sampling → hires: hook call #1 on the still-patched objects →
+reset → hook call #2 → sampling → ``postprocess``.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "pladis.py"
+
+
+@pytest.fixture
+def script(forge_host):
+    spec = importlib.util.spec_from_file_location("pladis_forge_e2e_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    instance = module.PladisScript()
+    yield instance
+    from pladis.webui.controller import CONTROLLER
+
+    CONTROLLER.stop()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(7)
+    return (
+        torch.randn(2, 6, 8, generator=g),
+        torch.randn(2, 4, 6, generator=g),
+        torch.randn(2, 4, 6, generator=g),
+    )
+
+
+def test_forge_is_detected_and_the_script_patches_a_clone_per_sampling_pass(forge_host, script):
+    from backend.nn.unet import EXPECTED_SITES
+
+    from pladis import hosts
+    from pladis.hosts.forge import installed_sites
+    from pladis.hosts.forge_attn2 import PRIOR
+
+    tk = forge_host
+    assert hosts.detect_host() == "forge"
+    original = tk.unet_patcher()
+    p = tk.processing(original)
+    p.extra_generation_params = {}
+    args = (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0)
+    x, cond, uncond = inputs()
+
+    script.process(p, *args)
+    assert any("PLADIS" in str(key) for key in p.extra_generation_params)
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    first = p.sd_model.forge_objects.unet
+    expected_sites = set(EXPECTED_SITES["down"] + EXPECTED_SITES["up"])
+    assert first is not original and set(installed_sites(first)) == expected_sites
+    got = tk.denoise(first, x, 3.0, cond, uncond)
+    stock = tk.denoise(original, x, 3.0, cond, uncond)
+    assert all((g - s).abs().max() > 1e-3 for g, s in zip(got, stock, strict=True))
+
+    # hires fix: call #1 sees the first pass's patched objects, call #2 a fresh reset.
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    assert all(getattr(fn, PRIOR) is None for fn in installed_sites(p.sd_model.forge_objects.unet).values())
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    second = p.sd_model.forge_objects.unet
+    assert set(installed_sites(second)) == expected_sites
+    again = tk.denoise(second, x, 3.0, cond, uncond)
+    assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+
+    script.postprocess(p, None, *args)
+    assert original.model_options == {"transformer_options": {}}
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)  # after the generation
+    assert p.sd_model.forge_objects.unet is original
+
+
+def test_disabled_script_leaves_forge_objects_alone(forge_host, script):
+    tk = forge_host
+    original = tk.unet_patcher()
+    p = tk.processing(original)
+    p.extra_generation_params = {}
+    args = (False, 1.5, 2.0, ["down", "up"], 0.0, 1.0)
+    script.process(p, *args)
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args)
+    assert p.sd_model.forge_objects.unet is original
+    assert original.model_options == {"transformer_options": {}}

@@ -1,0 +1,342 @@
+"""Fused PLADIS kernel vs an independent float64 oracle (``entmax`` package + torch softmax).
+
+Runs on CPU through Triton's interpreter (see conftest.py); skipped cleanly where Triton or the
+``entmax`` package cannot be imported. Shapes are tiny because the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+entmax_pkg = pytest.importorskip("entmax")
+
+from pladis import triton_kernel as tk  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+
+ALPHAS = (1.25, 1.5, 1.75, 2.0)
+
+
+def oracle_entmax(s: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Float64 α-entmax from the reference package (sort-based, or 100-halving bisection)."""
+    s = s.double()
+    if alpha == 1.0:
+        return torch.softmax(s, -1)
+    if alpha == 1.5:
+        return entmax_pkg.entmax15(s, dim=-1)
+    if alpha == 2.0:
+        return entmax_pkg.sparsemax(s, dim=-1)
+    return entmax_pkg.entmax_bisect(s, alpha=alpha, dim=-1, n_iter=100)
+
+
+def oracle_scores(q, k, scale, mask=None) -> torch.Tensor:
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    return s
+
+
+def oracle_weights(s: torch.Tensor, alpha: float, lam: float) -> torch.Tensor:
+    """(1−λ)·softmax + λ·entmax in float64; rows with every key masked are all zero (as SDPA)."""
+    dead = torch.isinf(s).all(-1, keepdim=True) & (s < 0).all(-1, keepdim=True)
+    s = s.masked_fill(dead, 0.0)
+    w = (1 - lam) * torch.softmax(s, -1) + lam * oracle_entmax(s, alpha)
+    return w.masked_fill(dead, 0.0)
+
+
+def make_qkv(b, h, n, k_len, d, dtype=torch.float32, spread=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, h, n, d, generator=g) * spread).to(dtype)
+    k = torch.randn(b, h, k_len, d, generator=g).to(dtype)
+    v = torch.randn(b, h, k_len, d, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("k_len", [77, 154])
+@pytest.mark.parametrize("alpha", [1.0, *ALPHAS])
+def test_entmax_weights_match_oracle(alpha, k_len):
+    q, k, _ = make_qkv(1, 2, 6, k_len, 40, seed=k_len)
+    scale = 40**-0.5
+    w = tk.pladis_weights_triton(q, k, alpha=alpha, lam=1.0, scale=scale)
+    ref = oracle_entmax(oracle_scores(q, k, scale), alpha)
+    assert w.dtype == torch.float32 and w.shape == (1, 2, 6, k_len)
+    assert (w.double() - ref).abs().max().item() <= 1e-5
+    assert (w.double().sum(-1) - 1).abs().max().item() <= 1e-5
+    if alpha >= 1.5:  # genuinely sparse: most keys exactly zero, like the oracle
+        assert (w == 0).float().mean() > 0.5
+        assert torch.equal(w == 0, ref < 1e-7) or (w[(w == 0) != (ref < 1e-7)].abs().max() <= 1e-5)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_blend_weights_match_oracle(alpha):
+    q, k, _ = make_qkv(2, 1, 5, 77, 40, seed=1)
+    w = tk.pladis_weights_triton(q, k, alpha=alpha, lam=2.0, scale=0.2)
+    ref = oracle_weights(oracle_scores(q, k, 0.2), alpha, 2.0)
+    assert (w.double() - ref).abs().max().item() <= 1e-5
+    assert (w.double().sum(-1) - 1).abs().max().item() <= 1e-5  # (1−λ)·1 + λ·1
+    assert w.min() < 0  # λ = 2 extrapolates: softmax enters with weight −1
+
+
+@pytest.mark.parametrize(("k_len", "d"), [(77, 40), (154, 40), (77, 64)])
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_fp16_output_matches_oracle(alpha, k_len, d):
+    q, k, v = make_qkv(1, 2, 7, k_len, d, dtype=torch.float16, spread=2.0, seed=d + k_len)
+    scale = d**-0.5
+    out = tk.pladis_attention_triton(q, k, v, alpha=alpha, lam=2.0, scale=scale)
+    ref = oracle_weights(oracle_scores(q, k, scale), alpha, 2.0) @ v.double()
+    assert out.dtype == torch.float16 and out.shape == q.shape
+    assert (out.double() - ref).abs().max().item() <= 2e-3
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [(torch.float32, 0.0), (torch.bfloat16, 2**-7)])
+def test_other_dtypes(dtype, rel):
+    """fp32 to 1e-5; bf16 within one bf16 ulp (Triton's interpreter truncates fp32→bf16, GPUs round)."""
+    q, k, v = make_qkv(1, 1, 9, 77, 64, dtype=dtype, spread=2.0, seed=5)
+    out = tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.125)
+    ref = oracle_weights(oracle_scores(q, k, 0.125), 1.5, 2.0) @ v.double()
+    assert out.dtype == dtype
+    assert ((out.double() - ref).abs() <= rel * ref.abs() + 1e-5).all()
+
+
+def test_lambda_zero_is_softmax_attention():
+    q, k, v = make_qkv(1, 2, 5, 77, 40, seed=9)
+    out = tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=0.0, scale=None)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert (out.double() - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("form", ["bool_b11k", "bool_nk", "additive", "bool_full"])
+@pytest.mark.parametrize("alpha", [1.5, 1.75, 2.0])
+def test_masks(alpha, form):
+    b, h, n, k_len, d = 2, 2, 5, 77, 40
+    q, k, v = make_qkv(b, h, n, k_len, d, seed=3)
+    g = torch.Generator().manual_seed(4)
+    if form == "bool_b11k":
+        mask = torch.rand(b, 1, 1, k_len, generator=g) > 0.3
+    elif form == "bool_nk":
+        mask = torch.rand(n, k_len, generator=g) > 0.5
+    elif form == "bool_full":
+        mask = torch.rand(b, h, n, k_len, generator=g) > 0.5
+    else:  # additive: −inf for dropped keys, finite biases elsewhere
+        bias = torch.randn(b, 1, n, k_len, generator=g)
+        mask = torch.where(torch.rand(b, 1, n, k_len, generator=g) > 0.4, bias, torch.tensor(float("-inf")))
+    assert tk.is_supported(q, k, v, mask)
+    w = tk.pladis_weights_triton(q, k, alpha=alpha, lam=2.0, scale=0.3, mask=mask)
+    s = oracle_scores(q, k, 0.3, mask)
+    ref = oracle_weights(s, alpha, 2.0)
+    assert (w.double() - ref).abs().max().item() <= 1e-5
+    assert (w[torch.isinf(s)] == 0).all()  # dropped keys get exactly zero weight
+    out = tk.pladis_attention_triton(q, k, v, alpha=alpha, lam=2.0, scale=0.3, mask=mask)
+    assert (out.double() - ref @ v.double()).abs().max().item() <= 1e-5
+
+
+def test_fully_masked_row_gives_zeros_like_sdpa():
+    q, k, v = make_qkv(1, 1, 4, 77, 40, seed=6)
+    mask = torch.ones(4, 77, dtype=torch.bool)
+    mask[2] = False
+    out = tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.2, mask=mask)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2)
+    assert torch.equal(out[0, 0, 2], torch.zeros(40)) and torch.equal(sdpa[0, 0, 2], torch.zeros(40))
+    assert torch.isfinite(out).all()
+    w = tk.pladis_weights_triton(q, k, alpha=1.5, lam=2.0, scale=0.2, mask=mask)
+    assert torch.equal(w[0, 0, 2], torch.zeros(77))
+    ref = oracle_weights(oracle_scores(q, k, 0.2, mask), 1.5, 2.0)
+    assert (w.double() - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("k_len", [77, 154])
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_ties(alpha, k_len):
+    q, k, _ = make_qkv(1, 1, 6, k_len, 40, seed=7)
+    k[:, :, 1:9] = k[:, :, :1]  # nine identical keys: exactly tied scores
+    q[0, 0, 0] = 0.0  # an all-equal row: every key ties
+    q[0, 0, 1] = k[0, 0, 0] * 2.0  # the tied group wins by a wide margin
+    w = tk.pladis_weights_triton(q, k, alpha=alpha, lam=1.0, scale=0.25)
+    ref = oracle_entmax(oracle_scores(q, k, 0.25), alpha)
+    assert (w.double() - ref).abs().max().item() <= 1e-5
+    assert (w[0, 0, 0] - 1.0 / k_len).abs().max().item() <= 1e-7
+    tied = w[..., :9]
+    assert torch.equal(tied, tied[..., :1].expand_as(tied))  # tied keys get identical weights
+
+
+def test_fallback_loop_finishes_unsettled_rows(monkeypatch):
+    """With no fixed Newton steps every row relies on the in-kernel fallback; without it rows are wrong."""
+    q, k, _ = make_qkv(1, 1, 8, 154, 40, spread=4.0, seed=8)
+    ref = oracle_entmax(oracle_scores(q, k, 0.2), 1.5)
+    monkeypatch.setattr(tk, "_newton_steps", lambda mode, block_k: 0)
+    w = tk.pladis_weights_triton(q, k, alpha=1.5, lam=1.0, scale=0.2)
+    assert (w.double() - ref).abs().max().item() <= 1e-5
+    monkeypatch.setattr(tk, "MAX_FIX", 0)
+    w_bad = tk.pladis_weights_triton(q, k, alpha=1.5, lam=1.0, scale=0.2)
+    assert (w_bad.double() - ref).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("alpha", [1.05, 1.99])
+def test_alpha_near_the_ends(alpha):
+    q, k, _ = make_qkv(1, 1, 5, 77, 40, seed=10)
+    w = tk.pladis_weights_triton(q, k, alpha=alpha, lam=1.0, scale=0.2)
+    ref = oracle_entmax(oracle_scores(q, k, 0.2), alpha)
+    assert (w.double() - ref).abs().max().item() <= 1e-5
+
+
+def test_packed_layout_views_and_odd_sizes():
+    """Head-split views of (B, N, H·d) tensors work without copies; the output keeps the packed layout."""
+    b, n, h, d, k_len = 2, 5, 3, 40, 77
+    g = torch.Generator().manual_seed(11)
+    qp = torch.randn(b, n, h * d, generator=g).half()
+    kp = torch.randn(b, k_len, h * d, generator=g).half()
+    vp = torch.randn(b, k_len, h * d, generator=g).half()
+
+    def split(t):
+        return t.view(t.shape[0], t.shape[1], h, d).transpose(1, 2)
+
+    q, k, v = split(qp), split(kp), split(vp)
+    out = tk.pladis_attention_triton(q, k, v, alpha=1.75, lam=2.0, scale=d**-0.5)
+    assert out.stride() == q.stride()
+    ref = oracle_weights(oracle_scores(q, k, d**-0.5), 1.75, 2.0) @ v.double()
+    assert (out.double() - ref).abs().max().item() <= 2e-3
+
+
+def test_is_supported_and_reasons(monkeypatch):
+    q, k, v = make_qkv(1, 1, 4, 77, 40)
+    assert tk.is_supported(q, k, v, None)
+    assert not tk.is_supported(q, k[:, :, :, :32], v, None)
+    assert not tk.is_supported(q.half(), k, v, None)
+    assert not tk.is_supported(q.double(), k.double(), v.double(), None)
+    big = torch.zeros(1, 1, 513, 40)
+    assert "keys" in tk.unsupported_reason(q, big, big, None)
+    small = torch.zeros(1, 1, 4, 8)
+    assert "head dim" in tk.unsupported_reason(small, small[:, :, :3], small[:, :, :3], None)
+    assert "mask" in tk.unsupported_reason(q, k, v, torch.ones(3, 77, dtype=torch.bool))
+    assert "mask dtype" in tk.unsupported_reason(q, k, v, torch.ones(4, 77, dtype=torch.int64))
+    qg = q.clone().requires_grad_()
+    assert "autograd" in tk.unsupported_reason(qg, k, v, None)
+    with torch.no_grad():
+        assert tk.is_supported(qg, k, v, None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "device cpu" in tk.unsupported_reason(q, k, v, None)
+    with pytest.raises(ValueError, match="unsupported input: device cpu"):
+        tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
+
+
+def test_bad_arguments_raise():
+    q, k, v = make_qkv(1, 1, 2, 77, 40)
+    with pytest.raises(ValueError, match="alpha"):
+        tk.pladis_attention_triton(q, k, v, alpha=2.5, lam=2.0, scale=0.1)
+    with pytest.raises(ValueError, match="lam"):
+        tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=math.inf, scale=0.1)
+
+
+def test_import_without_triton():
+    """``import pladis`` and the dispatch check must work where Triton is missing (e.g. Windows)."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, pladis, pladis.triton_kernel as tk\n"
+        "q = torch.zeros(1, 1, 2, 40)\n"
+        "assert not tk.triton_available()\n"
+        "assert not tk.is_supported(q, q, q, None)\n"
+        "print(tk.unsupported_reason(q, q, q, None))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert "triton is not importable" in res.stdout
+
+
+def test_autotuned_launch_path(monkeypatch):
+    """The GPU launch path (autotuner, meta-dependent grid, config pruning) with a stand-in timer."""
+    raw, tuned = tk._kernels()
+    assert all(key in raw.arg_names for key in tuned.keys)
+    benched: list[int] = []
+
+    def fake_do_bench(kernel_call, quantiles):
+        kernel_call()
+        benched.append(1)
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(tuned, "_do_bench", fake_do_bench)
+    monkeypatch.setattr(tk, "_autotune_enabled", lambda: True)
+    q, k, v = make_qkv(1, 2, 40, 154, 40, dtype=torch.float16, spread=2.0, seed=12)
+    out = tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.15)
+    ref = oracle_weights(oracle_scores(q, k, 0.15), 1.5, 2.0) @ v.double()
+    assert (out.double() - ref).abs().max().item() <= 2e-3
+    pruned = tuned.prune_configs({"BLOCK_K": 256, "BLOCK_D": 64})
+    assert len(benched) == len(pruned) >= 2  # every surviving config was tried once
+    assert all(tk._fits(c.kwargs["BLOCK_M"], 256, 64) for c in pruned)
+    assert tuned.prune_configs({"BLOCK_K": 512, "BLOCK_D": 256})  # never empty
+
+
+def test_resource_failure_becomes_unsupported(monkeypatch):
+    """A GPU that cannot hold the tiles raises TritonUnsupported once, then is_supported says no."""
+    from triton.runtime.errors import OutOfResources
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(300000, 232448, "shared memory")
+
+            return launch
+
+    monkeypatch.setattr(tk, "_kernels", lambda: (Launcher(), Launcher()))
+    monkeypatch.setattr(tk, "_failed_shapes", set())
+    q, k, v = make_qkv(1, 1, 4, 77, 40)
+    assert tk.is_supported(q, k, v, None)
+    with pytest.raises(tk.TritonUnsupported, match="shared memory"):
+        tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
+    assert not tk.is_supported(q, k, v, None)
+    assert "failed to launch" in tk.unsupported_reason(q, k, v, None)
+    q2, k2, v2 = make_qkv(1, 1, 4, 154, 40)  # another tile size is still tried
+    assert tk.is_supported(q2, k2, v2, None)
+
+
+def test_shared_memory_limit_routes_big_tiles_to_torch(monkeypatch):
+    """Consumer GPUs (~99 KiB per block) take SD1.5's d=160 at K=77 but not at K=154 (ptxas-sized)."""
+    monkeypatch.setattr(tk, "_smem_limit", lambda device: 99 * 1024)
+    q, k, v = make_qkv(1, 1, 2, 77, 160, dtype=torch.float16)
+    assert tk.is_supported(q, k, v, None)
+    q, k, v = make_qkv(1, 1, 2, 154, 160, dtype=torch.float16)
+    assert "shared memory" in tk.unsupported_reason(q, k, v, None)
+
+
+@settings(max_examples=200, deadline=None, derandomize=False)
+@given(
+    k_len=st.integers(1, 300),
+    d=st.sampled_from([16, 40, 64, 80, 96, 160]),
+    n=st.integers(1, 12),
+    alpha=st.floats(1.0, 2.0),
+    lam=st.floats(0.0, 4.0),
+    spread=st.floats(0.1, 8.0),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_weights_fuzz(k_len, d, n, alpha, lam, spread, masked, seed):
+    """Random sizes (odd K and d), α, λ, score spreads and masks: weights within 1e-5 of the oracle."""
+    q, k, _ = make_qkv(1, 1, n, k_len, d, spread=spread, seed=seed)
+    mask = None
+    if masked:
+        mask = torch.rand(n, k_len, generator=torch.Generator().manual_seed(seed)) > 0.5
+    scale = d**-0.5
+    w = tk.pladis_weights_triton(q, k, alpha=alpha, lam=lam, scale=scale, mask=mask)
+    ref = oracle_weights(oracle_scores(q, k, scale, mask), alpha, lam)
+    assert (w.double() - ref).abs().max().item() <= 1e-5 * max(1.0, lam)
+
+
+def test_longest_rows():
+    q, k, v = make_qkv(1, 1, 3, 512, 64, dtype=torch.float16, spread=2.0, seed=13)
+    out = tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.125)
+    ref = oracle_weights(oracle_scores(q, k, 0.125), 1.5, 2.0) @ v.double()
+    assert (out.double() - ref).abs().max().item() <= 2e-3
