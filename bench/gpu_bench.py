@@ -386,7 +386,7 @@ def run_check(device: torch.device) -> bool:
     # bf16: half an ulp of output rounding on GPUs; Triton's interpreter truncates instead (one ulp).
     bf16_rel = 2**-7 if triton_kernel.interpreter_mode() else 2**-8
     tols = {torch.float16: (2e-3, 2**-10), torch.bfloat16: (2e-3, bf16_rel), torch.float32: (1e-5, 1e-5)}
-    ok = True
+    ok, checked = True, 0
     print("== kernel vs float64 oracle (output: |err| ≤ abs + rel·|ref|; weights: ≤ 1e-5, rows sum to 1)")
     for b, h, n, k_len, d in CHECK_SHAPES:
         g = torch.Generator(device="cpu").manual_seed(k_len + d)
@@ -436,8 +436,12 @@ def run_check(device: torch.device) -> bool:
                         good = good and werr <= 1e-5 and rows <= 1e-5
                         line += f"  weights {werr:.1e} rowsum {rows:.1e}"
                     ok = ok and good
+                    checked += 1
                     print(line + ("" if good else "   FAIL"))
-    print("check:", "PASS" if ok else "FAIL")
+    if not checked:
+        print("check: nothing ran (no CUDA/Triton; set TRITON_INTERPRET=1 to use the interpreter)")
+        ok = False
+    print("check:", "PASS" if ok else "FAIL", f"({checked} cases)")
     return ok
 
 

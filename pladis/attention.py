@@ -25,8 +25,8 @@ from .entmax import Workspace, check_alpha, entmax_centred, row_max, softmax_cen
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 """Upper bound, in bytes, on the float32 working set of one chunk (scores and temporaries)."""
 
-_CACHE_FRIENDLY_ELEMENTS = 1 << 20
-"""Preferred number of score elements per chunk on CPU (≈4 MiB of float32: stays in cache)."""
+_CACHE_FRIENDLY_ELEMENTS = 1 << 18
+"""Preferred number of score elements per chunk on CPU (1 MiB of float32: stays in a core's L2)."""
 
 _WORKING_COPIES = 6
 """float32 score-sized buffers alive at once while a chunk is processed (scores, weights, temporaries)."""
@@ -87,7 +87,12 @@ def pladis_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     fused = _fused_kernel(q, k, v, mask)
     if fused is not None:
-        return fused(q, k, v, alpha=alpha, lam=lam, scale=scale, mask=mask)
+        from .triton_kernel import TritonUnsupported
+
+        try:
+            return fused(q, k, v, alpha=alpha, lam=lam, scale=scale, mask=mask)
+        except TritonUnsupported:
+            pass  # tile too large for this GPU: the kernel marks the shape, the torch path answers
     return _pladis_attention_torch(q, k, v, alpha, lam, scale, mask, memory_budget)
 
 

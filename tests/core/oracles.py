@@ -20,7 +20,7 @@ def reference_entmax(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     return entmax_package.entmax_bisect(x, alpha=alpha, dim=-1, n_iter=200)
 
 
-def reference_pladis(q, k, v, alpha: float, lam: float, scale: float | None = None, mask=None):  # noqa: ANN001, ANN201
+def reference_pladis(q, k, v, alpha: float, lam: float, scale: float | None = None, mask=None):
     """((1 − λ)·softmax + λ·entmax)·V in float64, written independently of the package under test."""
     q64, k64, v64 = q.double(), k.double(), v.double()
     scale = q.shape[-1] ** -0.5 if scale is None else scale

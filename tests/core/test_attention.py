@@ -13,7 +13,7 @@ from pladis.entmax import entmax
 from tests.core.oracles import reference_pladis
 
 
-def qkv(b: int, h: int, n: int, k: int, d: int, seed: int = 0, dtype=torch.float32):  # noqa: ANN001, ANN201
+def qkv(b: int, h: int, n: int, k: int, d: int, seed: int = 0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     return tuple(
         (torch.randn(b, h, m, d, generator=gen) * s).to(dtype) for m, s in ((n, 1.5), (k, 1.5), (k, 1.0))
@@ -81,7 +81,7 @@ def test_chunk_size_respects_the_memory_budget() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_give_the_float32_answer_of_the_rounded_inputs(dtype) -> None:  # noqa: ANN001
+def test_half_inputs_give_the_float32_answer_of_the_rounded_inputs(dtype) -> None:
     q, k, v = qkv(2, 2, 50, 77, 40, seed=8, dtype=dtype)
     got = pladis_attention(q, k, v, alpha=1.5, lam=2.0)
     assert got.dtype == dtype
@@ -162,3 +162,25 @@ def test_cpu_path_ignores_force_env(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = qkv(1, 1, 5, 77, 8)
     want = reference_pladis(q, k, v, 1.5, 2.0)
     assert (pladis_attention(q, k, v, alpha=1.5, lam=2.0).double() - want).abs().max().item() <= 2e-5
+
+
+def test_fused_kernel_is_not_used_on_cpu_or_when_forced_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pladis import attention
+
+    q, k, v = qkv(1, 1, 4, 8, 16)
+    assert attention._fused_kernel(q, k, v, None) is None
+    monkeypatch.setenv("PLADIS_FORCE_TORCH", "1")
+    assert attention._fused_kernel(q, k, v, None) is None
+
+
+def test_a_kernel_that_cannot_launch_falls_back_to_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pladis import attention
+    from pladis.triton_kernel import TritonUnsupported
+
+    def cannot_launch(*args, **kwargs):
+        raise TritonUnsupported("out of shared memory")
+
+    q, k, v = qkv(1, 2, 9, 77, 16, seed=14)
+    want = pladis_attention(q, k, v, alpha=1.5, lam=2.0)
+    monkeypatch.setattr(attention, "_fused_kernel", lambda *args: cannot_launch)
+    assert torch.equal(pladis_attention(q, k, v, alpha=1.5, lam=2.0), want)

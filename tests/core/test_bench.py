@@ -7,7 +7,7 @@ import torch
 from pladis import bench
 
 
-def test_bench_shape_runs_and_formats(capsys) -> None:  # noqa: ANN001
+def test_bench_shape_runs_and_formats(capsys) -> None:
     bench.SHAPES["tiny"] = (1, 2, 16, 9, 8)
     try:
         bench.main(["--shapes", "tiny", "--alphas", "1.5", "2", "--rounds", "2"])

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from tests.core.oracles import reference_entmax
 
 from pladis.entmax import entmax
+from tests.core.oracles import reference_entmax
 
 ALPHAS = [1.1, 1.25, 1.5, 1.75, 1.9, 2.0]
 
@@ -71,7 +71,7 @@ def test_matches_reference_on_adversarial_rows(alpha: float, case: str) -> None:
 
 @pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs_give_the_float32_answer_of_the_rounded_inputs(alpha: float, dtype) -> None:  # noqa: ANN001
+def test_half_precision_inputs_give_the_float32_answer_of_the_rounded_inputs(alpha: float, dtype) -> None:
     x = random_rows(3, 1024, 154, 2.0)
     x[:, 0] = 12.0  # a BOS-like sink: the case where bf16 arithmetic breaks the reference package
     rounded = x.to(dtype)

@@ -13,7 +13,7 @@ alphas = st.floats(min_value=1.0, max_value=2.0, allow_nan=False)
 
 
 @st.composite
-def score_rows(draw) -> torch.Tensor:  # noqa: ANN001
+def score_rows(draw) -> torch.Tensor:
     rows = draw(st.integers(1, 6))
     keys = draw(st.integers(1, 160))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -52,7 +52,7 @@ def test_alpha_one_equals_softmax(x: torch.Tensor) -> None:
 
 
 @st.composite
-def attention_inputs(draw):  # noqa: ANN201, ANN001
+def attention_inputs(draw):
     b, h = draw(st.integers(1, 2)), draw(st.integers(1, 3))
     n, k, d = draw(st.integers(1, 40)), draw(st.integers(1, 100)), draw(st.sampled_from([8, 16, 40]))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
@@ -61,7 +61,7 @@ def attention_inputs(draw):  # noqa: ANN201, ANN001
 
 @settings(max_examples=30, deadline=None)
 @given(attention_inputs(), alphas)
-def test_blend_at_lambda_zero_equals_sdpa(tensors, alpha: float) -> None:  # noqa: ANN001
+def test_blend_at_lambda_zero_equals_sdpa(tensors, alpha: float) -> None:
     q, k, v = tensors
     assert torch.equal(
         pladis_attention(q, k, v, alpha=alpha, lam=0.0),
@@ -71,7 +71,7 @@ def test_blend_at_lambda_zero_equals_sdpa(tensors, alpha: float) -> None:  # noq
 
 @settings(max_examples=30, deadline=None)
 @given(attention_inputs(), alphas)
-def test_blend_at_lambda_one_equals_sparse_attention(tensors, alpha: float) -> None:  # noqa: ANN001
+def test_blend_at_lambda_one_equals_sparse_attention(tensors, alpha: float) -> None:
     q, k, v = tensors
     weights = entmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, alpha)
     torch.testing.assert_close(
@@ -81,7 +81,7 @@ def test_blend_at_lambda_one_equals_sparse_attention(tensors, alpha: float) -> N
 
 @settings(max_examples=30, deadline=None)
 @given(attention_inputs(), alphas, st.integers(1, 64))
-def test_chunked_equals_unchunked(tensors, alpha: float, chunk: int) -> None:  # noqa: ANN001
+def test_chunked_equals_unchunked(tensors, alpha: float, chunk: int) -> None:
     q, k, v = tensors
     groups = q.shape[0] * q.shape[1]
     budget = groups * k.shape[2] * 4 * 6 * chunk
@@ -93,7 +93,7 @@ def test_chunked_equals_unchunked(tensors, alpha: float, chunk: int) -> None:  #
 
 @settings(max_examples=30, deadline=None)
 @given(attention_inputs(), alphas, st.sampled_from([torch.float16, torch.bfloat16]))
-def test_half_inputs_give_the_float32_answer_of_the_rounded_inputs(tensors, alpha: float, dtype) -> None:  # noqa: ANN001
+def test_half_inputs_give_the_float32_answer_of_the_rounded_inputs(tensors, alpha: float, dtype) -> None:
     q, k, v = (t.to(dtype) for t in tensors)
     got = pladis_attention(q, k, v, alpha=alpha, lam=2.0)
     assert got.dtype == dtype
