@@ -39,21 +39,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pladis import triton_kernel
-from pladis.attention import pladis_attention
+from pladis.attention import FORCE_TORCH_ENV, pladis_attention
+from pladis.bench import SHAPES, reference_attention
 
-FORCE_TORCH_ENV = "PLADIS_FORCE_TORCH"
-
-OP_SHAPES = {  # name: (B, H, N, K, d)
-    "SD1.5 L1": (2, 8, 4096, 77, 40),
-    "SD1.5 L2": (2, 8, 1024, 77, 80),
-    "SD1.5 L3": (2, 8, 256, 77, 160),
-    "SD1.5 L4": (2, 8, 64, 77, 160),
-    "SDXL L1": (2, 10, 4096, 77, 64),
-    "SDXL L2": (2, 20, 1024, 77, 64),
-    "SD1.5 L1 K154": (2, 8, 4096, 154, 40),
-    "SDXL L1 K154": (2, 10, 4096, 154, 64),
-    "SDXL L2 K154": (2, 20, 1024, 154, 64),
-}
+OP_SHAPES = SHAPES  # the CPU benchmark's shapes: SD1.5 / SDXL levels and long prompts
 SMOKE_SHAPES = {"tiny L1": (1, 2, 64, 77, 40), "tiny K154": (1, 2, 32, 154, 64)}
 
 SD15_UNET = {
@@ -193,21 +182,6 @@ def force_torch(on: bool) -> Iterator[None]:
 
 
 # -------------------------------------------------------------------------------------------------- ops
-def reference_attention(q, k, v, alpha: float, lam: float, scale: float):
-    """The official recipe: explicit softmax and the ``entmax`` package in q's dtype, one V matmul."""
-    import entmax
-
-    s = (q @ k.transpose(-1, -2)) * scale
-    p = torch.softmax(s, dim=-1)
-    if alpha == 1.5:
-        e = entmax.entmax15(s, dim=-1)
-    elif alpha == 2.0:
-        e = entmax.sparsemax(s, dim=-1)
-    else:
-        e = entmax.entmax_bisect(s, alpha=alpha, dim=-1)
-    return (lam * e + (1 - lam) * p) @ v
-
-
 def _has(module: str) -> bool:
     try:
         __import__(module)
@@ -222,7 +196,7 @@ def op_variants(q, k, v, alpha: float, lam: float) -> dict[str, Callable[[], obj
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)
     }
     if _has("entmax"):
-        fns["reference"] = lambda: reference_attention(q, k, v, alpha, lam, scale)
+        fns["reference"] = lambda: reference_attention(q, k, v, alpha, lam)
 
     def torch_path():
         with force_torch(True):

@@ -40,6 +40,7 @@ SHAPES: dict[str, Shape] = {
     "SD1.5 L1 K=154": (2, 8, 4096, 154, 40),
     "SD1.5 L1 K=231": (2, 8, 4096, 231, 40),
     "SDXL L1 K=154": (2, 10, 4096, 154, 64),
+    "SDXL L2 K=154": (2, 20, 1024, 154, 64),
 }
 
 
@@ -68,7 +69,7 @@ def _reference(alpha: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 
 def reference_attention(q, k, v, alpha: float, lam: float):
-    """The official recipe: explicit softmax and entmax weights, blended, one matmul with V."""
+    """The official recipe: softmax and ``entmax``-package weights in q's dtype, blended, one V matmul."""
     sparse = _reference(alpha)
     assert sparse is not None
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
@@ -90,28 +91,49 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak memory allocated while ``fn`` runs, above what was allocated before."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    # CPU: torch's CPU allocator is invisible to tracemalloc, so use the profiler's memory view.
-    from torch.profiler import ProfilerActivity, profile
+    """Peak memory allocated while ``fn`` runs, above what was allocated before (CUDA)."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    peak = current = 0
-    events = sorted(
-        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
-        key=lambda e: e.time_range.start,
+
+def _cpu_peak_child(shape: Shape, variant: str, alpha: float, lam: float) -> int:
+    """In a fresh process: growth of the peak resident set (bytes) during one call of ``variant``.
+
+    torch's CPU allocator is invisible to tracemalloc and the profiler's memory view double-counts
+    nested ops, so the operating system's high-water mark of a fresh process is the honest figure.
+    """
+    import resource
+
+    batch, heads, n_queries, n_keys, dim = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen) for n in (n_queries, n_keys, n_keys))
+    with torch.inference_mode():
+        small = [t[..., :8, :] for t in (q, k, v)]  # load kernels and libraries, not memory
+        F.scaled_dot_product_attention(*small)
+        pladis_attention(*small, alpha=alpha, lam=lam)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if variant == "sdpa":
+            F.scaled_dot_product_attention(q, k, v)
+        else:
+            pladis_attention(q, k, v, alpha=alpha, lam=lam)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (after - before) * 1024  # ru_maxrss is in KiB on Linux
+
+
+def _cpu_peak_bytes(shape: Shape, variant: str, alpha: float, lam: float) -> int:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pladis.bench import _cpu_peak_child; "
+        f"print(_cpu_peak_child({tuple(shape)!r}, {variant!r}, {alpha!r}, {lam!r}))"
     )
-    for event in events:
-        current += event.cpu_memory_usage
-        peak = max(peak, current)
-    return peak
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def bench_shape(
@@ -146,8 +168,12 @@ def bench_shape(
                 if key == "ref" and len(times[key]) >= max(1, rounds // 3):
                     continue  # the reference is slow; a third of the rounds is plenty
                 times[key].append(_time_once(fn, device))
-        peak_sdpa = _peak_bytes(variants["sdpa"], device)
-        peak_ours = _peak_bytes(variants[f"ours {alphas[0]:g}"], device)
+        if device.type == "cuda":
+            peak_sdpa = _peak_bytes(variants["sdpa"], device)
+            peak_ours = _peak_bytes(variants[f"ours {alphas[0]:g}"], device)
+        else:
+            peak_sdpa = _cpu_peak_bytes(shape, "sdpa", alphas[0], lam)
+            peak_ours = _cpu_peak_bytes(shape, "ours", alphas[0], lam)
 
     sdpa = statistics.median(times["sdpa"])
     ours = {alpha: statistics.median(times[f"ours {alpha:g}"]) for alpha in alphas}
