@@ -163,17 +163,19 @@ def _pladis_forward(
         context_k = context_v = context
     key = module.to_k(context_k)
     value = module.to_v(context_v)
+    # The core computes scores and weights in float32 whatever the dtype and returns q's dtype; the
+    # inputs stay in the model dtype so the fused GPU kernel can read fp16/bf16 directly.
     with session.host.without_autocast():
         out = pladis_attention_packed(
-            query.float(),
-            key.float(),
-            value.float(),
+            query,
+            key.to(query.dtype),
+            value.to(query.dtype),
             module.heads,
             alpha=params.alpha,
             lam=params.lam,
             scale=getattr(module, "scale", None),
         )
-    return module.to_out(out.to(query.dtype))
+    return module.to_out(out)
 
 
 def _cross_attention_classes() -> tuple[type, ...]:
