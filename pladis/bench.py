@@ -54,6 +54,7 @@ class Row:
     ours_ratio: dict[float, float]
     ref_speedup: float | None
     extra_peak_mib: float
+    peak_mib: tuple[float, float]
 
 
 def _reference(alpha: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -100,14 +101,20 @@ def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _cpu_peak_child(shape: Shape, variant: str, alpha: float, lam: float) -> int:
-    """In a fresh process: growth of the peak resident set (bytes) during one call of ``variant``.
+    """In a fresh process: peak resident memory (bytes) during one call of ``variant``, above before.
 
     torch's CPU allocator is invisible to tracemalloc and the profiler's memory view double-counts
-    nested ops, so the operating system's high-water mark of a fresh process is the honest figure.
+    nested ops, so this asks Linux: reset the high-water mark (``clear_refs``), run, read ``VmHWM``.
     """
-    import resource
-
     batch, heads, n_queries, n_keys, dim = shape
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, n, dim, generator=gen) for n in (n_queries, n_keys, n_keys))
@@ -115,13 +122,15 @@ def _cpu_peak_child(shape: Shape, variant: str, alpha: float, lam: float) -> int
         small = [t[..., :8, :] for t in (q, k, v)]  # load kernels and libraries, not memory
         F.scaled_dot_product_attention(*small)
         pladis_attention(*small, alpha=alpha, lam=lam)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset VmHWM to the current resident set
+        before = _status_kib("VmRSS")
         if variant == "sdpa":
             F.scaled_dot_product_attention(q, k, v)
         else:
             pladis_attention(q, k, v, alpha=alpha, lam=lam)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) * 1024  # ru_maxrss is in KiB on Linux
+        peak = _status_kib("VmHWM")
+    return (peak - before) * 1024
 
 
 def _cpu_peak_bytes(shape: Shape, variant: str, alpha: float, lam: float) -> int:
@@ -129,7 +138,8 @@ def _cpu_peak_bytes(shape: Shape, variant: str, alpha: float, lam: float) -> int
     import sys
 
     code = (
-        "import sys; from pladis.bench import _cpu_peak_child; "
+        f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
+        "from pladis.bench import _cpu_peak_child; "
         f"print(_cpu_peak_child({tuple(shape)!r}, {variant!r}, {alpha!r}, {lam!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -191,6 +201,7 @@ def bench_shape(
         ours_ratio=ratio,
         ref_speedup=None if ref is None else ref / ours[alphas[0]],
         extra_peak_mib=max(0, peak_ours - peak_sdpa) / 2**20,
+        peak_mib=(peak_sdpa / 2**20, peak_ours / 2**20),
     )
 
 
@@ -198,14 +209,15 @@ def format_rows(rows: list[Row], alphas: list[float]) -> str:
     head = ["shape (B,H,N,K,d)", "sdpa ms"]
     head += [f"ours a={a:g} ms" for a in alphas] + [f"ours/sdpa a={a:g}" for a in alphas]
     head += [f"a={a:g} vs a={alphas[0]:g}" for a in alphas[1:]]
-    head += [f"ref a={alphas[0]:g} ms", "ref/ours", "extra peak MiB"]
+    head += [f"ref a={alphas[0]:g} ms", "ref/ours", "peak MiB sdpa/ours", "extra peak MiB"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for row in rows:
         cells = [f"{row.name} {row.shape}", f"{row.sdpa_ms:.2f}"]
         cells += [f"{row.ours_ms[a]:.2f}" for a in alphas] + [f"{row.ours_ratio[a]:.2f}x" for a in alphas]
         cells += [f"{row.ours_ms[a] / row.ours_ms[alphas[0]]:.2f}x" for a in alphas[1:]]
         cells += ["-" if row.ref_ms is None else f"{row.ref_ms:.1f}"]
-        cells += ["-" if row.ref_speedup is None else f"{row.ref_speedup:.1f}x", f"{row.extra_peak_mib:.1f}"]
+        cells += ["-" if row.ref_speedup is None else f"{row.ref_speedup:.1f}x"]
+        cells += [f"{row.peak_mib[0]:.1f}/{row.peak_mib[1]:.1f}", f"{row.extra_peak_mib:.1f}"]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 
