@@ -34,7 +34,7 @@ class Script:
         pass
 
     def elem_id(self, item_id):
-        """Forge's id scheme (same as A1111): ``script_<tab>_<title>_<item>`` for scripts shown on both tabs."""
+        """Forge's id scheme (as A1111): ``script_<tab>_<title>_<item>`` for scripts shown on both tabs."""
         need_tabname = self.show(True) == self.show(False)
         tabkind = "img2img" if self.is_img2img else "txt2img"
         tabname = f"{tabkind}_" if need_tabname else ""

@@ -24,9 +24,11 @@ from typing import Any
 import gradio as gr
 
 if not gr.__version__.startswith("4."):
-    raise ImportError(f"the Forge ui_components stand-in needs gradio 4 (Forge ships 4.40), not {gr.__version__}")
+    raise ImportError(
+        f"the Forge ui_components stand-in needs gradio 4 (Forge ships 4.40), not {gr.__version__}"
+    )
 
-import gradio.component_meta as component_meta  # noqa: E402  (gradio 4 only)
+import gradio.component_meta as component_meta  # gradio 4 only
 
 
 @contextlib.contextmanager
@@ -92,6 +94,6 @@ with _no_pyi_files():
             return "checkbox"
 
 
-def InputAccordion(value: Any = None, **kwargs: Any) -> InputAccordionImpl:  # noqa: N802  (Forge's name)
+def InputAccordion(value: Any = None, **kwargs: Any) -> InputAccordionImpl:  # Forge's name and casing
     """Forge's public constructor: a set-up ``InputAccordionImpl``."""
     return InputAccordionImpl(value=value, setup=True, **kwargs)
