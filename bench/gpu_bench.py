@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pladis import triton_kernel
 from pladis.attention import FORCE_TORCH_ENV, pladis_attention
-from pladis.bench import SHAPES, reference_attention
+from pladis.bench import SHAPES, cuda_peak_bytes, reference_attention
 
 OP_SHAPES = SHAPES  # the CPU benchmark's shapes: SD1.5 / SDXL levels and long prompts
 SMOKE_SHAPES = {"tiny L1": (1, 2, 64, 77, 40), "tiny K154": (1, 2, 32, 154, 64)}
@@ -139,16 +139,7 @@ class Timer:
 
     def extra_peak(self, fn: Callable[[], object]) -> float | None:
         """Bytes allocated at the peak of one call beyond what was held before it (CUDA only)."""
-        if not self.cuda:
-            return None
-        self.sync()
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        out = fn()
-        self.sync()
-        peak = torch.cuda.max_memory_allocated(self.device) - base
-        del out
-        return float(peak)
+        return float(cuda_peak_bytes(fn, self.device)) if self.cuda else None
 
 
 def interleaved(

@@ -53,8 +53,11 @@ class Row:
     ours_ms: dict[float, float]
     ours_ratio: dict[float, float]
     ref_speedup: float | None
-    extra_peak_mib: float
-    peak_mib: tuple[float, float]
+    peak_mib: tuple[float, float]  # (sdpa, ours)
+
+    @property
+    def extra_peak_mib(self) -> float:
+        return max(0.0, self.peak_mib[1] - self.peak_mib[0])
 
 
 def _reference(alpha: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -91,8 +94,8 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak memory allocated while ``fn`` runs, above what was allocated before (CUDA)."""
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak CUDA memory allocated while ``fn`` runs (its result included), above what was allocated before."""
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -179,8 +182,8 @@ def bench_shape(
                     continue  # the reference is slow; a third of the rounds is plenty
                 times[key].append(_time_once(fn, device))
         if device.type == "cuda":
-            peak_sdpa = _peak_bytes(variants["sdpa"], device)
-            peak_ours = _peak_bytes(variants[f"ours {alphas[0]:g}"], device)
+            peak_sdpa = cuda_peak_bytes(variants["sdpa"], device)
+            peak_ours = cuda_peak_bytes(variants[f"ours {alphas[0]:g}"], device)
         else:
             peak_sdpa = _cpu_peak_bytes(shape, "sdpa", alphas[0], lam)
             peak_ours = _cpu_peak_bytes(shape, "ours", alphas[0], lam)
@@ -200,7 +203,6 @@ def bench_shape(
         ours_ms=ours,
         ours_ratio=ratio,
         ref_speedup=None if ref is None else ref / ours[alphas[0]],
-        extra_peak_mib=max(0, peak_ours - peak_sdpa) / 2**20,
         peak_mib=(peak_sdpa / 2**20, peak_ours / 2**20),
     )
 

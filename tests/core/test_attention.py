@@ -157,20 +157,24 @@ def test_invalid_blend_parameters_are_rejected(name: str, kwargs: dict) -> None:
         pladis_attention(q, k, v, **kwargs)
 
 
-def test_cpu_path_ignores_force_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PLADIS_FORCE_TORCH", "1")
-    q, k, v = qkv(1, 1, 5, 77, 8)
-    want = reference_pladis(q, k, v, 1.5, 2.0)
-    assert (pladis_attention(q, k, v, alpha=1.5, lam=2.0).double() - want).abs().max().item() <= 2e-5
+def test_fused_kernel_dispatch_respects_device_support_and_force_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
 
-
-def test_fused_kernel_is_not_used_on_cpu_or_when_forced_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pladis import attention
+    from pladis import attention, triton_kernel
 
     q, k, v = qkv(1, 1, 4, 8, 16)
-    assert attention._fused_kernel(q, k, v, None) is None
+    assert attention._fused_kernel(q, k, v, None) is None  # CPU tensors never go to the kernel
+
+    cuda_like = SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(triton_kernel, "is_supported", lambda *args: True)
+    monkeypatch.delenv("PLADIS_FORCE_TORCH", raising=False)
+    assert attention._fused_kernel(cuda_like, k, v, None) is triton_kernel.pladis_attention_triton
     monkeypatch.setenv("PLADIS_FORCE_TORCH", "1")
-    assert attention._fused_kernel(q, k, v, None) is None
+    assert attention._fused_kernel(cuda_like, k, v, None) is None
+    monkeypatch.setenv("PLADIS_FORCE_TORCH", "0")
+    assert attention._fused_kernel(cuda_like, k, v, None) is triton_kernel.pladis_attention_triton
+    monkeypatch.setattr(triton_kernel, "is_supported", lambda *args: False)
+    assert attention._fused_kernel(cuda_like, k, v, None) is None
 
 
 def test_a_kernel_that_cannot_launch_falls_back_to_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
