@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .entmax import SOFTMAX_LIMIT, float32_exact
+
 MAX_KEYS = 512
 """Longest key row the kernel holds on-chip (padded to a power of two)."""
 HEAD_DIM_RANGE = (16, 256)
@@ -170,7 +172,7 @@ def is_supported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) ->
 
 def _mode(alpha: float, lam: float) -> tuple[int, float, float]:
     """Kernel branch and (α−1, β=1/(α−1)): 0 softmax only, 1 α=1.5, 2 α=2, 3 other α."""
-    if lam == 0.0 or alpha == 1.0:
+    if lam == 0.0 or alpha - 1.0 <= SOFTMAX_LIMIT:
         return 0, 1.0, 1.0
     if alpha == 1.5:
         return 1, 0.5, 2.0
@@ -249,6 +251,8 @@ def _prepare_mask(mask: Tensor | None, q: Tensor, k_len: int) -> tuple[int, Tens
 def _check_args(alpha: float, lam: float, scale: float | None, d: int) -> tuple[float, float, float]:
     if isinstance(alpha, bool) or not 1.0 <= float(alpha) <= 2.0:
         raise ValueError(f"alpha: {alpha!r} is outside [1, 2]")
+    if not float32_exact(float(alpha)):
+        raise ValueError(f"alpha: {alpha!r} in (1, 1.05) needs a float64 search; use pladis_attention")
     if not math.isfinite(float(lam)):
         raise ValueError(f"lam: {lam!r} is not finite")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)

@@ -86,6 +86,53 @@ def test_alpha_one_is_softmax() -> None:
     torch.testing.assert_close(entmax(x, 1.0), torch.softmax(x, -1), rtol=0, atol=1e-6)
 
 
+def near_one_oracle(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """α-entmax for α → 1 in float64, written as ``p = (1 + a·(s − κ))₊^(1/a)`` with ``a = α − 1``.
+
+    ``log1p`` keeps the small ``a·(s − κ)`` exact where ``x − τ ≈ 1`` would round it away; κ by
+    bisection (200 halvings).
+    """
+    s, a = scores.double(), alpha - 1.0
+    top = s.max(-1, keepdim=True).values
+    low, high = top - 60.0, top + 60.0
+    for _ in range(200):
+        kappa = (low + high) / 2
+        u = (a * (s - kappa)).clamp_min(-1.0)
+        p = torch.where(u > -1.0, torch.exp(torch.log1p(u.clamp_min(-1 + 1e-15)) / a), torch.zeros_like(s))
+        above = p.sum(-1, keepdim=True) > 1
+        low, high = torch.where(above, kappa, low), torch.where(above, high, kappa)
+    return p / p.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("alpha_minus_one", [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-8, 2.2e-16])
+def test_alpha_next_to_one_stays_exact(alpha_minus_one: float) -> None:
+    # There x − τ ≈ 1 and its float32 rounding, raised to 1/(α − 1), used to break the result.
+    x = random_rows(11, 256, 77, 3.0)
+    got = entmax(x, 1.0 + alpha_minus_one)
+    assert (got.double() - near_one_oracle(x, 1.0 + alpha_minus_one)).abs().max().item() <= 1e-5
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("alpha", [1.6, 1.75, 1.9])
+def test_candidate_and_whole_row_solvers_agree(alpha: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    module = sys.modules["pladis.entmax"]
+    solve, answered = module._solve_on_candidates, []
+    monkeypatch.setattr(module, "_solve_on_candidates", lambda *a: answered.append(solve(*a)) or answered[-1])
+    x = random_rows(13, 512, 154, 1.0)
+    x[::7, 5:60] = -math.inf
+    monkeypatch.setattr(module, "CANDIDATE_FRACTION", 1.0)  # always solve on the gathered keys
+    gathered = entmax(x, alpha)
+    monkeypatch.setattr(module, "CANDIDATE_FRACTION", 0.0)  # never: whole rows
+    whole = entmax(x, alpha)
+    assert [found is not None for found in answered] == [True, False]
+    reference = reference_entmax(x, alpha)
+    assert (gathered.double() - reference).abs().max().item() <= tolerance(alpha)
+    assert (whole.double() - reference).abs().max().item() <= tolerance(alpha)
+    assert torch.equal(gathered > 0, whole > 0)
+
+
 def test_dim_argument_and_shape() -> None:
     x = random_rows(2, 6 * 77, 5, 1.0).reshape(6, 77, 5)
     got = entmax(x, 1.5, dim=1)

@@ -86,8 +86,9 @@ def test_chunked_equals_unchunked(tensors, alpha: float, chunk: int) -> None:
     groups = q.shape[0] * q.shape[1]
     budget = groups * k.shape[2] * 4 * 6 * chunk
     whole = pladis_attention(q, k, v, alpha=alpha, lam=2.0)
+    # Rows are independent; only the float32 rounding of the V matmul depends on its block size.
     torch.testing.assert_close(
-        pladis_attention(q, k, v, alpha=alpha, lam=2.0, memory_budget=budget), whole, rtol=2e-6, atol=2e-6
+        pladis_attention(q, k, v, alpha=alpha, lam=2.0, memory_budget=budget), whole, rtol=1e-5, atol=1e-5
     )
 
 

@@ -230,6 +230,17 @@ def test_is_supported_and_reasons(monkeypatch):
         tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
 
 
+def test_alpha_just_above_one():
+    q, k, v = make_qkv(1, 1, 5, 77, 40, seed=10)
+    # Within 1e-6 of 1 the kernel takes its softmax branch: entmax differs from softmax by ~2e-6.
+    w = tk.pladis_weights_triton(q, k, alpha=1 + 1e-7, lam=2.0, scale=0.2)
+    assert (w.double() - oracle_entmax(oracle_scores(q, k, 0.2), 1.0)).abs().max().item() <= 1e-5
+    # Between that and 1.05 a float32 search is not exact: the kernel refuses, pladis_attention
+    # sends such α to the torch path (tests/core/test_attention.py).
+    with pytest.raises(ValueError, match="alpha"):
+        tk.pladis_attention_triton(q, k, v, alpha=1.001, lam=2.0, scale=0.1)
+
+
 def test_bad_arguments_raise():
     q, k, v = make_qkv(1, 1, 2, 77, 40)
     with pytest.raises(ValueError, match="alpha"):
