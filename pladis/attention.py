@@ -173,10 +173,10 @@ def _workspace(device: torch.device) -> Workspace:
     """
     if device.type != "cpu":
         return Workspace()
-    ws = getattr(_thread_state, "workspace", None)
-    if ws is None:
-        ws = _thread_state.workspace = Workspace()
-    return ws
+    # Buffers made under inference mode cannot be written outside it (and the WebUI, diffusers and
+    # scripts differ in which mode they sample under): one workspace per mode.
+    kept = _thread_state.__dict__.setdefault("workspaces", {})
+    return kept.setdefault(torch.is_inference_mode_enabled(), Workspace())
 
 
 def chunk_queries(groups: int, n_queries: int, n_keys: int, memory_budget: int, on_gpu: bool) -> int:

@@ -197,6 +197,21 @@ def test_alpha_just_above_one_stays_on_the_float64_torch_path(monkeypatch: pytes
     assert calls == [1.25]
 
 
+@pytest.mark.parametrize("alpha", [1.5, 1.75])
+def test_calls_under_and_outside_inference_mode_can_alternate(alpha: float) -> None:
+    # The CPU buffers are kept between calls; ones made under inference mode cannot be written
+    # outside it, so a later plain call must not reuse them.
+    q, k, v = qkv(1, 2, 33, 77, 16, seed=21)
+    with torch.inference_mode():
+        first = pladis_attention(q, k, v, alpha=alpha, lam=2.0)
+    second = pladis_attention(q, k, v, alpha=alpha, lam=2.0)
+    with torch.no_grad():
+        third = pladis_attention(q, k, v, alpha=alpha, lam=2.0)
+    with torch.inference_mode():
+        fourth = pladis_attention(q, k, v, alpha=alpha, lam=2.0)
+    assert torch.equal(first, second) and torch.equal(second, third) and torch.equal(third, fourth)
+
+
 def test_a_kernel_that_cannot_launch_falls_back_to_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     from pladis import attention
     from pladis.triton_kernel import TritonUnsupported
