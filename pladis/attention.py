@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -147,36 +149,43 @@ def _pladis_attention_torch(
     out_view = out.view(groups, n_queries, d_v)
 
     step = chunk_queries(groups, n_queries, n_keys, memory_budget, q.is_cuda)
-    ws = _workspace(q.device)
-    for start in range(0, n_queries, step):
-        stop = min(start + step, n_queries)
-        rows = stop - start
-        scores = ws.buffer("scores", (groups, rows, n_keys), q.device)
-        torch.baddbmm(scores, q32[:, start:stop], k32t, beta=0.0, alpha=scale, out=scores)
-        if mask_full is not None:
-            _apply_mask(scores, mask_full[:, start:stop])
-        weights = blend_rows_(scores.view(-1, n_keys), alpha, lam, ws).view(groups, rows, n_keys)
-        chunk_out = ws.buffer("out", (groups, rows, d_v), q.device)
-        out_view[:, start:stop] = torch.bmm(weights, v32, out=chunk_out)
+    with _workspace(q.device) as ws:
+        for start in range(0, n_queries, step):
+            stop = min(start + step, n_queries)
+            rows = stop - start
+            scores = ws.buffer("scores", (groups, rows, n_keys), q.device)
+            torch.baddbmm(scores, q32[:, start:stop], k32t, beta=0.0, alpha=scale, out=scores)
+            if mask_full is not None:
+                _apply_mask(scores, mask_full[:, start:stop])
+            weights = blend_rows_(scores.view(-1, n_keys), alpha, lam, ws).view(groups, rows, n_keys)
+            chunk_out = ws.buffer("out", (groups, rows, d_v), q.device)
+            out_view[:, start:stop] = torch.bmm(weights, v32, out=chunk_out)
     return out
 
 
-_thread_state = threading.local()
+_kept_workspaces: dict[bool, Workspace] = {}
+_kept_lock = threading.Lock()
 
 
-def _workspace(device: torch.device) -> Workspace:
-    """The buffers for one call: kept per thread across calls on CPU, fresh on other devices.
+@contextmanager
+def _workspace(device: torch.device) -> Iterator[Workspace]:
+    """The buffers for one call: on CPU one set is kept between calls, elsewhere they are fresh.
 
     Why: a UNet step calls cross-attention dozens of times with the same few shapes; on CPU, fresh
     multi-megabyte buffers come back from the OS as new pages each call (page faults cost more than
     the arithmetic). GPU allocators already cache, and GPU memory is too precious to hold on to.
+    One set per process (not per thread: WebUI servers run generations on pooled threads), taken
+    under a lock; a concurrent call gets fresh buffers instead of waiting.
     """
-    if device.type != "cpu":
-        return Workspace()
-    # Buffers made under inference mode cannot be written outside it (and the WebUI, diffusers and
-    # scripts differ in which mode they sample under): one workspace per mode.
-    kept = _thread_state.__dict__.setdefault("workspaces", {})
-    return kept.setdefault(torch.is_inference_mode_enabled(), Workspace())
+    if device.type != "cpu" or not _kept_lock.acquire(blocking=False):
+        yield Workspace()
+        return
+    try:
+        # Buffers made under inference mode cannot be written outside it (the WebUI, diffusers and
+        # scripts differ in which mode they sample under): one set per mode.
+        yield _kept_workspaces.setdefault(torch.is_inference_mode_enabled(), Workspace())
+    finally:
+        _kept_lock.release()
 
 
 def chunk_queries(groups: int, n_queries: int, n_keys: int, memory_budget: int, on_gpu: bool) -> int:

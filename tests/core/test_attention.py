@@ -212,6 +212,20 @@ def test_calls_under_and_outside_inference_mode_can_alternate(alpha: float) -> N
     assert torch.equal(first, second) and torch.equal(second, third) and torch.equal(third, fourth)
 
 
+def test_a_call_while_the_kept_buffers_are_in_use_gets_fresh_ones() -> None:
+    # Another thread holds the kept CPU buffers: this call must neither wait nor share them.
+    from pladis import attention
+
+    q, k, v = qkv(1, 2, 33, 77, 16, seed=22)
+    want = pladis_attention(q, k, v, alpha=1.75, lam=2.0)
+    assert attention._kept_lock.acquire(blocking=False)
+    try:
+        got = pladis_attention(q, k, v, alpha=1.75, lam=2.0)
+    finally:
+        attention._kept_lock.release()
+    assert torch.equal(got, want)
+
+
 def test_a_kernel_that_cannot_launch_falls_back_to_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     from pladis import attention
     from pladis.triton_kernel import TritonUnsupported
