@@ -158,7 +158,7 @@ class SparseRows:
 
 
 def entmax_centred(centred: Tensor, alpha: float, workspace: Workspace | None = None) -> Tensor:
-    """α-entmax (1 < α ≤ 2) of float32 rows (keys last) whose maximum is 0, as a dense tensor.
+    """α-entmax (1 ≤ α ≤ 2) of float32 rows (keys last) whose maximum is 0, as a dense tensor.
 
     ``centred`` is not modified. The result lives in a workspace buffer when one is given.
     """
@@ -168,7 +168,7 @@ def entmax_centred(centred: Tensor, alpha: float, workspace: Workspace | None = 
 
 
 def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | SparseRows:
-    """α-entmax (1 < α ≤ 2) of float32 rows (keys last) whose maximum is 0: dense, or its nonzeros.
+    """α-entmax (1 ≤ α ≤ 2) of float32 rows (keys last) whose maximum is 0: dense, or its nonzeros.
 
     This is the entry point of the attention blend, which already computed ``S − max S`` for the
     softmax. ``centred`` is not modified. For 1.5 < α < 2 the result is usually :class:`SparseRows`
