@@ -23,7 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .entmax import SparseRows, Workspace, check_alpha, entmax_rows, float32_exact, row_max, softmax_centred_
+from .entmax import (
+    SparseRows,
+    Workspace,
+    check_alpha,
+    entmax_rows,
+    float32_exact,
+    is_softmax,
+    row_max,
+    softmax_centred_,
+)
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 """Upper bound, in bytes, on the float32 working set of one chunk (scores and temporaries)."""
@@ -61,7 +70,7 @@ def pladis_weights(scores: Tensor, alpha: float, lam: float) -> Tensor:
 def blend_rows_(scores: Tensor, alpha: float, lam: float, ws: Workspace) -> Tensor:
     """The PLADIS weights, computed in place in the float32 (rows, keys) buffer ``scores``."""
     centred = scores.sub_(row_max(scores))
-    if alpha == 1.0:  # entmax_1 is softmax: the blend is softmax itself
+    if is_softmax(alpha):  # entmax is softmax here: the blend is softmax itself
         return softmax_centred_(centred)
     sparse = entmax_rows(centred, alpha, ws)
     blend = softmax_centred_(centred, 1.0 - lam)

@@ -54,9 +54,14 @@ to 1 and its float32 rounding, raised to the power β, would grow β-fold (measu
 garbage below α = 1 + 1e-7)."""
 
 
+def is_softmax(alpha: float) -> bool:
+    """Whether α-entmax is softmax for this α (within ``SOFTMAX_LIMIT`` of 1)."""
+    return alpha - 1.0 <= SOFTMAX_LIMIT
+
+
 def float32_exact(alpha: float) -> bool:
     """Whether a float32 threshold search is exact for this α (all but 1 + 1e-6 < α < 1.05)."""
-    return alpha - 1.0 <= SOFTMAX_LIMIT or alpha - 1.0 >= 1.0 / FLOAT32_MAX_BETA
+    return is_softmax(alpha) or alpha - 1.0 >= 1.0 / FLOAT32_MAX_BETA
 
 
 CANDIDATE_FRACTION = 0.25
@@ -94,7 +99,7 @@ def entmax(scores: Tensor, alpha: float, dim: int = -1) -> Tensor:
     shape = x.shape
     rows = x.reshape(-1, shape[-1]).clone()
     centred = rows.sub_(row_max(rows))
-    out = softmax_centred_(centred) if alpha == 1.0 else entmax_centred(centred, alpha)
+    out = softmax_centred_(centred) if is_softmax(alpha) else entmax_centred(centred, alpha)
     return out.reshape(shape).movedim(-1, dim)
 
 
@@ -174,7 +179,7 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
     softmax. ``centred`` is not modified. For 1.5 < α < 2 the result is usually :class:`SparseRows`
     (see :func:`_solve_on_candidates`); otherwise a dense tensor in a workspace buffer.
     """
-    if alpha - 1.0 <= SOFTMAX_LIMIT:
+    if is_softmax(alpha):
         return softmax_centred_(ws.get("t", centred).copy_(centred))
     beta = 1.0 / (alpha - 1.0)
     if beta > FLOAT32_MAX_BETA:
@@ -228,7 +233,7 @@ def _solve_on_candidates(x: Tensor, tau: Tensor, beta: float, ws: Workspace) -> 
     exponent = 1.0 - 1.0 / beta  # 2 − α
     for step_number in range(_CANDIDATE_ROUNDS):
         torch.sub(values, torch.index_select(tau, 0, row, out=gathered), out=shifted).clamp_min_(0.0)
-        lower = torch.pow(shifted, beta - 1.0, out=parts[0])
+        lower = _power(shifted, beta - 1.0, parts[0])
         torch.mul(lower, shifted, out=parts[1])
         sums.zero_().index_add_(1, row, parts)
         slope, total = sums[0], sums[1]
@@ -313,7 +318,6 @@ def _exact_step(x: Tensor, tau: Tensor, beta: float, out: Tensor, scratch: Tenso
             s2m1 = torch.mul(t, t, out=scratch).sum(-1, keepdim=True).sub_(1.0)
             root = (s1 * s1).sub_(count.mul_(s2m1)).clamp_min_(0.0).sqrt_()
             tau.add_(s2m1.div_(root.add_(s1).clamp_min_(_TINY)))
-    if beta in (1.0, 2.0):
         weights = _shifted(x, tau, out)
         if beta == 2.0:
             weights.square_()

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .entmax import SOFTMAX_LIMIT, float32_exact
+from .entmax import float32_exact, is_softmax
 
 MAX_KEYS = 512
 """Longest key row the kernel holds on-chip (padded to a power of two)."""
@@ -172,7 +172,7 @@ def is_supported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) ->
 
 def _mode(alpha: float, lam: float) -> tuple[int, float, float]:
     """Kernel branch and (α−1, β=1/(α−1)): 0 softmax only, 1 α=1.5, 2 α=2, 3 other α."""
-    if lam == 0.0 or alpha - 1.0 <= SOFTMAX_LIMIT:
+    if lam == 0.0 or is_softmax(alpha):
         return 0, 1.0, 1.0
     if alpha == 1.5:
         return 1, 0.5, 2.0
