@@ -10,7 +10,8 @@ import torch
 from pladis.entmax import entmax
 from tests.core.oracles import reference_entmax
 
-ALPHAS = [1.1, 1.25, 1.5, 1.75, 1.9, 2.0]
+ALPHAS = [1.1, 1.25, 1.3, 1.45, 1.5, 1.75, 1.9, 2.0]
+"""The issue's α set, plus 1.3 and 1.45: fractional β = 1/(α − 1) > 2, which take the Halley solver."""
 
 
 def tolerance(alpha: float) -> float:
@@ -133,7 +134,7 @@ def test_candidate_and_whole_row_solvers_agree(alpha: float, monkeypatch: pytest
     assert torch.equal(gathered > 0, whole > 0)
 
 
-@pytest.mark.parametrize("exponent", [1.0, 3.0, 9.0, 1 / (1.1 - 1) - 1, 10.0, 19.0, 2.5, 40.0])
+@pytest.mark.parametrize("exponent", [0.0, 1.0, 2.0, 3.0, 9.0, 1 / (1.1 - 1) - 1, 10.0, 19.0, 2.5, 40.0])
 def test_power_by_multiplication_matches_float64_pow(
     exponent: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -182,3 +183,78 @@ def test_does_not_modify_its_input() -> None:
     entmax(x, 1.5)
     entmax(x, 1.7)
     assert torch.equal(x, before)
+
+
+def _entmax_module():
+    import sys
+
+    return sys.modules["pladis.entmax"]
+
+
+def test_fractional_beta_finishes_the_few_unsettled_rows_on_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Wide rows settle after one evaluation; the narrow eighth needs a second, which runs on them alone.
+    module = _entmax_module()
+    solve, sizes = module._halley_solve, []
+    monkeypatch.setattr(module, "_halley_solve", lambda x, *a: sizes.append(x.shape[0]) or solve(x, *a))
+    x = random_rows(21, 512, 77, 8.0)
+    x[::8] = random_rows(22, 64, 77, 0.5)
+    x[3::16, 30:] = -math.inf
+    got = entmax(x, 1.3)
+    assert sizes[0] == 512 and len(sizes) == 2 and 0 < sizes[1] <= 128
+    assert (got.double() - reference_entmax(x, 1.3)).abs().max().item() <= 1e-6
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("alpha", [1.3, 1.4, 1.45, 1.49])
+@pytest.mark.parametrize("keys", [77, 231])
+def test_fractional_beta_takes_two_fractional_powers_on_gaussian_scores(
+    alpha: float, keys: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cost claim of the Halley solver: a pow-free start, then two evaluations with a fractional
+    # power of every key (the old Newton solver took four or more) and no separate final pass; a few
+    # rows may take a third evaluation on their own.
+    real_pow, sizes = torch.pow, []
+
+    def counting_pow(t, exponent, *args, **kwargs):
+        if isinstance(t, torch.Tensor) and t.numel() > 1024:
+            sizes.append(t.numel())
+        return real_pow(t, exponent, *args, **kwargs)
+
+    x = random_rows(23, 2048, keys, 1.0)
+    monkeypatch.setattr(torch, "pow", counting_pow)
+    got = entmax(x, alpha)
+    monkeypatch.undo()
+    assert sizes[:2] == [x.numel(), x.numel()]
+    assert sum(sizes[2:]) <= x.numel() // 4
+    assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("beta", [2.05, 2.5, 1 / 0.3, 4.5, 15.5])
+@pytest.mark.parametrize("step", [1e-3, 1e-4, -1e-4, 0.0])
+def test_taylor_finish_matches_the_power_at_the_stepped_threshold(beta: float, step: float) -> None:
+    module = _entmax_module()
+    t = torch.rand(64, 77, generator=torch.Generator().manual_seed(5))
+    t[:, ::7] = 0.0
+    t[:, 1] = abs(step) / 2  # a key that leaves the support when the step is positive
+    delta = torch.full((64, 1), step)
+    powered = t.double().pow(beta - 2.0).float()
+    got = module._taylor_weights(t.clone(), powered, delta, beta, torch.empty_like(t)).double()
+    want = (t.double() - step).clamp_min(0.0).pow(beta)
+    want[t == 0] = 0.0  # keys outside the evaluated support stay out (their weight is ≤ |δ|^β)
+    # Third-order remainder (keys near the threshold: O(|δ|^β)); a first-order finish is off by ~1e-6.
+    remainder = max(1.0, beta * (beta - 1) * (beta - 2) / 6) * abs(step) ** min(beta, 3.0)
+    assert ((got - want).abs() <= remainder + 5e-7 * want + 1e-12).all()
+    assert (got[(t == 0) | (t <= step)] == 0).all()
+    assert (got[want > 1e-30] > 0).all()  # smaller ones underflow in float32
+
+
+def test_halley_step_is_exact_for_one_key_and_zero_for_fully_masked_rows() -> None:
+    module = _entmax_module()
+    beta, t0 = 1 / 0.3, torch.tensor([[0.7], [0.0]], dtype=torch.float64)
+    total, first, second = t0**beta, t0 ** (beta - 1), t0 ** (beta - 2)
+    step = module._halley_step(total, first, second, beta)
+    # One key: Σ(t − δ)^β = 1 at δ = t − 1, which Newton on the norm finds in one step.
+    assert step[0].item() == pytest.approx(0.7 - 1.0, abs=1e-12)
+    assert step[1].item() == 0.0
