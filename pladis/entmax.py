@@ -322,18 +322,11 @@ def _interpolated_start(x: Tensor, beta: float, t: Tensor, powered: Tensor, scra
     ⌈β⌉ root alone: up to all rows near α = 1.5), and with wide scores most rows need only one.
     """
     low = math.floor(beta)
-    tau = x.mean(-1, keepdim=True).sub_(x.shape[-1] ** (-1.0 / (low + 1)))
-    tau = tau.nan_to_num_(nan=-1.0, neginf=-1.0).clamp_min_(-1.0)
-    _shifted(x, tau, t)
-    # Σt^(n−2), Σt^(n−1), Σt^n, Σt^(n+1); for n = 2, t⁰ counts the keys in the support.
-    power = torch.sign(t, out=powered) if low == 2 else _power(t, low - 2.0, powered)
-    sums = [power.sum(-1, keepdim=True)]
-    power = torch.mul(power, t, out=scratch)
-    for _ in range(3):
-        sums.append(power.sum(-1, keepdim=True))
-        power.mul_(t)
-    step_low = _halley_step(sums[2], sums[1], sums[0], float(low))
-    step_high = _halley_step(sums[3], sums[2], sums[1], float(low + 1))
+    tau = _power_mean_bound(x, low + 1)
+    total, first, second = _moments(x, tau, low - 2.0, t, powered, scratch)  # Σt^n, Σt^(n−1), Σt^(n−2)
+    above = scratch.mul_(t).sum(-1, keepdim=True)  # Σt^(n+1): scratch held t^n
+    step_low = _halley_step(total, first, second, float(low))
+    step_high = _halley_step(above, total, first, float(low + 1))
     share = (1.0 / low - 1.0 / beta) * low * (low + 1)  # (1/n − 1/β)/(1/n − 1/(n+1))
     return tau.add_(step_low.lerp_(step_high, share))
 
@@ -341,9 +334,16 @@ def _interpolated_start(x: Tensor, beta: float, t: Tensor, powered: Tensor, scra
 def _moments(
     x: Tensor, tau: Tensor, exponent: float, t: Tensor, powered: Tensor, scratch: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``Σt^(e+2), Σt^(e+1), Σt^e`` of ``t = (x − τ)₊`` with one power; ``t`` and ``t^e`` are kept."""
+    """``Σt^(e+2), Σt^(e+1), Σt^e`` of ``t = (x − τ)₊`` with one power.
+
+    ``t`` and ``t^e`` are kept (in ``t`` and ``powered``) and ``scratch`` is left holding ``t^(e+2)``.
+    For e = 0, ``t⁰`` is 1 on the support only, so ``Σt⁰`` counts the keys in it.
+    """
     _shifted(x, tau, t)
-    powered = t if exponent == 1.0 else _power(t, exponent, powered)  # no copy for t¹
+    if exponent == 0.0:
+        powered = torch.sign(t, out=powered)
+    else:
+        powered = t if exponent == 1.0 else _power(t, exponent, powered)  # no copy for t¹
     product = torch.mul(powered, t, out=scratch)
     first = product.sum(-1, keepdim=True)
     return product.mul_(t).sum(-1, keepdim=True), first, powered.sum(-1, keepdim=True)
@@ -392,13 +392,20 @@ def _lower_bound(x: Tensor, beta: float, ws: Workspace) -> Tensor:
     (A sharper guess from the exact ℓ1 and ℓ2 roots was measured: fewer pow steps, but its extra
     passes cost more than they save.)
     """
+    if beta > 2.0:
+        return _power_mean_bound(x, beta)
     tau = torch.full((*x.shape[:-1], 1), -1.0, dtype=x.dtype, device=x.device)
-    if beta == 2.0:
-        return tau
-    if beta < 2.0:
-        return _newton(x, tau, 2.0, 2, ws)
-    mean_bound = x.mean(-1, keepdim=True).sub_(x.shape[-1] ** (-1.0 / beta))
-    return torch.maximum(tau, mean_bound.nan_to_num_(nan=-1.0, neginf=-1.0))
+    return tau if beta == 2.0 else _newton(x, tau, 2.0, 2, ws)
+
+
+def _power_mean_bound(x: Tensor, p: float) -> Tensor:
+    """``max(−1, mean(x) − K^(−1/p))``, at or below the root of ``‖(x − τ)₊‖_p = 1`` (p ≥ 1).
+
+    The power-mean inequality gives ``‖(x − τ)₊‖_p ≥ K^(1/p − 1)·Σ(x − τ)``, which is 1 there.
+    Rows with a masked (−inf) key get −1.
+    """
+    bound = x.mean(-1, keepdim=True).sub_(x.shape[-1] ** (-1.0 / p))
+    return bound.nan_to_num_(nan=-1.0, neginf=-1.0).clamp_min_(-1.0)
 
 
 def _newton(x: Tensor, tau: Tensor, beta: float, steps: int, ws: Workspace | None) -> Tensor:
