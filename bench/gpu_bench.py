@@ -203,6 +203,8 @@ def op_variants(q, k, v, alpha: float, lam: float) -> dict[str, Callable[[], obj
 
 def bench_ops(args: argparse.Namespace, timer: Timer, device: torch.device, dtype: torch.dtype) -> None:
     shapes = SMOKE_SHAPES if args.smoke else OP_SHAPES
+    if args.shapes:
+        shapes = {name: shapes[name] for name in args.shapes}
     print("\n== per-op cross-attention (median per call; ratio = time / SDPA; +MiB = extra peak of one call)")
     if "reference" not in op_variants(*[torch.zeros(1, 1, 1, 16)] * 3, 1.5, 2.0):
         print("   (entmax package not installed: no 'reference' column)")
@@ -214,9 +216,13 @@ def bench_ops(args: argparse.Namespace, timer: Timer, device: torch.device, dtyp
         for alpha in args.alphas:
             fns = op_variants(q, k, v, alpha, args.lam)
             with torch.inference_mode():
-                for fn in fns.values():  # warm-up: compilation, autotuning, allocator
-                    fn()
-                    fn()
+                for var, fn in list(fns.items()):  # warm-up: compilation, autotuning, allocator
+                    try:
+                        fn()
+                        fn()
+                    except Exception as exc:  # report a broken variant, time the others
+                        print(f"{name}: α={alpha}: {var} failed: {type(exc).__name__}: {exc}"[:2000])
+                        del fns[var]
                 med = interleaved(timer, fns, args.rounds, args.inner)
                 mem = {var: timer.extra_peak(fn) for var, fn in fns.items()}
                 err = ""
@@ -238,7 +244,8 @@ def build_unet(config: dict, device: torch.device, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**config)
+    with torch.device(device):  # random init on the GPU: seconds instead of a minute for SDXL on CPU
+        unet = UNet2DConditionModel(**config)
     return unet.to(device=device, dtype=dtype).eval()
 
 
@@ -266,6 +273,8 @@ def bench_unets(args: argparse.Namespace, timer: Timer, device: torch.device, dt
     from pladis.diffusers import apply_pladis
 
     unets = SMOKE_UNETS if args.smoke else UNETS
+    if args.unets:
+        unets = {name: unets[name] for name in args.unets}
     print("\n== UNet step, batch 2 (cond+uncond), random weights (median per step; ratio = time / SDPA step)")
     # variant: (α or None for stock SDPA, force the torch path?)
     variants: dict[str, tuple[float | None, bool]] = {"sdpa": (None, False)}
@@ -343,17 +352,24 @@ def _oracle(s: torch.Tensor, alpha: float, lam: float) -> torch.Tensor:
     return ((1 - lam) * torch.softmax(s, -1) + lam * e).masked_fill(dead, 0.0)
 
 
-def run_check(device: torch.device) -> bool:
-    """Kernel vs a float64 oracle on this device (fp16/bf16/fp32, masks, α ∈ [1, 2]); True if all pass."""
+def run_check(device: torch.device, quick: bool = False) -> bool:
+    """Kernel vs a float64 oracle on this device (fp16/bf16/fp32, masks, α ∈ [1, 2]); True if all pass.
+
+    ``quick``: two tile sizes, two masks and three α (a third of the compilations, for short GPU leases).
+    """
     if not _has("entmax"):
         print("check: the entmax package is needed for the oracle")
         return False
     # bf16: half an ulp of output rounding on GPUs; Triton's interpreter truncates instead (one ulp).
     bf16_rel = 2**-7 if triton_kernel.interpreter_mode() else 2**-8
-    tols = {torch.float16: (2e-3, 2**-10), torch.bfloat16: (2e-3, bf16_rel), torch.float32: (1e-5, 1e-5)}
+    # float32: the weights are checked to 1e-5 below; the output sums 77–512 products of such weights
+    # with |v| ≲ 4 (measured on an H100: up to 1.7e-5), so it gets 1e-4.
+    tols = {torch.float16: (2e-3, 2**-10), torch.bfloat16: (2e-3, bf16_rel), torch.float32: (1e-4, 1e-5)}
     ok, checked = True, 0
     print("== kernel vs float64 oracle (output: |err| ≤ abs + rel·|ref|; weights: ≤ 1e-5, rows sum to 1)")
-    for b, h, n, k_len, d in CHECK_SHAPES:
+    shapes = [CHECK_SHAPES[1], CHECK_SHAPES[2]] if quick else CHECK_SHAPES
+    alphas = (1.25, 1.5, 2.0) if quick else (1.0, 1.25, 1.5, 1.75, 2.0)
+    for b, h, n, k_len, d in shapes:
         g = torch.Generator(device="cpu").manual_seed(k_len + d)
         q0 = torch.randn(b, h, n, d, generator=g) * 2
         k0 = torch.randn(b, h, k_len, d, generator=g)
@@ -366,6 +382,8 @@ def run_check(device: torch.device) -> bool:
         )
         bias[:, :, 0] = -math.inf  # one fully masked query row → zeros
         masks = {"none": None, "bool": keep.to(device), "additive": bias.to(device)}
+        if quick:
+            del masks["bool"]
         for dtype, (abs_tol, rel_tol) in tols.items():
             q, k, v = (t.to(device, dtype) for t in (q0, k0, v0))
             scale = d**-0.5
@@ -373,7 +391,7 @@ def run_check(device: torch.device) -> bool:
                 s = (q.double() @ k.double().transpose(-1, -2)) * scale
                 if mask is not None:
                     s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.double()
-                for alpha in (1.0, 1.25, 1.5, 1.75, 2.0):
+                for alpha in alphas:
                     if not triton_kernel.is_supported(q, k, v, mask):
                         print(f"  {(b, h, n, k_len, d)} {dtype} mask={mname}: not supported here, skipped")
                         break
@@ -425,6 +443,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ops-only", action="store_true")
     p.add_argument("--unet-only", action="store_true")
     p.add_argument("--check", action="store_true", help="only check the kernel against a float64 oracle")
+    p.add_argument("--quick", action="store_true", help="with --check: fewer tile sizes, masks and α")
+    p.add_argument("--shapes", nargs="+", choices=list(OP_SHAPES) + list(SMOKE_SHAPES), help="op shapes")
+    p.add_argument("--unets", nargs="+", choices=list(UNETS) + list(SMOKE_UNETS), help="UNets to time")
     return p.parse_args(argv)
 
 
@@ -450,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         print("triton: not importable — 'kernel' column absent (torch path only)")
     print(f"dtype {dtype}, λ={args.lam}, α∈{args.alphas}, rounds={args.rounds}×{args.inner}")
     if args.check:
-        raise SystemExit(0 if run_check(device) else 1)
+        raise SystemExit(0 if run_check(device, args.quick) else 1)
     timer = Timer(device)
     if not args.unet_only:
         bench_ops(args, timer, device, dtype)

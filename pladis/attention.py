@@ -109,7 +109,7 @@ def pladis_attention(
         from .triton_kernel import TritonUnsupported
 
         try:
-            return fused(q, k, v, alpha=alpha, lam=lam, scale=scale, mask=mask)
+            return fused(q, k, v, alpha=alpha, lam=lam, scale=scale, mask=mask, checked=True)
         except TritonUnsupported:
             pass  # tile too large for this GPU: the kernel marks the shape, the torch path answers
     return _pladis_attention_torch(q, k, v, alpha, lam, scale, mask, memory_budget)

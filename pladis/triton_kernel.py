@@ -15,6 +15,7 @@ be launched on this GPU (e.g. not enough shared memory) — callers fall back to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -36,6 +37,8 @@ MAX_FIX = 32
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_Y = 65535
 _failed_shapes: set[tuple[Any, ...]] = set()
+_meta_overrides: dict[str, Any] = {}
+"""Compile-time parameters to override in every launch (GPU experiments in ``bench/``; empty in use)."""
 
 
 class TritonUnsupported(RuntimeError):
@@ -200,8 +203,23 @@ def _fits(block_m: int, block_k: int, block_d: int, wide: bool = False) -> bool:
     return block_m * block_k <= 8192 and block_m * block_k * block_d <= 8192 * 128
 
 
-def _heuristic(block_k: int, block_d: int, wide: bool = False) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) when not autotuning: the largest spill-free query block, 8 warps."""
+def _heuristic(
+    block_k: int, block_d: int, wide: bool = False, mode: int = 1, capability: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) when not autotuning.
+
+    Hopper, 16-bit inputs, K ≤ 128, head dim ≤ 64, softmax / α = 1.5 / α = 2: 64 queries on 4 warps.
+    Measured on an H100 (SDXL level 1, α = 1.5, GPU time per call): 64/4 34.6 µs, 128/8 38.4, 32/4
+    50.6, 16/4 57.6, 64/8 72.9, 32/8 78.4. The two fast ones give each warp 16 whole rows (one
+    warpgroup MMA tile): the ~15 row reductions of the threshold search stay inside a warp, where the
+    others cross warps through shared memory and a barrier each (``bench/ptxas_report.py``: 17
+    barriers in the PTX against 42–73). On the H100 (Triton 3.6) 64/4 used 255 registers, no spills.
+    Elsewhere — general α (its powers spill ~500 bytes at 64/4), Ampere/Ada (64/4 spills ~130 bytes),
+    K > 128, head dims above 64 — nothing was measured: the largest spill-free query block, 8 warps.
+    """
+    hopper = capability is not None and capability[0] == 9
+    if hopper and not wide and mode in (0, 1, 2) and block_k <= 128 and block_d <= 64:
+        return 64, 4
     for block_m in (32, 16):
         if _fits(block_m, block_k, block_d, wide):
             return block_m, 8
@@ -209,7 +227,10 @@ def _heuristic(block_k: int, block_d: int, wide: bool = False) -> tuple[int, int
 
 
 def _autotune_enabled() -> bool:
-    return os.environ.get("PLADIS_TRITON_AUTOTUNE", "1") != "0" and not interpreter_mode()
+    """Opt-in (``PLADIS_TRITON_AUTOTUNE=1``): the measured heuristic is as fast where it was measured,
+    and autotuning compiles and times 2–6 configurations (seconds) for every new shape and α class —
+    a stall in the first steps of a generation — and adds its own per-call cost to every launch."""
+    return os.environ.get("PLADIS_TRITON_AUTOTUNE", "0") == "1" and not interpreter_mode()
 
 
 @functools.lru_cache(maxsize=1)
@@ -261,6 +282,35 @@ def _check_args(alpha: float, lam: float, scale: float | None, d: int) -> tuple[
     return float(alpha), float(lam), scale
 
 
+def compile_meta(
+    dtype: torch.dtype,
+    mode: int,
+    block_k: int,
+    block_d: int,
+    mask_kind: int = 0,
+    write_o: bool = True,
+    write_w: bool = False,
+    upcast: bool = False,
+) -> dict[str, Any]:
+    """The kernel's compile-time parameters except the tile (``BLOCK_M``, warps), for launches and for
+    ``bench/ptxas_report.py``, which compiles them offline to read register use."""
+    return {
+        "MODE": mode,
+        "MASK_KIND": mask_kind,
+        "N_NEWTON": _newton_steps(mode, block_k),
+        "MAX_FIX": MAX_FIX,
+        "TOL": ROW_SUM_TOL,
+        "WRITE_O": write_o,
+        "WRITE_W": write_w,
+        "DOT_PREC": "ieee" if dtype == torch.float32 or upcast else "tf32",
+        "UPCAST_DOT": upcast,
+        "SPLIT_W": dtype != torch.float32,
+        "BLOCK_K": block_k,
+        "BLOCK_D": block_d,
+        **_meta_overrides,
+    }
+
+
 def _launch(
     q: Tensor,
     k: Tensor,
@@ -271,17 +321,23 @@ def _launch(
     scale: float | None,
     write_o: bool,
     write_w: bool,
+    checked: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
     vv = k if v is None else v
-    reason = unsupported_reason(q, k, vv, mask)
-    if reason:
-        raise ValueError(f"pladis triton kernel: unsupported input: {reason}")
+    if not checked:
+        reason = unsupported_reason(q, k, vv, mask)
+        if reason:
+            raise ValueError(f"pladis triton kernel: unsupported input: {reason}")
+    # The kernel assumes unit stride along the head dim (true of head-split views of linear outputs).
+    q, k, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, vv))
     b, h, n, d = q.shape
     k_len = k.shape[2]
     alpha, lam, scale = _check_args(alpha, lam, scale, d)
     mode, am1, beta = _mode(alpha, lam)
     block_k, block_d = _tiles(k_len, d)
     out = torch.empty_like(q) if write_o else None
+    if out is not None and out.stride(-1) != 1:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     wout = torch.empty((b, h, n, k_len), device=q.device, dtype=torch.float32) if write_w else None
     if n == 0:
         return out, wout
@@ -289,27 +345,13 @@ def _launch(
     upcast = q.dtype == torch.bfloat16 and interpreter_mode()
     o_t = out if out is not None else q
     w_t = wout if wout is not None else q
-    os_ = tuple(out.stride()) if out is not None else (0, 0, 0, 0)
-    ws = tuple(wout.stride()) if wout is not None else (0, 0, 0, 0)
     args: tuple[Any, ...] = (
         q, k, vv, o_t, w_t, mask_t,
-        *q.stride(), *k.stride(), *vv.stride(), *os_, *ws, *ms,
+        *q.stride()[:3], *k.stride()[:3], *vv.stride()[:3], *o_t.stride()[:3], *ms,
         h, n, k_len, d,
-        scale, lam, am1, beta, ROW_SUM_TOL,
+        scale, lam, am1, beta,
     )  # fmt: skip
-    meta: dict[str, Any] = {
-        "MODE": mode,
-        "MASK_KIND": mask_kind,
-        "N_NEWTON": _newton_steps(mode, block_k),
-        "MAX_FIX": MAX_FIX,
-        "WRITE_O": write_o,
-        "WRITE_W": write_w,
-        "DOT_PREC": "ieee" if q.dtype == torch.float32 or upcast else "tf32",
-        "UPCAST_DOT": upcast,
-        "SPLIT_W": q.dtype != torch.float32,
-        "BLOCK_K": block_k,
-        "BLOCK_D": block_d,
-    }
+    meta = compile_meta(q.dtype, mode, block_k, block_d, mask_kind, write_o, write_w, upcast)
     raw, tuned = _kernels()
     try:
         with _device_guard(q):
@@ -320,7 +362,8 @@ def _launch(
 
                 tuned[grid](*args, **meta)
             else:
-                block_m, warps = _heuristic(block_k, block_d, q.dtype == torch.float32)
+                cap = _capability(q.device) if q.is_cuda else None
+                block_m, warps = _heuristic(block_k, block_d, q.dtype == torch.float32, mode, cap)
                 raw[(-(-n // block_m), b * h)](*args, **meta, BLOCK_M=block_m, num_warps=warps, num_stages=1)
     except Exception as exc:  # resources (shared memory, registers) differ per GPU
         if type(exc).__name__ in (
@@ -336,10 +379,9 @@ def _launch(
 
 
 def _device_guard(q: Tensor) -> Any:
-    if q.is_cuda:
+    """Make q's GPU current for the launch (Triton launches on the current device); free when it is."""
+    if q.is_cuda and q.device.index != torch.cuda.current_device():
         return torch.cuda.device(q.device)
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -352,6 +394,7 @@ def pladis_attention_triton(
     lam: float,
     scale: float | None = None,
     mask: Tensor | None = None,
+    checked: bool = False,
 ) -> Tensor:
     """Fused ``((1−λ)·softmax(S) + λ·entmax_α(S)) @ v`` with ``S = q·kᵀ·scale (+ mask)``; q.dtype out.
 
@@ -359,8 +402,12 @@ def pladis_attention_triton(
     (B, H, N, K). The output has q's memory layout (a head-split view of a packed tensor stays packed).
     Raises ValueError for unsupported inputs (check :func:`is_supported` first) and
     :class:`TritonUnsupported` when this GPU cannot launch the tile size.
+
+    ``checked=True``: the caller has just had these inputs accepted by :func:`is_supported` (the
+    dispatch in :func:`pladis.attention.pladis_attention` does), so the check is not repeated — at SD
+    shapes the host time of a launch already exceeds the kernel's GPU time.
     """
-    out, _ = _launch(q, k, v, mask, alpha, lam, scale, write_o=True, write_w=False)
+    out, _ = _launch(q, k, v, mask, alpha, lam, scale, write_o=True, write_w=False, checked=checked)
     assert out is not None
     return out
 

@@ -351,3 +351,42 @@ def test_longest_rows():
     out = tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.125)
     ref = oracle_weights(oracle_scores(q, k, 0.125), 1.5, 2.0) @ v.double()
     assert (out.double() - ref).abs().max().item() <= 2e-3
+
+
+def test_inputs_without_unit_head_stride_are_made_contiguous():
+    """The kernel indexes the head dim with unit stride; other layouts are copied first, not misread."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(1, 2, 40, 6, generator=g).half().transpose(-1, -2)  # (1, 2, 6, 40), head stride 6
+    k = torch.randn(1, 2, 40, 77, generator=g).half().transpose(-1, -2)
+    v = torch.randn(1, 2, 77, 40, generator=g).half()
+    assert q.stride(-1) != 1 and k.stride(-1) != 1
+    out = tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.15)
+    assert out.stride(-1) == 1
+    ref = oracle_weights(oracle_scores(q, k, 0.15), 1.5, 2.0) @ v.double()
+    assert (out.double() - ref).abs().max().item() <= 2e-3
+
+
+def test_checked_calls_skip_the_support_check(monkeypatch):
+    """The dispatch checks support once; the kernel entry it calls must not check again."""
+    checks: list[int] = []
+    real = tk.unsupported_reason
+    monkeypatch.setattr(tk, "unsupported_reason", lambda *a: checks.append(1) or real(*a))
+    q, k, v = make_qkv(1, 1, 4, 77, 40, dtype=torch.float16)
+    a = tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
+    assert checks == [1]
+    b = tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1, checked=True)
+    assert checks == [1] and torch.equal(a, b)
+
+
+def test_launch_heuristic_and_autotune_default(monkeypatch):
+    """Hopper gets the measured 64-query/4-warp tile where it does not spill; autotuning is opt-in."""
+    assert tk._heuristic(128, 64, False, 1, (9, 0)) == (64, 4)
+    assert tk._heuristic(128, 64, False, 3, (9, 0)) == (32, 8)  # general α spills at 64/4
+    assert tk._heuristic(128, 64, False, 1, (8, 0)) == (32, 8)
+    assert tk._heuristic(256, 64, False, 1, (9, 0)) == (32, 8)
+    assert tk._heuristic(128, 128, False, 1, (9, 0)) == (32, 8)  # d = 80: spills at 64/4
+    monkeypatch.delenv("PLADIS_TRITON_AUTOTUNE", raising=False)
+    monkeypatch.setattr(tk, "interpreter_mode", lambda: False)
+    assert not tk._autotune_enabled()
+    monkeypatch.setenv("PLADIS_TRITON_AUTOTUNE", "1")
+    assert tk._autotune_enabled()
