@@ -65,7 +65,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=256)
 def _tiles(k_len: int, d: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_D): key count and head dim padded to powers of two (cached: asked per call)."""
     return max(16, _next_pow2(k_len)), max(16, _next_pow2(d))
 
 
@@ -294,11 +296,30 @@ def compile_meta(
 ) -> dict[str, Any]:
     """The kernel's compile-time parameters except the tile (``BLOCK_M``, warps), for launches and for
     ``bench/ptxas_report.py``, which compiles them offline to read register use."""
+    n_newton = _newton_steps(mode, block_k)
+    meta = _base_meta(dtype, mode, n_newton, MAX_FIX, block_k, block_d, mask_kind, write_o, write_w, upcast)
+    return {**meta, **_meta_overrides} if _meta_overrides else meta
+
+
+@functools.lru_cache(maxsize=512)
+def _base_meta(
+    dtype: torch.dtype,
+    mode: int,
+    n_newton: int,
+    max_fix: int,
+    block_k: int,
+    block_d: int,
+    mask_kind: int,
+    write_o: bool,
+    write_w: bool,
+    upcast: bool,
+) -> dict[str, Any]:
+    """Cached: a launch passes it as keywords and never changes it."""
     return {
         "MODE": mode,
         "MASK_KIND": mask_kind,
-        "N_NEWTON": _newton_steps(mode, block_k),
-        "MAX_FIX": MAX_FIX,
+        "N_NEWTON": n_newton,
+        "MAX_FIX": max_fix,
         "TOL": ROW_SUM_TOL,
         "WRITE_O": write_o,
         "WRITE_W": write_w,
@@ -307,7 +328,6 @@ def compile_meta(
         "SPLIT_W": dtype != torch.float32,
         "BLOCK_K": block_k,
         "BLOCK_D": block_d,
-        **_meta_overrides,
     }
 
 
