@@ -137,6 +137,35 @@ class Timer:
             fn()
         return (time.perf_counter() - t0) / inner
 
+    def graph_time(self, fn: Callable[[], object], rounds: int, inner: int) -> float | None:
+        """Median seconds per call of a replayed CUDA graph of ``inner`` calls: GPU time alone, no
+        launch cost. None without CUDA or when ``fn`` cannot be captured (e.g. it synchronises)."""
+        if not self.cuda:
+            return None
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                fn()  # warm-up on a side stream, as capture requires
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(inner):
+                    fn()
+        except Exception:
+            torch.cuda.synchronize(self.device)
+            return None
+        graph.replay()
+        samples = []
+        for _ in range(rounds):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            stop.record()
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop) / 1e3 / inner)
+        return statistics.median(samples)
+
     def extra_peak(self, fn: Callable[[], object]) -> float | None:
         """Bytes allocated at the peak of one call beyond what was held before it (CUDA only)."""
         return float(cuda_peak_bytes(fn, self.device)) if self.cuda else None
@@ -205,7 +234,10 @@ def bench_ops(args: argparse.Namespace, timer: Timer, device: torch.device, dtyp
     shapes = SMOKE_SHAPES if args.smoke else OP_SHAPES
     if args.shapes:
         shapes = {name: shapes[name] for name in args.shapes}
-    print("\n== per-op cross-attention (median per call; ratio = time / SDPA; +MiB = extra peak of one call)")
+    print(
+        "\n== per-op cross-attention (median per call, eager; ratio = time / SDPA; GPU = CUDA-graph replay,"
+    )
+    print("   the GPU's time alone without launch costs; +MiB = extra peak of one call)")
     if "reference" not in op_variants(*[torch.zeros(1, 1, 1, 16)] * 3, 1.5, 2.0):
         print("   (entmax package not installed: no 'reference' column)")
     for name, (b, h, n, k_len, d) in shapes.items():
@@ -224,6 +256,7 @@ def bench_ops(args: argparse.Namespace, timer: Timer, device: torch.device, dtyp
                         print(f"{name}: α={alpha}: {var} failed: {type(exc).__name__}: {exc}"[:2000])
                         del fns[var]
                 med = interleaved(timer, fns, args.rounds, args.inner)
+                gpu = {var: timer.graph_time(fn, args.rounds, args.inner) for var, fn in fns.items()}
                 mem = {var: timer.extra_peak(fn) for var, fn in fns.items()}
                 err = ""
                 if "kernel" in fns:
@@ -233,7 +266,10 @@ def bench_ops(args: argparse.Namespace, timer: Timer, device: torch.device, dtyp
             cells = []
             for var, t in med.items():
                 mib = f" +{mem[var] / 2**20:.1f}MiB" if mem[var] is not None else ""
-                cells.append(f"{var} {t * 1e6:8.1f}µs {t / base:6.2f}×{mib}")
+                graph = ""
+                if gpu[var] is not None and gpu["sdpa"]:
+                    graph = f" (GPU {gpu[var] * 1e6:.1f}µs {gpu[var] / gpu['sdpa']:.2f}×)"
+                cells.append(f"{var} {t * 1e6:8.1f}µs {t / base:6.2f}×{graph}{mib}")
             if "kernel" in med and "reference" in med:
                 cells.append(f"ref/torch {med['reference'] / med['torch']:.1f}×")
             print(f"{name:14s} {(b, h, n, k_len, d)!s:24s} α={alpha:<5} " + " | ".join(cells) + err)

@@ -34,31 +34,8 @@ INNER = 20
 
 def gpu_time(fn: Callable[[], object], rounds: int) -> float | None:
     """Median µs per call of a CUDA-graph replay of INNER calls (None when capture fails)."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(INNER):
-                fn()
-    except Exception as exc:
-        print(f"    (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})")
-        torch.cuda.synchronize()
-        return None
-    graph.replay()
-    samples = []
-    for _ in range(rounds):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        samples.append(start.elapsed_time(stop) * 1e3 / INNER)
-    del graph
-    return statistics.median(samples)
+    seconds = Timer(torch.device("cuda")).graph_time(fn, rounds, INNER)
+    return None if seconds is None else seconds * 1e6
 
 
 def eager_time(fn: Callable[[], object], rounds: int, inner: int = INNER) -> float:
