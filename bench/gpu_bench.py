@@ -502,7 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import triton
 
-        print(f"triton {triton.__version__}; autotune {'on' if triton_kernel._autotune_enabled() else 'off'}")
+        setting = os.environ.get("PLADIS_TRITON_AUTOTUNE", "where no tile was measured")
+        print(f"triton {triton.__version__}; autotune: {setting}")
     except Exception:
         print("triton: not importable — 'kernel' column absent (torch path only)")
     print(f"dtype {dtype}, λ={args.lam}, α∈{args.alphas}, rounds={args.rounds}×{args.inner}")

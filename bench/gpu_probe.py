@@ -13,6 +13,7 @@ Per op and variant it prints three times per call (µs):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -217,7 +218,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--skip", nargs="*", default=[], choices=["ops", "configs", "unet"])
     args = p.parse_args()
-    print(torch.cuda.get_device_name(), torch.__version__, "autotune", tk._autotune_enabled())
+    setting = os.environ.get("PLADIS_TRITON_AUTOTUNE", "where no tile was measured")
+    print(torch.cuda.get_device_name(), torch.__version__, "autotune:", setting)
     if "ops" not in args.skip:
         probe_ops(args.shapes, args.rounds)
     if "configs" not in args.skip:

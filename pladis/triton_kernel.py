@@ -205,10 +205,10 @@ def _fits(block_m: int, block_k: int, block_d: int, wide: bool = False) -> bool:
     return block_m * block_k <= 8192 and block_m * block_k * block_d <= 8192 * 128
 
 
-def _heuristic(
-    block_k: int, block_d: int, wide: bool = False, mode: int = 1, capability: tuple[int, int] | None = None
-) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) when not autotuning.
+def _measured_tile(
+    block_k: int, block_d: int, wide: bool, mode: int, capability: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """(BLOCK_M, num_warps) where a tile was measured best on a GPU, else None.
 
     Hopper, 16-bit inputs, K ≤ 128, head dim ≤ 64, softmax / α = 1.5 / α = 2: 64 queries on 4 warps.
     Measured on an H100 (SDXL level 1, α = 1.5, GPU time per call): 64/4 34.6 µs, 128/8 38.4, 32/4
@@ -216,23 +216,43 @@ def _heuristic(
     warpgroup MMA tile): the ~15 row reductions of the threshold search stay inside a warp, where the
     others cross warps through shared memory and a barrier each (``bench/ptxas_report.py``: 17
     barriers in the PTX against 42–73). On the H100 (Triton 3.6) 64/4 used 255 registers, no spills.
-    Elsewhere — general α (its powers spill ~500 bytes at 64/4), Ampere/Ada (64/4 spills ~130 bytes),
-    K > 128, head dims above 64 — nothing was measured: the largest spill-free query block, 8 warps.
+    Nothing else was measured: general α (its powers spill ~500 bytes at 64/4), Ampere/Ada (64/4
+    spills ~130 bytes), K > 128, head dims above 64.
     """
     hopper = capability is not None and capability[0] == 9
     if hopper and not wide and mode in (0, 1, 2) and block_k <= 128 and block_d <= 64:
         return 64, 4
+    return None
+
+
+def _heuristic(
+    block_k: int, block_d: int, wide: bool = False, mode: int = 1, capability: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) when not autotuning: the measured tile, else the largest spill-free query
+    block on 8 warps."""
+    measured = _measured_tile(block_k, block_d, wide, mode, capability)
+    if measured is not None:
+        return measured
     for block_m in (32, 16):
         if _fits(block_m, block_k, block_d, wide):
             return block_m, 8
     return 16, 8
 
 
-def _autotune_enabled() -> bool:
-    """Opt-in (``PLADIS_TRITON_AUTOTUNE=1``): the measured heuristic is as fast where it was measured,
-    and autotuning compiles and times 2–6 configurations (seconds) for every new shape and α class —
-    a stall in the first steps of a generation — and adds its own per-call cost to every launch."""
-    return os.environ.get("PLADIS_TRITON_AUTOTUNE", "0") == "1" and not interpreter_mode()
+def _autotune_enabled(measured_tile: bool = False) -> bool:
+    """``PLADIS_TRITON_AUTOTUNE=1``: always; ``=0``: never; unset: only where no tile was measured.
+
+    Why not always: autotuning compiles and times several tiles (seconds) for every new shape and α
+    class — a stall in the first steps of a generation — and adds its own cost to every launch, for
+    nothing where the measured tile is known to be the fastest. Where nothing was measured (other
+    GPUs, general α, long prompts) it is the best guess available.
+    """
+    if interpreter_mode():
+        return False
+    setting = os.environ.get("PLADIS_TRITON_AUTOTUNE", "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return not measured_tile
 
 
 @functools.lru_cache(maxsize=1)
@@ -375,15 +395,16 @@ def _launch(
     raw, tuned = _kernels()
     try:
         with _device_guard(q):
-            if _autotune_enabled():
+            cap = _capability(q.device) if q.is_cuda else None
+            wide = q.dtype == torch.float32
+            if _autotune_enabled(_measured_tile(block_k, block_d, wide, mode, cap) is not None):
 
                 def grid(m: dict[str, Any]) -> tuple[int, int]:
                     return (-(-n // m["BLOCK_M"]), b * h)
 
                 tuned[grid](*args, **meta)
             else:
-                cap = _capability(q.device) if q.is_cuda else None
-                block_m, warps = _heuristic(block_k, block_d, q.dtype == torch.float32, mode, cap)
+                block_m, warps = _heuristic(block_k, block_d, wide, mode, cap)
                 raw[(-(-n // block_m), b * h)](*args, **meta, BLOCK_M=block_m, num_warps=warps, num_stages=1)
     except Exception as exc:  # resources (shared memory, registers) differ per GPU
         if type(exc).__name__ in (

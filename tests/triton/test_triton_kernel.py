@@ -280,7 +280,7 @@ def test_autotuned_launch_path(monkeypatch):
         return [1.0, 1.0, 1.0]
 
     monkeypatch.setattr(tuned, "_do_bench", fake_do_bench)
-    monkeypatch.setattr(tk, "_autotune_enabled", lambda: True)
+    monkeypatch.setattr(tk, "_autotune_enabled", lambda *args: True)
     q, k, v = make_qkv(1, 2, 40, 154, 40, dtype=torch.float16, spread=2.0, seed=12)
     out = tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.15)
     ref = oracle_weights(oracle_scores(q, k, 0.15), 1.5, 2.0) @ v.double()
@@ -379,7 +379,8 @@ def test_checked_calls_skip_the_support_check(monkeypatch):
 
 
 def test_launch_heuristic_and_autotune_default(monkeypatch):
-    """Hopper gets the measured 64-query/4-warp tile where it does not spill; autotuning is opt-in."""
+    """Hopper gets the measured 64-query/4-warp tile where it does not spill; autotuning runs where no
+    tile was measured, unless the environment says otherwise."""
     assert tk._heuristic(128, 64, False, 1, (9, 0)) == (64, 4)
     assert tk._heuristic(128, 64, False, 3, (9, 0)) == (32, 8)  # general α spills at 64/4
     assert tk._heuristic(128, 64, False, 1, (8, 0)) == (32, 8)
@@ -387,9 +388,11 @@ def test_launch_heuristic_and_autotune_default(monkeypatch):
     assert tk._heuristic(128, 128, False, 1, (9, 0)) == (32, 8)  # d = 80: spills at 64/4
     monkeypatch.delenv("PLADIS_TRITON_AUTOTUNE", raising=False)
     monkeypatch.setattr(tk, "interpreter_mode", lambda: False)
-    assert not tk._autotune_enabled()
+    assert not tk._autotune_enabled(measured_tile=True) and tk._autotune_enabled(measured_tile=False)
     monkeypatch.setenv("PLADIS_TRITON_AUTOTUNE", "1")
-    assert tk._autotune_enabled()
+    assert tk._autotune_enabled(measured_tile=True)
+    monkeypatch.setenv("PLADIS_TRITON_AUTOTUNE", "0")
+    assert not tk._autotune_enabled(measured_tile=False)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0])
