@@ -27,7 +27,7 @@ for s in "$@"; do
     check) stage check 110 env PLADIS_TRITON_AUTOTUNE=0 python3 bench/gpu_bench.py --check --quick ;;
     probe) stage probe 220 env PLADIS_TRITON_AUTOTUNE=0 python3 bench/gpu_probe.py ;;
     unet-sd15-heuristic) stage unet-sd15-heuristic 120 env PLADIS_TRITON_AUTOTUNE=0 python3 bench/gpu_bench.py --unet-only --unets "SD1.5 512²" --unet-torch-path ;;
-    full-check) stage full-check 400 python3 bench/gpu_bench.py --check ;;
+    full-check) stage full-check 400 env PLADIS_TRITON_AUTOTUNE=0 python3 bench/gpu_bench.py --check ;;
     *) echo "unknown stage $s" ;;
   esac
 done
