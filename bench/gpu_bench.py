@@ -210,6 +210,16 @@ def _has(module: str) -> bool:
     return True
 
 
+def op_inputs(shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> tuple:
+    """Seeded q, k, v for a (B, H, N, K, d) shape; q scaled by 2 so the weights are fairly sparse."""
+    b, h, n, k_len, d = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = (torch.randn(b, h, n, d, generator=g) * 2).to(device, dtype)
+    k = torch.randn(b, h, k_len, d, generator=g).to(device, dtype)
+    v = torch.randn(b, h, k_len, d, generator=g).to(device, dtype)
+    return q, k, v
+
+
 def op_variants(q, k, v, alpha: float, lam: float) -> dict[str, Callable[[], object]]:
     scale = 1.0 / math.sqrt(q.shape[-1])
     fns: dict[str, Callable[[], object]] = {
@@ -241,10 +251,7 @@ def bench_ops(args: argparse.Namespace, timer: Timer, device: torch.device, dtyp
     if "reference" not in op_variants(*[torch.zeros(1, 1, 1, 16)] * 3, 1.5, 2.0):
         print("   (entmax package not installed: no 'reference' column)")
     for name, (b, h, n, k_len, d) in shapes.items():
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q = (torch.randn(b, h, n, d, generator=g) * 2).to(device, dtype)
-        k = torch.randn(b, h, k_len, d, generator=g).to(device, dtype)
-        v = torch.randn(b, h, k_len, d, generator=g).to(device, dtype)
+        q, k, v = op_inputs((b, h, n, k_len, d), device, dtype)
         for alpha in args.alphas:
             fns = op_variants(q, k, v, alpha, args.lam)
             with torch.inference_mode():

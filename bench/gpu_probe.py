@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_bench import UNETS, Timer, build_unet, force_torch, unet_inputs
+from bench.gpu_bench import UNETS, Timer, build_unet, force_torch, op_inputs, unet_inputs
 from pladis import triton_kernel as tk
 from pladis.attention import pladis_attention
 from pladis.bench import SHAPES
@@ -97,12 +97,8 @@ def _variants(q, k, v, scale: float) -> dict[str, Callable[[], object]]:
 def probe_ops(shapes: list[str], rounds: int) -> None:
     print("== op times, µs per call: gpu (graph replay) | eager (events, back-to-back) | host (issue only)")
     for name in shapes:
-        b, h, n, k_len, d = SHAPES[name]
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q = (torch.randn(b, h, n, d, generator=g) * 2).to("cuda", torch.float16)
-        k = torch.randn(b, h, k_len, d, generator=g).to("cuda", torch.float16)
-        v = torch.randn(b, h, k_len, d, generator=g).to("cuda", torch.float16)
-        scale = d**-0.5
+        q, k, v = op_inputs(SHAPES[name], "cuda", torch.float16)
+        scale = q.shape[-1] ** -0.5
 
         variants = _variants(q, k, v, scale)
         with torch.inference_mode():
@@ -126,11 +122,7 @@ def probe_ops(shapes: list[str], rounds: int) -> None:
 
 def sweep_configs(rounds: int) -> None:
     """Tile configs for SDXL L1, α = 1.5, timed on the GPU alone."""
-    b, h, n, k_len, d = SHAPES["SDXL L1"]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q = (torch.randn(b, h, n, d, generator=g) * 2).to("cuda", torch.float16)
-    k = torch.randn(b, h, k_len, d, generator=g).to("cuda", torch.float16)
-    v = torch.randn(b, h, k_len, d, generator=g).to("cuda", torch.float16)
+    q, k, v = op_inputs(SHAPES["SDXL L1"], "cuda", torch.float16)
     print("== tile configs, SDXL L1 α=1.5 (gpu µs per call)")
     original = tk._heuristic
     try:

@@ -375,9 +375,8 @@ def _launch(
     alpha, lam, scale = _check_args(alpha, lam, scale, d)
     mode, am1, beta = _mode(alpha, lam)
     block_k, block_d = _tiles(k_len, d)
+    # empty_like keeps q's strides when q is dense (so its unit head stride), else it is contiguous.
     out = torch.empty_like(q) if write_o else None
-    if out is not None and out.stride(-1) != 1:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     wout = torch.empty((b, h, n, k_len), device=q.device, dtype=torch.float32) if write_w else None
     if n == 0:
         return out, wout

@@ -398,8 +398,10 @@ def test_launch_heuristic_and_autotune_default(monkeypatch):
 @pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0])
 def test_hopper_tile_of_64_queries(monkeypatch, alpha):
     """The Hopper default (64 queries per program) on a ragged query count, against the oracle."""
-    monkeypatch.setattr(tk, "_heuristic", lambda *args: (64, 4))
+    asked: list[tuple] = []
+    monkeypatch.setattr(tk, "_heuristic", lambda *args: asked.append(args) or (64, 4))
     q, k, v = make_qkv(1, 2, 70, 77, 64, dtype=torch.float16, spread=2.0, seed=14)
     out = tk.pladis_attention_triton(q, k, v, alpha=alpha, lam=2.0, scale=0.125)
+    assert len(asked) == 1  # the launch took its tile from the heuristic
     ref = oracle_weights(oracle_scores(q, k, 0.125), alpha, 2.0) @ v.double()
     assert (out.double() - ref).abs().max().item() <= 2e-3
