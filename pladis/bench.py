@@ -226,7 +226,14 @@ def format_rows(rows: list[Row], alphas: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), help="names from SHAPES")
+    parser.add_argument(
+        "--shapes",
+        nargs="*",
+        default=list(SHAPES),
+        choices=list(SHAPES),
+        metavar="SHAPE",
+        help="names from SHAPES",
+    )
     # One α per solver: 1.5 and 2 (closed form), 1.1 and 1.25 (whole β), 1.3 (fractional β below
     # 1.5, every key needs a fractional power), 1.75 and 1.9 (gathered keys). Ratios are to the first.
     parser.add_argument("--alphas", nargs="*", type=float, default=[1.5, 2.0, 1.1, 1.25, 1.3, 1.75, 1.9])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pladis import bench
@@ -16,6 +17,13 @@ def test_bench_shape_runs_and_formats(capsys) -> None:
     out = capsys.readouterr().out
     assert "device: cpu" in out
     assert "tiny (1, 2, 16, 9, 8)" in out
+
+
+def test_unknown_shape_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--shapes", "SD1.5-L1"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'SD1.5-L1'" in capsys.readouterr().err
 
 
 def test_reference_attention_is_the_official_recipe() -> None:
