@@ -271,8 +271,9 @@ def _newton_on_segments(
     shifted, gathered = torch.empty_like(values), torch.empty_like(values)
     exponent = 1.0 - 1.0 / beta  # 2 − α
     for step_number in range(_CANDIDATE_ROUNDS):
-        torch.sub(values, torch.index_select(tau, 0, row, out=gathered), out=shifted).clamp_min_(0.0)
-        lower = _power(shifted, beta - 1.0, parts[0])
+        # Keys off the support sit at 2^-126 instead of 0: their power is exactly 0 (see _moments).
+        torch.sub(values, torch.index_select(tau, 0, row, out=gathered), out=shifted).clamp_min_(_LOG_FLOOR)
+        lower = _exp2_scaled_(_log2(shifted, parts[0]), beta - 1.0)
         torch.mul(lower, shifted, out=parts[1])
         sums.zero_().index_add_(1, row, parts)
         slope, total = sums[0], sums[1]
@@ -397,12 +398,13 @@ def _moments(
     e, keys off the support are kept in ``t`` at ``2^-126`` instead of 0, which saves a pass: their
     ``t^e`` is exactly 0 (:func:`_power`), so every product and sum is the same as with 0.
     """
+    if exponent == 0.0:  # t⁰ is 1 on the support: its sum counts the support, and t·t⁰ is t
+        _shifted(x, tau, t)
+        count = _support(t, powered).sum(-1, keepdim=True)
+        return torch.mul(t, t, out=scratch).sum(-1, keepdim=True), t.sum(-1, keepdim=True), count
     if _is_whole(exponent):
         _shifted(x, tau, t)
-        if exponent == 0.0:
-            powered = _support(t, powered)
-        else:
-            powered = t if exponent == 1.0 else _power(t, exponent, powered)  # no copy for t¹
+        powered = t if exponent == 1.0 else _power(t, exponent, powered)  # no copy for t¹
     else:
         floored = torch.sub(x, tau, out=t).clamp_min_(_LOG_FLOOR)
         powered = _exp2_scaled_(_log2(floored, powered), exponent)
@@ -427,16 +429,16 @@ def _halley_step(total: Tensor, first: Tensor, second: Tensor, beta: float) -> T
 
 
 def _taylor_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, out: Tensor) -> Tensor:
-    """``(t − δ)₊^β`` to second order in δ from ``t^(β−2)``, with no power (``t``, ``powered`` consumed).
+    """``(t − δ)₊^β`` to second order in δ from ``t^(β−2)``, with no power (``powered`` consumed).
 
-    With ``s = (t − δ)₊``: ``(t − δ)^β ≈ t^(β−2)·((s + (2 − β)δ/2)² + β(β − 2)δ²/4)``, which is
-    ``t^(β−2)·(t² − βδt + β(β−1)δ²/2)`` rewritten; keys leaving the support (s = 0) get exactly 0.
-    Keys outside the evaluated support (t = 0) stay at 0: for δ < 0 their true weight is < |δ|^β.
+    ``(t − δ)^β ≈ t^(β−2)·(t² − βδt + β(β−1)δ²/2)`` for the keys that stay in the support (t > δ);
+    keys leaving it get exactly 0. Keys outside the evaluated support (``t^(β−2) = 0``, whatever
+    ``t`` holds there) stay at 0: for δ < 0 their true weight is < |δ|^β. Five passes over the keys.
     """
-    s = _shifted(t, step, t)
-    powered.mul_(_support(s, out))
-    out = torch.add(s, step * ((2.0 - beta) / 2.0), out=out).square_()
-    return out.add_(step.square().mul_(beta * (beta - 2.0) / 4.0)).mul_(powered)
+    powered.mul_(torch.gt(t, step, out=out))
+    linear = torch.sub(t, step * beta, out=out)  # t − βδ
+    quadratic = step.square().mul_(beta * (beta - 1.0) / 2.0)
+    return torch.addcmul(quadratic, linear, t, out=out).mul_(powered)
 
 
 def _support(t: Tensor, out: Tensor) -> Tensor:
