@@ -572,13 +572,19 @@ def _log2(t: Tensor, out: Tensor) -> Tensor:
     than torch's (0.21 against 1.0 ms per 2^20 floats on this project's benchmark CPU); elsewhere
     it may be scalar. :func:`numpy_log2_is_faster` decides once per process, by timing both.
     """
-    if t.device.type == "cpu" and t.dtype == torch.float32 and _contiguous(t, out) and numpy_log2_is_faster():
+    if (
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and _numpy_viewable(t, out)
+        and numpy_log2_is_faster()
+    ):
         np.log2(t.numpy(), out=out.numpy())
         return out
     return torch.log2(t, out=out)
 
 
-def _contiguous(t: Tensor, out: Tensor) -> bool:
+def _numpy_viewable(t: Tensor, out: Tensor) -> bool:
+    """Whether both tensors can be handed to numpy as plain arrays (no copy, no autograd)."""
     return t.is_contiguous() and out.is_contiguous() and not (t.requires_grad or out.requires_grad)
 
 
@@ -588,12 +594,12 @@ def numpy_log2_is_faster() -> bool:
 
     Timed once per process on 2^16 floats, best of 5 each; ``PLADIS_NUMPY_LOG2`` = 1 or 0 forces it.
     Both are accurate to about one float32 ulp, so the choice changes speed, not results (beyond
-    rounding).
+    rounding). The timing inputs are not random: the global RNG (the user's seed) stays untouched.
     """
     forced = os.environ.get(NUMPY_LOG2_ENV, "")
     if forced in ("0", "1"):
         return forced == "1"
-    values = torch.rand(1 << 16).add_(1e-3)
+    values = torch.linspace(1e-3, 1.0, 1 << 16)
     out = torch.empty_like(values)
     as_numpy, out_numpy = values.numpy(), out.numpy()
 

@@ -320,4 +320,6 @@ def test_numpy_log2_choice_can_be_forced(
     monkeypatch.setenv(module.NUMPY_LOG2_ENV, forced)
     assert module.numpy_log2_is_faster.__wrapped__() is expected
     monkeypatch.delenv(module.NUMPY_LOG2_ENV)
+    state = torch.random.get_rng_state()
     assert module.numpy_log2_is_faster.__wrapped__() in (True, False)  # timed
+    assert torch.equal(torch.random.get_rng_state(), state)  # the user's seed is not consumed
