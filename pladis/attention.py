@@ -27,6 +27,7 @@ from .entmax import (
     SparseRows,
     Workspace,
     check_alpha,
+    check_no_grad,
     entmax_rows,
     float32_exact,
     is_softmax,
@@ -62,6 +63,7 @@ def pladis_weights(scores: Tensor, alpha: float, lam: float) -> Tensor:
     Rows whose keys are all masked (−inf) get zero weights.
     """
     alpha, lam = check_alpha(alpha), check_lam(lam)
+    check_no_grad("PLADIS weights", scores=scores)
     shape = scores.shape
     rows = scores.to(torch.float32).reshape(-1, shape[-1]).clone()
     return blend_rows_(rows, alpha, lam, Workspace()).reshape(shape)
@@ -96,11 +98,13 @@ def pladis_attention(
     :func:`torch.nn.functional.scaled_dot_product_attention`. ``scale`` defaults to ``1/sqrt(d)``.
     λ = 0 returns exactly the stock SDPA result; λ = 1 is pure α-entmax attention; λ > 1
     extrapolates (weights outside the sparse support become negative — that is the method).
-    Returns q's dtype.
+    Returns q's dtype. Inference only (no backward): for λ > 0, inputs that require grad raise
+    ``ValueError`` unless grad is disabled.
     """
     alpha, lam = check_alpha(alpha), check_lam(lam)
     if lam == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    check_no_grad("PLADIS attention", q=q, k=k, v=v, mask=mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     # The kernel works in float32; α just above 1 needs the torch path's float64 search.

@@ -102,14 +102,31 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+def check_no_grad(function: str, **tensors: Tensor | None) -> None:
+    """Refuse inputs that ask for gradients: the solvers work in place and have no backward.
+
+    Without this, autograd would fail deep inside with a message about ``out=`` arguments.
+    """
+    if not torch.is_grad_enabled():
+        return
+    asking = [name for name, tensor in tensors.items() if tensor is not None and tensor.requires_grad]
+    if asking:
+        raise ValueError(
+            f"{function}: {', '.join(asking)} require grad, but PLADIS is inference-only (no backward); "
+            "call it under torch.no_grad() or torch.inference_mode()"
+        )
+
+
 def entmax(scores: Tensor, alpha: float, dim: int = -1) -> Tensor:
     """α-entmax of ``scores`` along ``dim``.
 
     Returns a **float32** tensor whatever the input dtype: half-precision inputs are upcast first,
     because the threshold search in fp16/bf16 arithmetic is unreliable. Exact up to float32 rounding
-    for every α (agrees with a float64 sort-based solve to ~1e-6).
+    for every α (agrees with a float64 sort-based solve to ~1e-6). Inference only: there is no
+    backward, so ``scores`` that require grad (with grad enabled) raise ``ValueError``.
     """
     alpha = check_alpha(alpha)
+    check_no_grad("entmax", scores=scores)
     x = scores.to(torch.float32).movedim(dim, -1)
     if x.numel() == 0:
         return x.clone().movedim(-1, dim)

@@ -237,3 +237,25 @@ def test_a_kernel_that_cannot_launch_falls_back_to_the_torch_path(monkeypatch: p
     want = pladis_attention(q, k, v, alpha=1.5, lam=2.0)
     monkeypatch.setattr(attention, "_fused_kernel", lambda *args: cannot_launch)
     assert torch.equal(pladis_attention(q, k, v, alpha=1.5, lam=2.0), want)
+
+
+def test_inputs_requiring_grad_are_refused_with_a_clear_message() -> None:
+    # PLADIS has no backward: asking for gradients must fail up front, naming the tensor, not deep
+    # inside torch with a message about out= arguments. λ = 0 is stock SDPA and keeps its autograd.
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=gen) for n in (12, 7, 7))
+    k.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"PLADIS attention: k require grad.*torch.no_grad"):
+        pladis_attention(q, k, v, alpha=1.5, lam=2.0)
+    scores = torch.randn(4, 7, requires_grad=True)
+    with pytest.raises(ValueError, match=r"entmax: scores require grad"):
+        entmax(scores, 1.75)
+    with pytest.raises(ValueError, match=r"PLADIS weights: scores require grad"):
+        pladis_weights(scores, 1.5, 2.0)
+    assert pladis_attention(q, k, v, alpha=1.5, lam=0.0).requires_grad  # stock SDPA, differentiable
+    with torch.no_grad():
+        got = pladis_attention(q, k, v, alpha=1.5, lam=2.0)
+        torch.testing.assert_close(
+            got, pladis_attention(q, k.detach(), v, alpha=1.5, lam=2.0), rtol=0, atol=0
+        )
+        assert entmax(scores, 1.75).sum(-1).sub(1).abs().max() <= 1e-6
