@@ -140,22 +140,32 @@ def entmax(scores: Tensor, alpha: float, dim: int = -1) -> Tensor:
 def softmax_centred_(centred: Tensor, scale: float = 1.0) -> Tensor:
     """``scale·softmax`` in place on rows whose maximum is 0; rows with no finite key give zeros.
 
-    ``exp(x)`` is taken as ``2^(x·log₂e)``: on CPU ``torch.exp2`` is 2–3× faster than ``torch.exp``
-    (measured 0.15 against 0.45–0.6 ms per 2^20 floats) and the rounding of ``x·log₂e`` costs at
-    most ``|x|·6e-8`` relative, below 2e-6 for the keys that carry weight.
+    On CPU ``exp(x)`` is taken as ``2^(x·log₂e)``: ``torch.exp2`` is 2–3× faster than ``torch.exp``
+    there (measured 0.15 against 0.45–0.6 ms per 2^20 floats) and the rounding of ``x·log₂e`` costs
+    at most ``|x|·6e-8`` relative, below 2e-6 for the keys that carry weight. On GPUs, where this
+    path is bound by kernel launches, it stays one ``exp``.
 
     ``exp(0) = 1`` is in every row with a finite key, so its sum is ≥ 1; clamping the sum at 1 only
     changes fully masked rows (sum 0), which then get zeros instead of NaN.
     """
-    dense = centred.mul_(_LOG2_E).exp2_()  # exp via exp2: 2–3× faster on CPU, ≤ 2e-6 relative
+    dense = centred.mul_(_LOG2_E).exp2_() if cpu_variant(centred) else centred.exp_()
     norm = dense.sum(-1, keepdim=True).clamp_min_(1.0).reciprocal_()
     return dense.mul_(norm.mul_(scale) if scale != 1.0 else norm)
 
 
+def cpu_variant(t: Tensor) -> bool:
+    """Whether the CPU-tuned variants apply to ``t``: fewer passes and cheap transcendentals there.
+
+    Elsewhere (GPUs) the torch path is bound by kernel launches, so each step stays one op. Tests
+    patch this to run the GPU variants on CPU tensors.
+    """
+    return t.device.type == "cpu"
+
+
 def row_max(rows: Tensor) -> Tensor:
-    """Row maxima (keepdim) with fully masked rows mapped to 0, so ``rows − max`` has no NaN."""
-    top = rows.amax(dim=-1, keepdim=True)
-    return top.masked_fill_(top == -math.inf, 0.0)
+    """Row maxima (keepdim); a fully masked row gets the lowest finite float, so ``rows − max`` has no
+    NaN (its keys stay −∞)."""
+    return rows.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(rows.dtype).min)
 
 
 class Workspace:
@@ -224,7 +234,7 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
         return _dense_solve(centred.double().mul_(alpha - 1.0), beta, None).float()
     # X = (α − 1)·(S − max S); sparsemax (α = 2) uses the scores as they are.
     x = centred if alpha == 2.0 else torch.mul(centred, alpha - 1.0, out=ws.get("x", centred))
-    if 1.0 < beta < 2.0 and x.device.type == "cpu":
+    if 1.0 < beta < 2.0 and cpu_variant(x):
         # On GPUs the dense passes are cheap and gathering would cost a host synchronisation.
         tau = _lower_bound(x, beta, ws)
         sparse = _solve_on_candidates(x, tau, beta, ws)
@@ -412,8 +422,8 @@ def _moments(
 
     ``t`` and ``t^e`` are kept (in ``t`` and ``powered``) and ``scratch`` is left holding ``t^(e+2)``.
     For e = 0, ``t⁰`` is 1 on the support only, so ``Σt⁰`` counts the keys in it. For a fractional
-    e, keys off the support are kept in ``t`` at ``2^-126`` instead of 0, which saves a pass: their
-    ``t^e`` is exactly 0 (:func:`_power`), so every product and sum is the same as with 0.
+    e on CPU, keys off the support are kept in ``t`` at ``2^-126`` instead of 0, which saves a pass:
+    their ``t^e`` is exactly 0 (:func:`_power`), so every product and sum is the same as with 0.
     """
     if exponent == 0.0:  # t⁰ is 1 on the support: its sum counts the support, and t·t⁰ is t
         _shifted(x, tau, t)
@@ -422,9 +432,11 @@ def _moments(
     if _is_whole(exponent):
         _shifted(x, tau, t)
         powered = t if exponent == 1.0 else _power(t, exponent, powered)  # no copy for t¹
-    else:
+    elif cpu_variant(x):
         floored = torch.sub(x, tau, out=t).clamp_min_(_LOG_FLOOR)
         powered = _exp2_scaled_(_log2(floored, powered), exponent)
+    else:  # one launch instead of four: GPUs are launch-bound here, not bound by pow
+        powered = torch.pow(_shifted(x, tau, t), exponent, out=powered)
     product = torch.mul(powered, t, out=scratch)
     first = product.sum(-1, keepdim=True)
     return product.mul_(t).sum(-1, keepdim=True), first, powered.sum(-1, keepdim=True)
@@ -504,9 +516,12 @@ def _newton(x: Tensor, tau: Tensor, beta: float, steps: int, ws: Workspace | Non
             norm = t.sum(-1, keepdim=True)
             slope = _support(t, scratch).sum(-1, keepdim=True)
         elif beta == 2.0:
-            # ‖t‖₂ = sqrt(Σt²); d‖t‖₂/dτ = −Σt/‖t‖₂.
+            # ‖t‖₂ = sqrt(Σt²); d‖t‖₂/dτ = −Σt/‖t‖₂, so the step (‖t‖₂ − 1)/slope is
+            # (‖t‖₂ − 1)·‖t‖₂/Σt: two small ops fewer per step (GPUs are launch-bound here).
             norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-            slope = t.sum(-1, keepdim=True).div_(norm.clamp_min(_TINY))
+            total = t.sum(-1, keepdim=True).clamp_min_(_TINY)
+            tau = torch.addcdiv(tau, norm.sub(1.0).mul_(norm), total)
+            continue
         else:
             # ‖t‖_β = (Σt^β)^(1/β); d‖t‖_β/dτ = −‖t‖_β^(1−β)·Σt^(β−1).
             lower = _power(t, beta - 1.0, scratch)
@@ -515,7 +530,7 @@ def _newton(x: Tensor, tau: Tensor, beta: float, steps: int, ws: Workspace | Non
             # Iterates stay below the root, where the norm is ≥ 1; the clamp only matters for rows
             # with no finite key (norm 0), whose weights are 0 whatever τ is, and for rounding.
             slope = lower_sum.mul_(norm.clamp_min(1.0).pow(1.0 - beta))
-        tau = tau + (norm - 1.0).div_(slope.clamp_min_(_TINY))
+        tau = torch.addcdiv(tau, norm - 1.0, slope.clamp_min_(_TINY))
     return tau
 
 
@@ -531,13 +546,13 @@ def _exact_step(x: Tensor, tau: Tensor, beta: float, out: Tensor, scratch: Tenso
         s1 = t.sum(-1, keepdim=True)
         if beta == 1.0:
             # Σ_S (x − τ − δ) = 1  →  δ = (s1 − 1)/|S|.
-            tau.add_(s1.sub_(1.0).div_(count.clamp_min_(1.0)))
+            tau.addcdiv_(s1.sub_(1.0), count.clamp_min_(1.0))
         else:
             # Σ_S (x − τ − δ)² = s2 − 2δ·s1 + s0·δ² = 1; the smaller root, free of cancellation:
             # δ = (s2 − 1)/(s1 + sqrt(s1² − s0·(s2 − 1))).
             s2m1 = torch.mul(t, t, out=scratch).sum(-1, keepdim=True).sub_(1.0)
-            root = (s1 * s1).sub_(count.mul_(s2m1)).clamp_min_(0.0).sqrt_()
-            tau.add_(s2m1.div_(root.add_(s1).clamp_min_(_TINY)))
+            root = torch.addcmul(s1 * s1, count, s2m1, value=-1.0).clamp_min_(0.0).sqrt_()
+            tau.addcdiv_(s2m1, root.add_(s1).clamp_min_(_TINY))
         weights = _shifted(x, tau, out)
         if beta == 2.0:
             weights.square_()
@@ -550,14 +565,14 @@ def _power(t: Tensor, exponent: float, out: Tensor) -> Tensor:
     """``t^exponent`` (``t ≥ 0``, exponent ≥ 0) into ``out`` (not ``t``); whole exponents by multiplications.
 
     Why: ``torch.pow`` takes its general, ~10× slower path for any exponent but 2 and 3, and whole
-    exponents are common here — α = 1.1, 1.2, 1.25 give β = 10, 5, 4. A fractional exponent is
-    taken as ``2^(e·log₂ t)`` (:func:`_log2`, :func:`_exp2_scaled_`), 1.5–3× faster than
-    ``torch.pow`` on CPU, whose error is ``|ln t|``-fold float32 rounding (relative) at worst.
-    ``log₂ 0`` takes a slow path on CPU (7× slower), so zeros enter as ``2^-126`` (smallest normal
-    float32, ``log₂`` exactly −126), and come out exactly 0.
+    exponents are common here — α = 1.1, 1.2, 1.25 give β = 10, 5, 4. On CPU a fractional exponent
+    is taken as ``2^(e·log₂ t)`` (:func:`_log2`, :func:`_exp2_scaled_`), 1.5–3× faster than
+    ``torch.pow``, whose error is ``|ln t|``-fold float32 rounding (relative) at worst. ``log₂ 0``
+    takes a slow path on CPU (7× slower), so zeros enter as ``2^-126`` (smallest normal float32,
+    ``log₂`` exactly −126), and come out exactly 0. Other devices keep one ``torch.pow`` launch.
     """
     if not _is_whole(exponent):
-        if exponent <= 0.0:
+        if exponent <= 0.0 or not cpu_variant(t):
             return torch.pow(t, exponent, out=out)
         return _exp2_scaled_(_log2(torch.clamp_min(t, _LOG_FLOOR, out=out), out), exponent)
     whole = round(exponent)

@@ -259,3 +259,46 @@ def test_inputs_requiring_grad_are_refused_with_a_clear_message() -> None:
             got, pladis_attention(q, k.detach(), v, alpha=1.5, lam=2.0), rtol=0, atol=0
         )
         assert entmax(scores, 1.75).sum(-1).sub(1).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("alpha", [1.5, 1.75])
+def test_gpu_variant_of_the_torch_path_matches_the_oracle(
+    alpha: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys.modules["pladis.entmax"], "cpu_variant", lambda t: False)
+    q, k, v = qkv(2, 3, 50, 77, 16, seed=9)
+    got = pladis_attention(q, k, v, alpha=alpha, lam=2.0)
+    assert (got.double() - reference_pladis(q, k, v, alpha, 2.0)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(("alpha", "most"), [(1.5, 70), (2.0, 78)])
+def test_torch_path_stays_lean_in_ops(alpha: float, most: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without Triton (common on Windows) CUDA runs the torch path, where every op is a kernel launch
+    # and host time per launch dominates at these sizes (issue 6): count the ops of one chunk.
+    import collections
+    import sys
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pladis.attention import _pladis_attention_torch
+
+    no_launch = {"view", "slice", "expand", "empty", "detach", "select", "unsqueeze", "squeeze", "t", "alias"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: collections.Counter[str] = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in no_launch and not name.startswith(("_reshape", "_unsafe_view", "as_strided")):
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(sys.modules["pladis.entmax"], "cpu_variant", lambda t: False)
+    q, k, v = qkv(2, 10, 256, 77, 64, seed=3)
+    with Count() as counted:
+        _pladis_attention_torch(q, k, v, alpha, 2.0, 0.125, None, 1 << 40)  # one chunk, as on a GPU
+    assert 0 < sum(counted.ops.values()) <= most, counted.ops
