@@ -512,16 +512,16 @@ def _newton(x: Tensor, tau: Tensor, beta: float, steps: int, ws: Workspace | Non
     scratch = torch.empty_like(x) if ws is None else ws.get("p", x)
     for _ in range(steps):
         t = _shifted(x, tau, t_buf)
+        # Each branch gives the step (‖t‖_β − 1)/|d‖t‖_β/dτ| as numerator/denominator, for one addcdiv.
         if beta == 1.0:
-            norm = t.sum(-1, keepdim=True)
-            slope = _support(t, scratch).sum(-1, keepdim=True)
+            numerator = t.sum(-1, keepdim=True).sub_(1.0)
+            denominator = _support(t, scratch).sum(-1, keepdim=True)
         elif beta == 2.0:
-            # ‖t‖₂ = sqrt(Σt²); d‖t‖₂/dτ = −Σt/‖t‖₂, so the step (‖t‖₂ − 1)/slope is
-            # (‖t‖₂ − 1)·‖t‖₂/Σt: two small ops fewer per step (GPUs are launch-bound here).
+            # ‖t‖₂ = sqrt(Σt²); d‖t‖₂/dτ = −Σt/‖t‖₂, so the step is (‖t‖₂ − 1)·‖t‖₂/Σt: two small
+            # ops fewer than dividing by the slope (GPUs are launch-bound here).
             norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-            total = t.sum(-1, keepdim=True).clamp_min_(_TINY)
-            tau = torch.addcdiv(tau, norm.sub(1.0).mul_(norm), total)
-            continue
+            numerator = norm.sub(1.0).mul_(norm)
+            denominator = t.sum(-1, keepdim=True)
         else:
             # ‖t‖_β = (Σt^β)^(1/β); d‖t‖_β/dτ = −‖t‖_β^(1−β)·Σt^(β−1).
             lower = _power(t, beta - 1.0, scratch)
@@ -529,8 +529,9 @@ def _newton(x: Tensor, tau: Tensor, beta: float, steps: int, ws: Workspace | Non
             norm = lower.mul_(t).sum(-1, keepdim=True).pow_(1.0 / beta)
             # Iterates stay below the root, where the norm is ≥ 1; the clamp only matters for rows
             # with no finite key (norm 0), whose weights are 0 whatever τ is, and for rounding.
-            slope = lower_sum.mul_(norm.clamp_min(1.0).pow(1.0 - beta))
-        tau = torch.addcdiv(tau, norm - 1.0, slope.clamp_min_(_TINY))
+            numerator = norm - 1.0
+            denominator = lower_sum.mul_(norm.clamp_min(1.0).pow(1.0 - beta))
+        tau = torch.addcdiv(tau, numerator, denominator.clamp_min_(_TINY))
     return tau
 
 
