@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,13 @@ ALPHAS = [1.1, 1.25, 1.3, 1.45, 1.5, 1.75, 1.9, 2.0]
 def tolerance(alpha: float) -> float:
     # α = 1.5 and 2 have closed-form thresholds; other α rely on the root finder (issue 2).
     return 1e-6 if alpha in (1.5, 2.0) else 1e-5
+
+
+def _entmax_module():
+    """The ``pladis.entmax`` module (``pladis.entmax`` the attribute is the function)."""
+    import sys
+
+    return sys.modules["pladis.entmax"]
 
 
 def random_rows(seed: int, rows: int, keys: int, sigma: float) -> torch.Tensor:
@@ -116,9 +124,7 @@ def test_alpha_next_to_one_stays_exact(alpha_minus_one: float) -> None:
 
 @pytest.mark.parametrize("alpha", [1.6, 1.75, 1.9])
 def test_candidate_and_whole_row_solvers_agree(alpha: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
-    module = sys.modules["pladis.entmax"]
+    module = _entmax_module()
     solve, answered = module._solve_on_candidates, []
     monkeypatch.setattr(module, "_solve_on_candidates", lambda *a: answered.append(solve(*a)) or answered[-1])
     x = random_rows(13, 512, 154, 1.0)
@@ -138,9 +144,7 @@ def test_candidate_and_whole_row_solvers_agree(alpha: float, monkeypatch: pytest
 def test_power_by_multiplication_matches_float64_pow(
     exponent: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sys
-
-    power = sys.modules["pladis.entmax"]._power
+    power = _entmax_module()._power
     t = torch.rand(64, 77, generator=torch.Generator().manual_seed(4)) * 1.2
     t[:, ::5] = 0.0
     before = t.clone()
@@ -190,12 +194,6 @@ def test_does_not_modify_its_input() -> None:
     assert torch.equal(x, before)
 
 
-def _entmax_module():
-    import sys
-
-    return sys.modules["pladis.entmax"]
-
-
 def test_fractional_beta_finishes_the_few_unsettled_rows_on_their_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -220,9 +218,7 @@ def test_fractional_beta_takes_two_fractional_powers_on_gaussian_scores(
     # The cost claim of the Halley solver: a pow-free start, then two evaluations with a fractional
     # power of every key (the old Newton solver took four or more) and no separate final pass; a few
     # rows may take a third evaluation on their own.
-    import sys
-
-    module = sys.modules["pladis.entmax"]
+    module = _entmax_module()
     real_power, sizes = module._exp2_scaled_, []  # every fractional power ends there
 
     def counting_power(logs, exponent):
@@ -272,9 +268,7 @@ def test_halley_step_is_exact_for_one_key_and_zero_for_fully_masked_rows() -> No
 def test_unsettled_rows_are_finished_on_their_own(alpha: float, monkeypatch: pytest.MonkeyPatch) -> None:
     # Gaussian rows leave 0–15 % of rows unsettled after four evaluations: those rows' keys alone go
     # on (one gathered solve, never nested), and the result still matches the reference.
-    import sys
-
-    module = sys.modules["pladis.entmax"]
+    module = _entmax_module()
     solve, calls = module._newton_on_segments, []
 
     def spy(values, row, tau, rows, beta, first_check=module.NEWTON_STEPS):
@@ -298,25 +292,29 @@ def test_numpy_and_torch_log2_give_the_same_answer(
     alpha: float, use_numpy: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Fractional powers take log₂ from numpy or torch, whichever is faster here: both must be exact.
-    import sys
-
-    module = sys.modules["pladis.entmax"]
+    module = _entmax_module()
     monkeypatch.setattr(module, "numpy_log2_is_faster", lambda: use_numpy)
+    numpy_calls: list[int] = []
+    real_numpy = module.np
+    monkeypatch.setattr(
+        module,
+        "np",
+        SimpleNamespace(log2=lambda a, out: numpy_calls.append(a.size) or real_numpy.log2(a, out=out)),
+    )
     x = torch.cat([random_rows(31, 256, 154, 1.0), adversarial_rows()["masked keys"].repeat(1, 2)])
     got = entmax(x, alpha)
     assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
     t = torch.rand(1000, generator=torch.Generator().manual_seed(3)).add_(2.0**-126)
     logs = module._log2(t, torch.empty_like(t))
     assert (logs.double() - t.double().log2()).abs().max().item() <= 2.5e-7 * 127
+    assert bool(numpy_calls) is use_numpy  # the log₂ that was asked for is the one that ran
 
 
 @pytest.mark.parametrize(("forced", "expected"), [("1", True), ("0", False)])
 def test_numpy_log2_choice_can_be_forced(
     forced: str, expected: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sys
-
-    module = sys.modules["pladis.entmax"]
+    module = _entmax_module()
     monkeypatch.setenv(module.NUMPY_LOG2_ENV, forced)
     assert module.numpy_log2_is_faster.__wrapped__() is expected
     monkeypatch.delenv(module.NUMPY_LOG2_ENV)
@@ -329,9 +327,12 @@ def test_numpy_log2_choice_can_be_forced(
 def test_gpu_variants_match_the_reference(alpha: float, monkeypatch: pytest.MonkeyPatch) -> None:
     # On GPUs the torch path keeps one op per step (exp, pow, no gathered keys) instead of the
     # CPU-tuned exp2/log2 and gathering: run those variants here, on CPU tensors.
-    import sys
-
-    monkeypatch.setattr(sys.modules["pladis.entmax"], "cpu_variant", lambda t: False)
+    module = _entmax_module()
+    monkeypatch.setattr(module, "cpu_variant", lambda t: False)
+    for cpu_only in ("_log2", "_exp2_scaled_", "_solve_on_candidates"):  # the variants must not run
+        monkeypatch.setattr(
+            module, cpu_only, lambda *a, name=cpu_only: pytest.fail(f"{name} on the GPU variant")
+        )
     cases = [random_rows(37, 1024, 77, 1.0), random_rows(38, 256, 231, 3.0), *adversarial_rows().values()]
     for x in cases:
         got = entmax(x, alpha)
