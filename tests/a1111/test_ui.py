@@ -11,8 +11,7 @@ import gradio as gr
 import pytest
 
 from pladis.webui import ui
-
-SUFFIXES = ["enable", "alpha", "lambda", "layers", "start", "end"]
+from tests.ui_contract import INFOTEXT_KEYS, SUFFIXES, infotext_keys
 
 
 def _controls(webui, runner):
@@ -57,14 +56,7 @@ def test_controls_ranges_defaults_and_ids(webui, is_img2img):
     assert ids == [f"script_{tab}_pladis_{s}" for s in SUFFIXES]
     assert all(c.info for c in controls[1:])
     assert "1.5" in alpha.info and "2" in alpha.info  # the paper's values are marked
-    assert [key if isinstance(key, str) else key.__name__ for _, key in script.infotext_fields] == [
-        "paste_enabled",
-        "PLADIS alpha",
-        "PLADIS lambda",
-        "paste_layers",
-        "paste_start",
-        "paste_end",
-    ]
+    assert infotext_keys(script) == INFOTEXT_KEYS
 
 
 def test_ui_is_side_effect_free_and_stable(webui):

@@ -20,6 +20,8 @@ from typing import Any
 import gradio as gr
 import pytest
 
+from tests.ui_contract import INFOTEXT_KEYS, SUFFIXES, infotext_keys
+
 GRADIO4 = gr.__version__.startswith("4")
 if not GRADIO4:
     _REASON = f"needs gradio 4 (Forge's UI stack); this environment has gradio {gr.__version__}"
@@ -28,7 +30,6 @@ if not GRADIO4:
     pytest.skip(_REASON, allow_module_level=True)
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "pladis.py"
-SUFFIXES = ["enable", "alpha", "lambda", "layers", "start", "end"]
 TABS = ["txt2img", "img2img"]
 
 
@@ -102,14 +103,7 @@ def test_controls_are_the_six_args_with_documented_defaults_and_ranges(script_cl
     ids = [enabled.accordion_id, *(c.elem_id for c in controls[1:])]
     assert ids == [f"script_{tab}_pladis_{s}" for s in SUFFIXES]
     assert enabled.elem_id == f"script_{tab}_pladis_enable-checkbox"
-    assert [key if isinstance(key, str) else key.__name__ for _, key in script.infotext_fields] == [
-        "paste_enabled",
-        "PLADIS alpha",
-        "PLADIS lambda",
-        "paste_layers",
-        "paste_start",
-        "paste_end",
-    ]
+    assert infotext_keys(script) == INFOTEXT_KEYS
     assert [component for component, _ in script.infotext_fields] == controls
     assert script.paste_field_names == ["PLADIS alpha", "PLADIS lambda"]
 
