@@ -107,7 +107,7 @@ def pladis_attention(
     check_no_grad("PLADIS attention", q=q, k=k, v=v, mask=mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    # The kernel works in float32; α just above 1 needs the torch path's float64 search.
+    # The kernel searches τ in float32, not exact for α just above 1: the torch path has a solver.
     fused = _fused_kernel(q, k, v, mask) if float32_exact(alpha) else None
     if fused is not None:
         from .triton_kernel import TritonUnsupported

@@ -1,4 +1,4 @@
-"""Exact α-entmax for α ∈ [1, 2], sort-free, computed in float32 (float64 just above α = 1).
+"""Exact α-entmax for α ∈ [1, 2], sort-free, computed in float32.
 
 α-entmax maps scores ``s`` to ``p_i = [(α−1)(s_i − max s) − τ]₊^β`` with ``β = 1/(α−1)`` and the
 threshold ``τ`` chosen so that ``Σ p = 1`` (α → 1 is softmax, α = 2 is sparsemax, α = 1.5 entmax15).
@@ -26,8 +26,10 @@ dominates the cost of a cross-attention layer, and their float32 cumulative sums
   fractional powers themselves are the cost: Halley steps from a pow-free start, and the weights by
   a second-order expansion in the last step, take two such powers per key instead of four
   (:func:`_halley_solve`).
-* Just above α = 1, ``x − τ`` is close to 1 and float32 rounding raised to the power β breaks the
-  result: there the search runs in float64, and within ``SOFTMAX_LIMIT`` of 1 the result is softmax.
+* Just above α = 1 (α < 1.05), ``x − τ`` is close to 1 and float32 rounding raised to the power β
+  would break the result: there the weights are written as ``exp(u + β·log1p(v))`` around the
+  softmax and Halley steps find ``u`` (:func:`_near_softmax_solve`); within ``SOFTMAX_LIMIT`` of 1
+  the result is softmax.
 
 Masked (−inf) keys get exactly 0. A row whose keys are all −inf gets all zeros (softmax would give
 NaN); the attention blend relies on this.
@@ -61,9 +63,9 @@ SOFTMAX_LIMIT = 1e-6
 """α − 1 at or below this gives softmax: α-entmax differs from it by about 2·(α − 1)."""
 
 FLOAT32_MAX_BETA = 20.0
-"""Above this β = 1/(α − 1) (α < 1.05) the threshold search runs in float64: ``x − τ`` is then close
-to 1 and its float32 rounding, raised to the power β, would grow β-fold (measured: 6e-6 at α = 1.001,
-garbage below α = 1 + 1e-7)."""
+"""Above this β = 1/(α − 1) (α < 1.05) a threshold search on ``(x − τ)^β`` is not exact in float32:
+``x − τ`` is close to 1 and its rounding, raised to the power β, grows β-fold (measured: 6e-6 at
+α = 1.001, garbage below α = 1 + 1e-7). There :func:`_near_softmax_solve` takes over."""
 
 
 def is_softmax(alpha: float) -> bool:
@@ -72,7 +74,10 @@ def is_softmax(alpha: float) -> bool:
 
 
 def float32_exact(alpha: float) -> bool:
-    """Whether a float32 threshold search is exact for this α (all but 1 + 1e-6 < α < 1.05)."""
+    """Whether a float32 search on τ is exact for this α (all but 1 + 1e-6 < α < 1.05).
+
+    The fused GPU kernel searches τ; the torch path has :func:`_near_softmax_solve` for the rest.
+    """
     return is_softmax(alpha) or alpha - 1.0 >= 1.0 / FLOAT32_MAX_BETA
 
 
@@ -232,7 +237,7 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
         return softmax_centred_(ws.get("t", centred).copy_(centred))
     beta = 1.0 / (alpha - 1.0)
     if beta > FLOAT32_MAX_BETA:
-        return _dense_solve(centred.double().mul_(alpha - 1.0), beta, None).float()
+        return _near_softmax_solve(centred, alpha, ws)
     # X = (α − 1)·(S − max S); sparsemax (α = 2) uses the scores as they are.
     x = centred if alpha == 2.0 else torch.mul(centred, alpha - 1.0, out=ws.get("x", centred))
     if 1.0 < beta < 2.0 and cpu_variant(x):
@@ -421,6 +426,92 @@ def _halley_solve(x: Tensor, beta: float, ws: Workspace | None, tau: Tensor | No
         start = tau.index_select(0, pending).add_(step.index_select(0, pending))
         out.index_copy_(0, pending, _halley_solve(x.index_select(0, pending), beta, None, start))
     return out.div_(out.sum(-1, keepdim=True).clamp_min_(_TINY))
+
+
+def _near_softmax_solve(
+    centred: Tensor, alpha: float, ws: Workspace | None, u: Tensor | None = None
+) -> Tensor:
+    """α-entmax for β = 1/(α − 1) > ``FLOAT32_MAX_BETA`` (1 < α < 1.05) in float32: Halley on ``u``.
+
+    Why: there ``x − τ`` is close to 1, so τ would need ~log10(β) more digits than float32 has
+    (the former float64 search cost 3.5× the α = 1.5 attention). Instead the weights are
+    ``p = exp(u + β·log1p(v))`` with ``v = (α − 1)·s·e^(−(α−1)u)`` (``s`` the centred scores,
+    ``u = log p_max``; ``v ≤ −1`` gives 0): every quantity keeps float32 relative precision,
+    because u is O(log K), ``log1p`` is exact for small arguments and ``β·log1p(v) ≈ s``.
+    ``Φ(u) = Σp`` increases with u; Halley on ``log Φ`` (:func:`_near_softmax_step`) from
+    ``u = −logsumexp(s)`` (the root as α → 1) settles nearly every row at the second evaluation
+    (measured: α 1.0001–1.049, σ 1–10; 20 % of the rows at α = 1.049, σ = 1, need a third), and
+    an evaluation that only checks needs no derivatives. While more than a quarter of the rows
+    are unsettled all rows go on; otherwise the rest go on alone. ``u`` (a start) is for those.
+    Returns normalised weights (fully masked rows: zeros), in a workspace buffer when one is given.
+    """
+    if ws is None:
+        v, p, q = torch.empty_like(centred), torch.empty_like(centred), torch.empty_like(centred)
+    else:
+        v, p, q = ws.get("x", centred), ws.get("t", centred), ws.get("p", centred)
+    a, beta = alpha - 1.0, 1.0 / (alpha - 1.0)
+    if u is None:  # −log Σ exp(s); fully masked rows get 0
+        exp = (
+            torch.mul(centred, _LOG2_E, out=q).exp2_() if cpu_variant(centred) else torch.exp(centred, out=q)
+        )
+        u = exp.sum(-1, keepdim=True).log_().neg_().clamp_max_(0.0)
+    rows = centred.shape[0]
+    # Rows whose u no longer moves (float32 has converged) count as settled, whatever their sum.
+    stuck = torch.zeros_like(u, dtype=torch.bool)
+    pending = None
+    for evaluation in range(1, _HALLEY_ROUNDS + 1):
+        total = _near_softmax_weights(centred, u, a, beta, v, p, q)
+        if evaluation > 1:
+            # Φ = 0: no finite key, nothing to settle (its weights stay 0).
+            unsettled = ((total - 1.0).abs_() > ROW_SUM_TOL).logical_and_(total > 0).logical_and_(~stuck)
+            count = int(unsettled.sum())
+            if count == 0 or evaluation == _HALLEY_ROUNDS:
+                break
+            if 4 * count <= rows:
+                pending = unsettled.squeeze(-1).nonzero().squeeze(-1)
+                break
+        step = _near_softmax_step(p, v, q, total, beta)
+        stepped = u + step
+        stuck = stepped == u
+        u = stepped.clamp_max_(0.0)
+    out = p.div_(total.clamp_min_(_TINY))
+    if pending is not None:
+        sub = _near_softmax_solve(centred.index_select(0, pending), alpha, None, u.index_select(0, pending))
+        out.index_copy_(0, pending, sub)
+    return out
+
+
+def _near_softmax_weights(
+    centred: Tensor, u: Tensor, a: float, beta: float, v: Tensor, p: Tensor, scratch: Tensor
+) -> Tensor:
+    """``p = exp(u + β·log1p(v))`` into ``p`` (``v = max(a·s·e^(−a·u), −1)`` into ``v``); returns Σp."""
+    torch.mul(centred, torch.mul(u, -a).exp_().mul_(a), out=v).clamp_min_(-1.0)
+    log_w = torch.log1p(v, out=scratch)
+    if cpu_variant(centred):  # exp(y) as 2^(y·log₂e): see softmax_centred_
+        torch.add(u * _LOG2_E, log_w, alpha=beta * _LOG2_E, out=p).exp2_()
+    else:
+        torch.add(u, log_w, alpha=beta, out=p).exp_()
+    return p.sum(-1, keepdim=True)
+
+
+def _near_softmax_step(p: Tensor, v: Tensor, scratch: Tensor, total: Tensor, beta: float) -> Tensor:
+    """Halley's step on ``log Φ(u)`` from the weights ``p`` and ``v`` of one evaluation (``v`` consumed).
+
+    ``Φ' = Σ p/w`` and ``Φ'' = Σ p·(1 + v/β)/w²`` with ``w = 1 + v`` (``dv/du = −v/β``); with
+    ``f = log Φ``, ``f' = Φ'/Φ`` and ``f'' = Φ''/Φ − f'²``, the step is ``−(f/f')/(1 − f·f''/(2f'²))``,
+    the correction kept in [1/2, 2] as in :func:`_halley_step`. Rows with Φ = 0 get 0.
+    """
+    w = v.add_(1.0).clamp_min_(_TINY)  # keys with v = −1 have p = 0: their p/w is 0, not 0/0
+    first = torch.div(p, w, out=scratch).sum(-1, keepdim=True)
+    # Φ'' = Σ (p/w²)·(1 − 1/β + w/β) = (1 − 1/β)·Σ p/w² + Φ'/β.
+    second = scratch.div_(w).sum(-1, keepdim=True).mul_(1.0 - 1.0 / beta).add_(first, alpha=1.0 / beta)
+    norm = total.clamp_min(_TINY)
+    f = norm.log()
+    slope = first.div_(norm).clamp_min_(1.0)  # Σ(p/w)/Σp ≥ 1 as w ≤ 1; rows with Φ = 0 get 1, not 0/0
+    curvature = second.div_(norm).sub_(slope * slope)
+    newton = f.div(slope).neg_()
+    correction = (f * curvature).div_(slope * slope).mul_(-0.5).add_(1.0).clamp_(0.5, 2.0)
+    return newton.div_(correction).mul_(total > 0)
 
 
 def _step_tolerance(beta: float, keys: int) -> float:

@@ -295,7 +295,9 @@ def _check_args(alpha: float, lam: float, scale: float | None, d: int) -> tuple[
     if isinstance(alpha, bool) or not 1.0 <= float(alpha) <= 2.0:
         raise ValueError(f"alpha: {alpha!r} is outside [1, 2]")
     if not float32_exact(float(alpha)):
-        raise ValueError(f"alpha: {alpha!r} in (1, 1.05) needs a float64 search; use pladis_attention")
+        raise ValueError(
+            f"alpha: {alpha!r} in (1, 1.05) is beyond the kernel's τ search; use pladis_attention"
+        )
     if not math.isfinite(float(lam)):
         raise ValueError(f"lam: {lam!r} is not finite")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
