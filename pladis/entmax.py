@@ -244,14 +244,17 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
         # On GPUs the dense passes are cheap and gathering would cost a host synchronisation.
         tau = _lower_bound(x, beta, ws)
         sparse = _solve_on_candidates(x, tau, beta, ws)
-        return sparse if sparse is not None else _dense_solve(x, beta, ws, tau)
+        if sparse is not None:
+            return sparse
+        # Too many candidates to gather: Newton on whole rows, from the same mapped start.
+        return _dense_solve(x, beta, ws, _equal_keys_start(tau, beta))
     if beta > 2.0 and not _is_whole(beta):
         return _halley_solve(x, beta, ws)
     return _dense_solve(x, beta, ws)
 
 
 def _dense_solve(x: Tensor, beta: float, ws: Workspace | None, tau: Tensor | None = None) -> Tensor:
-    """Newton from the lower bound, the exact step, and the gathered finish, on whole rows."""
+    """Newton from the lower bound (or a start ``tau``), the exact step, and the gathered finish."""
     if tau is None:
         tau = _lower_bound(x, beta, ws)
     tau = _newton(x, tau, beta, NEWTON_STEPS, ws)
@@ -275,12 +278,12 @@ def _solve_on_candidates(x: Tensor, tau: Tensor, beta: float, ws: Workspace) -> 
     once makes each step cost a tenth. See :func:`_newton_on_segments` for the steps.
     """
     rows, keys = x.shape
-    # A float comparison copied into a bool buffer is ~3× faster on CPU than a bool-valued comparison.
     above = torch.gt(x, tau, out=ws.get("p", x))
+    if float(above.sum()) > CANDIDATE_FRACTION * x.numel():  # counted before the costly nonzero
+        return None
+    # A float comparison copied into a bool buffer is ~3× faster on CPU than a bool-valued comparison.
     mask = ws.get("mask", x, torch.bool).copy_(above)
     index = mask.view(-1).nonzero().squeeze(1)
-    if index.numel() > CANDIDATE_FRACTION * x.numel():
-        return None
     values = x.view(-1).index_select(0, index)
     row = _row_of(index, keys, x.numel())
     start = _equal_keys_start(tau.view(-1), beta)
@@ -636,7 +639,10 @@ def _power_mean_bound(x: Tensor, p: float) -> Tensor:
 
 
 def _newton(x: Tensor, tau: Tensor, beta: float, steps: int, ws: Workspace | None) -> Tensor:
-    """``steps`` Newton steps on ``h(τ) = ‖(x − τ)₊‖_β − 1`` from below (monotone, no overshoot)."""
+    """``steps`` Newton steps on ``h(τ) = ‖(x − τ)₊‖_β − 1`` from below (monotone, no overshoot).
+
+    A start above the root (:func:`_equal_keys_start`) lands below it in one step, ``h`` being convex.
+    """
     t_buf = torch.empty_like(x) if ws is None else ws.get("t", x)
     scratch = torch.empty_like(x) if ws is None else ws.get("p", x)
     for _ in range(steps):
@@ -656,8 +662,9 @@ def _newton(x: Tensor, tau: Tensor, beta: float, steps: int, ws: Workspace | Non
             lower = _power(t, beta - 1.0, scratch)
             lower_sum = lower.sum(-1, keepdim=True)
             norm = lower.mul_(t).sum(-1, keepdim=True).pow_(1.0 / beta)
-            # Iterates stay below the root, where the norm is ≥ 1; the clamp only matters for rows
-            # with no finite key (norm 0), whose weights are 0 whatever τ is, and for rounding.
+            # Iterates stay below the root, where the norm is ≥ 1; the clamp matters for rows with
+            # no finite key (norm 0), whose weights are 0 whatever τ is, for rounding, and for a
+            # first step from a start above the root, which it lengthens: still landing below it.
             numerator = norm - 1.0
             denominator = lower_sum.mul_(norm.clamp_min(1.0).pow(1.0 - beta))
         tau = torch.addcdiv(tau, numerator, denominator.clamp_min_(_TINY))
