@@ -11,7 +11,9 @@ power of two), so the score row never leaves registers:
 3. the α-entmax threshold τ for ``p = [(α−1)(S − max) − τ]₊^β``, β = 1/(α−1), by Newton's method on
    ``h(τ) = ‖(X − τ)₊‖_β − 1`` from τ = −1 (convex and decreasing, so the iterates climb to the root
    without overshooting), then one exact step on the found support (the support quadratic for α = 1.5,
-   Michelot's mean for α = 2, one more Newton step otherwise);
+   Michelot's mean for α = 2, one more Newton step otherwise). Just above α = 1 (α < 1.05), where τ
+   would need more digits than float32 has, the weights are ``exp(u + β·log1p(v))`` around the
+   softmax instead and Halley steps find ``u = log p_max`` (as ``pladis.entmax._near_softmax_solve``);
 4. a per-row check ``|Σp − 1| ≤ TOL``: rows that fail (support not settled yet) keep iterating inside the
    program, from the last safe (below-root) iterate, for at most ``MAX_FIX`` rounds — no host sync;
 5. ``W = (1−λ)·softmax + λ·p/Σp`` and ``O = W @ V`` (``W`` cast to V's dtype, float32 accumulation).
@@ -75,6 +77,51 @@ def _exact(z, tau, am1, beta, MODE: tl.constexpr):
 
 
 @triton.jit
+def _log1p(v):
+    """``log(1 + v)`` for −1 ≤ v ≤ 0 at float32 precision, without relying on a precise ``log``.
+
+    GPUs take ``log`` from an approximation whose error is absolute (~2^-22), which β ≥ 20 would
+    amplify in the weights. Where v > −1/2: ``2·atanh(y)``, ``y = v/(2 + v)`` (|y| ≤ 1/3), by its
+    series to y^13 (truncation < 2e-8 relative). Below, ``log(1 + v)``: those keys weigh < 2^-20.
+    """
+    y = v / (2.0 + v)
+    y2 = y * y
+    series = 1.0 / 13.0
+    series = series * y2 + 1.0 / 11.0
+    series = series * y2 + 1.0 / 9.0
+    series = series * y2 + 1.0 / 7.0
+    series = series * y2 + 1.0 / 5.0
+    series = series * y2 + 1.0 / 3.0
+    series = series * y2 + 1.0
+    return tl.where(v > -0.5, 2.0 * y * series, tl.log(1.0 + v))
+
+
+@triton.jit
+def _near_weights(z, u, am1, beta):
+    """Weights ``exp(u + β·log1p(v))`` with ``v = max((α−1)·z·e^(−(α−1)u), −1)`` (α just above 1), and v."""
+    v = tl.maximum(z * (am1 * tl.exp(-am1 * u))[:, None], -1.0)
+    return tl.exp(u[:, None] + beta * _log1p(v)), v
+
+
+@triton.jit
+def _near_step(z, u, am1, beta):
+    """One Halley step on ``log Σp`` over ``u`` (``Φ' = Σp/w``, ``Φ'' = Σp(1 + v/β)/w²``, w = 1 + v)."""
+    p, v = _near_weights(z, u, am1, beta)
+    w = tl.maximum(1.0 + v, 1e-30)  # keys with v = −1 have p = 0: p/w is 0, not 0/0
+    q = p / w
+    phi = tl.sum(p, axis=1)
+    first = tl.sum(q, axis=1)
+    second = (1.0 - 1.0 / beta) * tl.sum(q / w, axis=1) + first / beta
+    norm = tl.maximum(phi, 1e-30)
+    f = tl.log(norm)
+    slope = tl.maximum(first / norm, 1.0)  # Σ(p/w)/Σp ≥ 1 as w ≤ 1
+    curvature = second / norm - slope * slope
+    correction = tl.minimum(tl.maximum(1.0 - 0.5 * f * curvature / (slope * slope), 0.5), 2.0)
+    step = tl.where(phi > 0, -f / slope / correction, 0.0)
+    return tl.minimum(u + step, 0.0)
+
+
+@triton.jit
 def pladis_fwd_kernel(
     Q,
     Kp,
@@ -106,7 +153,7 @@ def pladis_fwd_kernel(
     lam,
     am1,
     beta,
-    MODE: tl.constexpr,  # 0 softmax only (α = 1 or λ = 0), 1 α = 1.5, 2 α = 2, 3 other α
+    MODE: tl.constexpr,  # 0 softmax only (α = 1 or λ = 0), 1 α = 1.5, 2 α = 2, 3 other α, 4 α < 1.05
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool (True = attend), 2 additive float
     N_NEWTON: tl.constexpr,
     MAX_FIX: tl.constexpr,
@@ -173,6 +220,24 @@ def pladis_fwd_kernel(
     if MODE == 0:
         c_soft = 1.0 / den
         w = e * c_soft[:, None]
+    elif MODE == 4:
+        u = tl.minimum(-tl.log(den), 0.0)  # log p_max of the softmax: the root as α → 1
+        for _ in tl.static_range(N_NEWTON):
+            u = _near_step(z, u, am1, beta)
+        p, _ = _near_weights(z, u, am1, beta)
+        tot = tl.sum(p, axis=1)
+        bad = (tl.abs(tot - 1.0) > TOL) & m_ok & (dead == 0)
+        n_bad = tl.sum(bad.to(tl.int32), axis=0)
+        it = 0
+        while (n_bad > 0) & (it < MAX_FIX):
+            u = tl.where(bad, _near_step(z, u, am1, beta), u)
+            p, _ = _near_weights(z, u, am1, beta)
+            tot = tl.sum(p, axis=1)
+            bad = bad & (tl.abs(tot - 1.0) > TOL)
+            n_bad = tl.sum(bad.to(tl.int32), axis=0)
+            it += 1
+        tot = tl.where(dead, 1.0, tot)
+        w = e * ((1.0 - lam) / den)[:, None] + p * (lam / tot)[:, None]
     else:
         tau = tl.full([BLOCK_M], -1.0, tl.float32)
         for _ in tl.static_range(N_NEWTON):

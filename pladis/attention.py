@@ -29,7 +29,6 @@ from .entmax import (
     check_alpha,
     check_no_grad,
     entmax_rows,
-    float32_exact,
     is_softmax,
     row_max,
     softmax_centred_,
@@ -107,8 +106,7 @@ def pladis_attention(
     check_no_grad("PLADIS attention", q=q, k=k, v=v, mask=mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    # The kernel searches τ in float32, not exact for α just above 1: the torch path has a solver.
-    fused = _fused_kernel(q, k, v, mask) if float32_exact(alpha) else None
+    fused = _fused_kernel(q, k, v, mask)
     if fused is not None:
         from .triton_kernel import TritonUnsupported
 

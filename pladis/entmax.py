@@ -76,7 +76,8 @@ def is_softmax(alpha: float) -> bool:
 def float32_exact(alpha: float) -> bool:
     """Whether a float32 search on τ is exact for this α (all but 1 + 1e-6 < α < 1.05).
 
-    The fused GPU kernel searches τ; the torch path has :func:`_near_softmax_solve` for the rest.
+    Elsewhere both the torch path (:func:`_near_softmax_solve`) and the fused GPU kernel solve for
+    the log-weight of the largest key instead of τ.
     """
     return is_softmax(alpha) or alpha - 1.0 >= 1.0 / FLOAT32_MAX_BETA
 

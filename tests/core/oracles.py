@@ -20,6 +20,24 @@ def reference_entmax(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     return entmax_package.entmax_bisect(x, alpha=alpha, dim=-1, n_iter=200)
 
 
+def near_one_oracle(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """α-entmax for α → 1 in float64, written as ``p = (1 + a·(s − κ))₊^(1/a)`` with ``a = α − 1``.
+
+    ``log1p`` keeps the small ``a·(s − κ)`` exact where ``x − τ ≈ 1`` would round it away; κ by
+    bisection (200 halvings).
+    """
+    s, a = scores.double(), alpha - 1.0
+    top = s.max(-1, keepdim=True).values
+    low, high = top - 60.0, top + 60.0
+    for _ in range(200):
+        kappa = (low + high) / 2
+        u = (a * (s - kappa)).clamp_min(-1.0)
+        p = torch.where(u > -1.0, torch.exp(torch.log1p(u.clamp_min(-1 + 1e-15)) / a), torch.zeros_like(s))
+        above = p.sum(-1, keepdim=True) > 1
+        low, high = torch.where(above, kappa, low), torch.where(above, high, kappa)
+    return p / p.sum(-1, keepdim=True)
+
+
 def reference_pladis(q, k, v, alpha: float, lam: float, scale: float | None = None, mask=None):
     """((1 − λ)·softmax + λ·entmax)·V in float64, written independently of the package under test."""
     q64, k64, v64 = q.double(), k.double(), v.double()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pladis.entmax import entmax
-from tests.core.oracles import reference_entmax
+from tests.core.oracles import near_one_oracle, reference_entmax
 
 ALPHAS = [1.1, 1.25, 1.3, 1.45, 1.5, 1.75, 1.9, 2.0]
 """The issue's α set, plus 1.3 and 1.45: fractional β = 1/(α − 1) > 2, which take the Halley solver."""
@@ -93,24 +93,6 @@ def test_half_precision_inputs_give_the_float32_answer_of_the_rounded_inputs(alp
 def test_alpha_one_is_softmax() -> None:
     x = random_rows(1, 256, 77, 3.0)
     torch.testing.assert_close(entmax(x, 1.0), torch.softmax(x, -1), rtol=0, atol=1e-6)
-
-
-def near_one_oracle(scores: torch.Tensor, alpha: float) -> torch.Tensor:
-    """α-entmax for α → 1 in float64, written as ``p = (1 + a·(s − κ))₊^(1/a)`` with ``a = α − 1``.
-
-    ``log1p`` keeps the small ``a·(s − κ)`` exact where ``x − τ ≈ 1`` would round it away; κ by
-    bisection (200 halvings).
-    """
-    s, a = scores.double(), alpha - 1.0
-    top = s.max(-1, keepdim=True).values
-    low, high = top - 60.0, top + 60.0
-    for _ in range(200):
-        kappa = (low + high) / 2
-        u = (a * (s - kappa)).clamp_min(-1.0)
-        p = torch.where(u > -1.0, torch.exp(torch.log1p(u.clamp_min(-1 + 1e-15)) / a), torch.zeros_like(s))
-        above = p.sum(-1, keepdim=True) > 1
-        low, high = torch.where(above, kappa, low), torch.where(above, high, kappa)
-    return p / p.sum(-1, keepdim=True)
 
 
 @pytest.mark.parametrize("sigma", [1.0, 3.0])

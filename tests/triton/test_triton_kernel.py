@@ -22,8 +22,23 @@ pytest.importorskip("triton")
 entmax_pkg = pytest.importorskip("entmax")
 
 from pladis import triton_kernel as tk  # noqa: E402
+from tests.core.oracles import near_one_oracle  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+triton = pytest.importorskip("triton")
+tl = triton.language
+_log1p = pytest.importorskip("pladis._triton_fwd")._log1p
+
+
+@triton.jit
+def _log1p_probe(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, _log1p(tl.load(X + offs)))
+
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning"),
+]
 
 ALPHAS = (1.25, 1.5, 1.75, 2.0)
 
@@ -231,14 +246,52 @@ def test_is_supported_and_reasons(monkeypatch):
 
 
 def test_alpha_just_above_one():
-    q, k, v = make_qkv(1, 1, 5, 77, 40, seed=10)
+    q, k, _ = make_qkv(1, 1, 5, 77, 40, seed=10)
     # Within 1e-6 of 1 the kernel takes its softmax branch: entmax differs from softmax by ~2e-6.
     w = tk.pladis_weights_triton(q, k, alpha=1 + 1e-7, lam=2.0, scale=0.2)
     assert (w.double() - oracle_entmax(oracle_scores(q, k, 0.2), 1.0)).abs().max().item() <= 1e-5
-    # Between that and 1.05 a float32 search is not exact: the kernel refuses, pladis_attention
-    # sends such α to the torch path (tests/core/test_attention.py).
-    with pytest.raises(ValueError, match="alpha"):
-        tk.pladis_attention_triton(q, k, v, alpha=1.001, lam=2.0, scale=0.1)
+
+
+@pytest.mark.parametrize("k_len", [77, 154])
+@pytest.mark.parametrize("alpha", [1 + 2e-6, 1.001, 1.01, 1.049])
+def test_alpha_just_above_one_solves_for_the_largest_weight(alpha, k_len):
+    # Below α = 1.05 a float32 search on τ is not exact: the kernel solves for log p_max instead
+    # (branch 4), with a log1p that does not rely on the GPU's approximate log near 1.
+    q, k, _ = make_qkv(1, 2, 6, k_len, 40, seed=k_len + 3)
+    mask = torch.ones(1, 2, 6, k_len, dtype=torch.bool)
+    mask[:, :, 1, 30:] = False
+    mask[:, :, 4, :] = False  # a row with every key masked: zero weights
+    scale = 40**-0.5
+    assert tk._mode(alpha, 1.0)[0] == 4
+    w = tk.pladis_weights_triton(q, k, alpha=alpha, lam=1.0, scale=scale, mask=mask)
+    scores = oracle_scores(q, k, scale, mask)
+    live = mask.any(-1)
+    ref = near_one_oracle(scores[live], alpha)
+    assert (w[live].double() - ref).abs().max().item() <= 1e-6
+    assert torch.equal(w[~live], torch.zeros_like(w[~live]))
+
+
+def test_log1p_is_exact_near_zero_without_a_precise_log():
+    # float32 1 + v rounds tiny v away (log(1 + v) is then 0 or off by 100 %), and GPUs' log has an
+    # absolute error: the kernel's log1p must get its digits from the series, not from log.
+    v = -torch.cat([torch.logspace(-12, 0, 250, dtype=torch.float64), torch.tensor([0.0, 0.5, 0.4999])])
+    v = torch.cat([v, torch.zeros(256 - v.numel(), dtype=torch.float64)]).float()
+    out = torch.empty_like(v)
+    _log1p_probe[(1,)](v, out, N=256)
+    want = torch.log1p(v.double())
+    finite = v > -1
+    rel = ((out.double() - want) / want.abs().clamp_min(1e-300))[finite & (v != 0)]
+    assert rel.abs().max().item() <= 5e-7
+    assert out[v == 0].eq(0).all() and out[v == -1].eq(-math.inf).all()
+
+
+def test_alpha_just_above_one_blend_in_fp16():
+    q, k, v = make_qkv(1, 2, 7, 77, 64, dtype=torch.float16, spread=2.0, seed=12)
+    out = tk.pladis_attention_triton(q, k, v, alpha=1.02, lam=2.0, scale=0.125)
+    s = oracle_scores(q, k, 0.125)
+    ref = (-torch.softmax(s, -1) + 2.0 * near_one_oracle(s, 1.02)) @ v.double()
+    assert out.dtype == torch.float16
+    assert (out.double() - ref).abs().max().item() <= 2e-3
 
 
 def test_bad_arguments_raise():
