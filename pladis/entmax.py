@@ -241,13 +241,14 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
         return _near_softmax_solve(centred, alpha, ws)
     # X = (α − 1)·(S − max S); sparsemax (α = 2) uses the scores as they are.
     x = centred if alpha == 2.0 else torch.mul(centred, alpha - 1.0, out=ws.get("x", centred))
-    if 1.0 < beta < 2.0 and cpu_variant(x):
-        # On GPUs the dense passes are cheap and gathering would cost a host synchronisation.
+    if 1.0 < beta < 2.0:
         tau = _lower_bound(x, beta, ws)
-        sparse = _solve_on_candidates(x, tau, beta, ws)
+        # On GPUs the dense passes are cheap and gathering would cost a host synchronisation.
+        sparse = _solve_on_candidates(x, tau, beta, ws) if cpu_variant(x) else None
         if sparse is not None:
             return sparse
-        # Too many candidates to gather: Newton on whole rows, from the same mapped start.
+        # Whole rows (GPUs, or too many candidates to gather): Newton from the mapped start, which
+        # also spares the unsettled-row finish (a GPU-variant chunk at α = 1.75: 87 ops, not 137).
         return _dense_solve(x, beta, ws, _equal_keys_start(tau, beta))
     if beta > 2.0 and not _is_whole(beta):
         return _halley_solve(x, beta, ws)
