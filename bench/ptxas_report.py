@@ -10,12 +10,11 @@ Usage::
     python bench/ptxas_report.py                              # the default grid, sm_90
     python bench/ptxas_report.py --cap 80 --modes 1 3 --tiles 64x4 32x8 --keys 128 --dims 64 128
 
-Columns: mode (0 softmax, 1 α=1.5, 2 α=2, 3 other α), BLOCK_M x warps, BLOCK_K, BLOCK_D, registers per
-thread, spill bytes (stores), shared memory, and counts in the PTX of barriers, warpgroup MMAs (Hopper)
-and warp MMAs. Numbers come from the local Triton, which may differ slightly from the GPU machine's;
-integer arguments are not specialised here (a launch makes those equal to 1 constants and marks those
-divisible by 16), so a launch can compile a little differently.
-"""
+Columns: mode (0 softmax, 1 α=1.5, 2 α=2, 3 other α, 4 α<1.05, 5 1.5<α<2), BLOCK_M x warps, BLOCK_K,
+BLOCK_D, registers per thread, spill bytes (stores), shared memory, and counts in the PTX of barriers,
+warpgroup MMAs (Hopper) and warp MMAs. Numbers come from the local Triton, which may differ slightly from
+the GPU machine's; integer arguments are not specialised here (a launch makes those equal to 1 constants
+and marks those divisible by 16), so a launch can compile a little differently."""
 
 from __future__ import annotations
 
@@ -100,7 +99,7 @@ def summarise(ptx: str, report: str, shared: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cap", type=int, default=90, help="compute capability ×10 (80, 86, 89, 90)")
-    p.add_argument("--modes", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--modes", type=int, nargs="+", default=[1, 2, 3, 5])
     p.add_argument("--tiles", nargs="+", default=["64x4", "128x8", "32x8", "32x4"], help="BLOCK_MxWARPS")
     p.add_argument("--keys", type=int, nargs="+", default=[128, 256], help="BLOCK_K (padded key count)")
     p.add_argument("--dims", type=int, nargs="+", default=[64], help="BLOCK_D (padded head dim)")

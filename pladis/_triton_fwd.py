@@ -11,7 +11,10 @@ power of two), so the score row never leaves registers:
 3. the α-entmax threshold τ for ``p = [(α−1)(S − max) − τ]₊^β``, β = 1/(α−1), by Newton's method on
    ``h(τ) = ‖(X − τ)₊‖_β − 1`` from τ = −1 (convex and decreasing, so the iterates climb to the root
    without overshooting), then one exact step on the found support (the support quadratic for α = 1.5,
-   Michelot's mean for α = 2, one more Newton step otherwise). Just above α = 1 (α < 1.05), where τ
+   Michelot's mean for α = 2, one more Newton step otherwise). For 1.5 < α < 2 the search starts
+   instead from two power-free ℓ2 Newton steps mapped by ``τ ↦ −(−τ)^(2/β)`` (exact for equal keys,
+   as ``pladis.entmax._equal_keys_start``), which saves two of the ℓβ steps and their powers; the
+   first ℓβ step from there may start above the root and lands below it. Just above α = 1 (α < 1.05), where τ
    would need more digits than float32 has, the weights are ``exp(u + β·log1p(v))`` around the
    softmax instead and Halley steps find ``u = log p_max`` (as ``pladis.entmax._near_softmax_solve``);
 4. a per-row check ``|Σp − 1| ≤ TOL``: rows that fail (support not settled yet) keep iterating inside the
@@ -153,7 +156,7 @@ def pladis_fwd_kernel(
     lam,
     am1,
     beta,
-    MODE: tl.constexpr,  # 0 softmax only (α = 1 or λ = 0), 1 α = 1.5, 2 α = 2, 3 other α, 4 α < 1.05
+    MODE: tl.constexpr,  # 0 softmax (α = 1 or λ = 0), 1 α = 1.5, 2 α = 2, 3 other, 4 α < 1.05, 5 1.5 < α < 2
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool (True = attend), 2 additive float
     N_NEWTON: tl.constexpr,
     MAX_FIX: tl.constexpr,
@@ -240,6 +243,10 @@ def pladis_fwd_kernel(
         w = e * ((1.0 - lam) / den)[:, None] + p * (lam / tot)[:, None]
     else:
         tau = tl.full([BLOCK_M], -1.0, tl.float32)
+        if MODE == 5:  # power-free ℓ2 steps (branch 1's Newton), then the equal-keys map
+            for _ in tl.static_range(2):
+                tau = _newton(z, tau, am1, beta, 1)
+            tau = -tl.exp2(tl.log2(-tau) * (2.0 / beta))
         for _ in tl.static_range(N_NEWTON):
             tau = _newton(z, tau, am1, beta, MODE)
         tau_x = _exact(z, tau, am1, beta, MODE)

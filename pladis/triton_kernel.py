@@ -176,10 +176,12 @@ def is_supported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) ->
 
 
 def _mode(alpha: float, lam: float) -> tuple[int, float, float]:
-    """Kernel branch and (α−1, β=1/(α−1)): 0 softmax only, 1 α=1.5, 2 α=2, 3 other α, 4 α just above 1.
+    """Kernel branch and (α−1, β=1/(α−1)): 0 softmax only, 1 α=1.5, 2 α=2, 3 other α, 4 α just above 1,
+    5 1.5 < α < 2.
 
     Branch 4 (1 + 1e-6 < α < 1.05), where a float32 search on τ is not exact, solves for the
-    log-weight of the largest key instead (see ``pladis/_triton_fwd.py``).
+    log-weight of the largest key instead; branch 5 is branch 3 started from the ℓ2 threshold mapped
+    towards the ℓβ one (see ``pladis/_triton_fwd.py``).
     """
     if lam == 0.0 or is_softmax(alpha):
         return 0, 1.0, 1.0
@@ -187,6 +189,8 @@ def _mode(alpha: float, lam: float) -> tuple[int, float, float]:
         return 1, 0.5, 2.0
     if alpha == 2.0:
         return 2, 1.0, 1.0
+    if alpha > 1.5:
+        return 5, alpha - 1.0, 1.0 / (alpha - 1.0)
     return 3 if float32_exact(alpha) else 4, alpha - 1.0, 1.0 / (alpha - 1.0)
 
 
@@ -198,6 +202,8 @@ def _newton_steps(mode: int, block_k: int) -> int:
     """
     if mode == 4:
         return 2
+    if mode == 5:  # + the exact step: the three steps the torch path takes from the same mapped start
+        return 2 if block_k <= 128 else 3
     if mode == 1:
         return 3 if block_k <= 128 else 4
     if mode == 2:

@@ -197,6 +197,28 @@ def test_fallback_loop_finishes_unsettled_rows(monkeypatch):
     assert (w_bad.double() - ref).abs().max().item() > 1e-4
 
 
+@pytest.mark.parametrize("k_len", [77, 154])
+@pytest.mark.parametrize("alpha", [1.55, 1.6, 1.75, 1.9])
+def test_mapped_start_needs_no_fix_up_on_gaussian_rows(alpha, k_len, monkeypatch):
+    # 1.5 < α < 2 (branch 5) starts from the ℓ2 threshold mapped towards the ℓβ one: the fixed steps
+    # alone settle Gaussian rows (the in-kernel fix-up is switched off), where the plain start from
+    # τ = −1 with the same steps does not (K = 77).
+    assert tk._mode(alpha, 1.0)[0] == 5
+    q, k, _ = make_qkv(1, 2, 16, k_len, 40, spread=1.0, seed=k_len + 21)
+    scale = 40**-0.5
+    ref = oracle_entmax(oracle_scores(q, k, scale), alpha)
+    monkeypatch.setattr(tk, "MAX_FIX", 0)
+    w = tk.pladis_weights_triton(q, k, alpha=alpha, lam=1.0, scale=scale)
+    assert (w.double() - ref).abs().max().item() <= 1e-5
+    if k_len != 77:
+        return  # (at K = 154 the branch takes one step more, which the plain start also needs)
+    steps = tk._newton_steps(5, tk._tiles(k_len, 40)[0])
+    monkeypatch.setattr(tk, "_mode", lambda a, lam: (3, a - 1.0, 1.0 / (a - 1.0)))
+    monkeypatch.setattr(tk, "_newton_steps", lambda mode, block_k: steps)
+    w_plain = tk.pladis_weights_triton(q, k, alpha=alpha, lam=1.0, scale=scale)
+    assert (w_plain.double() - ref).abs().max().item() > 1e-5
+
+
 @pytest.mark.parametrize("alpha", [1.05, 1.99])
 def test_alpha_near_the_ends(alpha):
     q, k, _ = make_qkv(1, 1, 5, 77, 40, seed=10)
