@@ -24,7 +24,7 @@ for s in "$@"; do
     ops) stage ops 170 python3 bench/gpu_bench.py --ops-only --shapes "SDXL L1" "SDXL L1 K=154" "SD1.5 L1" "SDXL L2" ;;
     unet-sdxl) stage unet-sdxl 170 python3 bench/gpu_bench.py --unet-only --unets "SDXL 1024²" --unet-torch-path ;;
     unet-sd15) stage unet-sd15 90 python3 bench/gpu_bench.py --unet-only --unets "SD1.5 512²" --unet-torch-path ;;
-    check) stage check 110 env PLADIS_TRITON_AUTOTUNE=0 python3 bench/gpu_bench.py --check --quick ;;
+    check) stage check 170 env PLADIS_TRITON_AUTOTUNE=0 python3 bench/gpu_bench.py --check --quick ;;
     probe) stage probe 220 env PLADIS_TRITON_AUTOTUNE=0 python3 bench/gpu_probe.py ;;
     unet-sd15-heuristic) stage unet-sd15-heuristic 120 env PLADIS_TRITON_AUTOTUNE=0 python3 bench/gpu_bench.py --unet-only --unets "SD1.5 512²" --unet-torch-path ;;
     full-check) stage full-check 400 env PLADIS_TRITON_AUTOTUNE=0 python3 bench/gpu_bench.py --check ;;
