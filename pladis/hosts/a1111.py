@@ -23,7 +23,7 @@ import sys
 import types
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,20 +89,31 @@ def resolve_host_functions() -> HostFunctions:
 
 @dataclass(eq=False)
 class Session:
-    """One generation's PLADIS state. ``live`` turns False when it ends, disarming its patches."""
+    """One generation's PLADIS state. ``live`` turns False when it ends, disarming its patches.
+
+    ``owner`` is a weak reference to the generation's processing object (None: not tied to one).
+    Once that object is gone the session no longer applies, even while still ``live``: when sampling
+    raises, ``postprocess`` never runs, and the patches stay installed until the next generation;
+    meanwhile UNet calls that bypass the samplers (textual-inversion or hypernetwork training call
+    ``sd_model.forward`` directly) must run stock.
+    """
 
     params: PladisParams
     host: HostFunctions
-    owner: Callable[[], Any] = field(default=lambda: None)
+    owner: Callable[[], Any] | None = None
     progress: float = 0.0
     live: bool = True
 
     def applies(self) -> bool:
-        """Whether PLADIS replaces attention right now (live and inside the start/end window)."""
-        return self.live and self.params.active_at(self.progress)
+        """Whether PLADIS replaces attention right now: live, owner alive, inside the start/end window."""
+        return (
+            self.live
+            and (self.owner is None or self.owner() is not None)
+            and self.params.active_at(self.progress)
+        )
 
     def owned_by(self, p: Any) -> bool:
-        return p is not None and self.owner() is p
+        return p is not None and self.owner is not None and self.owner() is p
 
 
 @dataclass(eq=False)
@@ -261,7 +272,8 @@ class Attn2Patcher:
     def begin(self, params: PladisParams, owner: Any = None, host: HostFunctions | None = None) -> Session:
         """End any previous generation (removing its patches), then start a new one."""
         self.end()
-        self.session = Session(params, host or resolve_host_functions(), weak_owner(owner))
+        owner_ref = None if owner is None else weak_owner(owner)
+        self.session = Session(params, host or resolve_host_functions(), owner_ref)
         return self.session
 
     def end(self) -> int:

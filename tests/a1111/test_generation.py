@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -159,6 +161,28 @@ def test_foreign_generation_after_crash_is_not_affected(webui):
     assert kit.instance_forwards(model) == []
 
 
+def test_direct_unet_calls_after_crash_run_stock_once_the_generation_is_gone(webui):
+    """Training calls the UNet without a sampler (no CFGDenoiser callback): after a crash skipped
+    postprocess, the stale patches stay installed until the next generation, but they must not
+    apply once the crashed generation's processing object is gone."""
+    kit = webui.kit
+    model = kit.sd15()
+    data = kit.inputs()
+    clean = kit.baseline_copy(model)
+    handle = model.model.diffusion_model.middle_block.register_forward_pre_hook(
+        lambda *_: (_ for _ in ()).throw(RuntimeError("boom"))
+    )
+    with pytest.raises(RuntimeError):
+        _generate(webui, model, True, 1.5, 2.0, data=data)
+    handle.remove()
+    gc.collect()
+    assert kit.instance_forwards(model) != []  # postprocess was skipped: the patches are still there
+    x, t = data["noise"], torch.full((1,), 0.5)
+    with torch.no_grad():
+        got, want = model.apply_model(x, t, data["cond"]), clean.apply_model(x, t, data["cond"])
+    assert torch.equal(got, want)
+
+
 def test_hires_fix_patches_both_passes(webui):
     kit = webui.kit
     model = kit.sd15()
@@ -171,8 +195,10 @@ def test_hires_fix_patches_both_passes(webui):
     assert not torch.allclose(out, baseline, atol=1e-3)
 
 
-def test_hires_checkpoint_switch_is_patched_and_restored(webui):
+@pytest.mark.parametrize("checkpoints_limit", [1, 2])  # 2: models come back from the cache, no callback
+def test_hires_checkpoint_switch_is_patched_and_restored(webui, checkpoints_limit):
     kit = webui.kit
+    webui.shared.opts.sd_checkpoints_limit = checkpoints_limit
     main, hires = kit.sd15(seed=0, name="main"), kit.sd15(seed=5, name="hires")
     data = kit.inputs()
     kw = {"enable_hr": True, "hr_second_pass_steps": 3, "hr_checkpoint_info": "hires"}
@@ -184,15 +210,18 @@ def test_hires_checkpoint_switch_is_patched_and_restored(webui):
     expected, _ = kit.run(kit.txt2img(None, (), data=data, **kw))
 
     kit.use_models(main, hires)
-    out, _ = kit.run(
-        kit.txt2img(webui.runner, kit.script_args(webui.runner, True, 1.5, 2.0), data=data, **kw)
-    )
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
-    assert kit.instance_forwards(main) == [] and kit.instance_forwards(hires) == []
+    for _ in range(2):  # the second time both models were loaded before
+        out, _ = kit.run(
+            kit.txt2img(webui.runner, kit.script_args(webui.runner, True, 1.5, 2.0), data=data, **kw)
+        )
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+        assert kit.instance_forwards(main) == [] and kit.instance_forwards(hires) == []
 
 
-def test_sdxl_refiner_switch_mid_sampling_is_patched(webui):
+@pytest.mark.parametrize("checkpoints_limit", [1, 2])  # 2: models come back from the cache, no callback
+def test_sdxl_refiner_switch_mid_sampling_is_patched(webui, checkpoints_limit):
     kit = webui.kit
+    webui.shared.opts.sd_checkpoints_limit = checkpoints_limit
     base, refiner = kit.sdxl(seed=1, name="base"), kit.sdxl(seed=2, name="refiner", context_dim=40)
     data = kit.inputs(ctx_dim=40)
     kw = {
@@ -213,13 +242,15 @@ def test_sdxl_refiner_switch_mid_sampling_is_patched(webui):
     )
 
     kit.use_models(base, refiner)
-    out, res = kit.run(kit.txt2img(webui.runner, kit.script_args(webui.runner, True), data=data, **kw))
-    assert res.extra_generation_params["Refiner"] == "refiner"
-    assert switched and all(
-        len(names) == len(kit.attn2_modules(refiner, ("down", "up"))) for names in switched
-    )
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
-    assert kit.instance_forwards(base) == [] and kit.instance_forwards(refiner) == []
+    for _ in range(2):  # the second time both models were loaded before
+        switched.clear()
+        out, res = kit.run(kit.txt2img(webui.runner, kit.script_args(webui.runner, True), data=data, **kw))
+        assert res.extra_generation_params["Refiner"] == "refiner"
+        assert switched and all(
+            len(names) == len(kit.attn2_modules(refiner, ("down", "up"))) for names in switched
+        )
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+        assert kit.instance_forwards(base) == [] and kit.instance_forwards(refiner) == []
 
 
 def test_img2img(webui):
