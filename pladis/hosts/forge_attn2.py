@@ -50,14 +50,16 @@ def host_attention(host: str, q: Tensor, k: Tensor, v: Tensor, extra_options: di
     """Call the host's own attention exactly as its stock ``CrossAttention.forward`` does.
 
     Forge: ``attention_function(q, k, v, heads)`` (mask ``None``). reForge: ``optimized_attention(q, k,
-    v, heads, attn_precision=...)``. Using the host function (not a re-implementation) keeps the
-    pass-through bit-identical to a stock run.
+    v, heads, attn_precision=...)``, the value its transformer block also puts in ``extra_options``;
+    pre-August-2024 Forge has the same ``ldm_patched`` function without that parameter and without
+    the key, so it is passed only when the host provided it. Using the host function (not a
+    re-implementation) keeps the pass-through bit-identical to a stock run.
     """
     module_name, attr = _HOST_ATTENTION[host]
     function = getattr(importlib.import_module(module_name), attr)
     heads = int(extra_options["n_heads"])
-    if host == REFORGE_HOST:
-        return function(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+    if host == REFORGE_HOST and "attn_precision" in extra_options:
+        return function(q, k, v, heads, attn_precision=extra_options["attn_precision"])
     return function(q, k, v, heads)
 
 
@@ -240,6 +242,11 @@ def make_attn2_replacement(
 
     setattr(pladis_attn2, MARK, True)
     setattr(pladis_attn2, PRIOR, prior)
+    # Forge's IP-Adapter adds a condition to the patch already in its slot by calling that patch's
+    # set_new_condition (forge.md §3), e.g. on hires fix's first hook call, which runs on the first
+    # pass's patched model (§1.2). Chained on top of its patch, we hand that call down to it.
+    if callable(getattr(prior, "set_new_condition", None)):
+        pladis_attn2.set_new_condition = prior.set_new_condition  # type: ignore[attr-defined]
     pladis_attn2.pladis_settings = {  # type: ignore[attr-defined]  # for logs/tests; plain values only
         "alpha": alpha,
         "lam": lam,

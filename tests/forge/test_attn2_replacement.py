@@ -119,6 +119,29 @@ def test_chained_replacement_gets_pladis_added_and_passes_through(forge_host, at
     assert attention_spy == []  # the prior decides how to attend outside the window, not us
 
 
+def test_ip_adapter_conditions_reach_the_patch_we_chain_on(forge_host):
+    # IP-Adapter calls set_new_condition on whatever sits in its attn2 slot (forge.md §3): on top of
+    # its patch, ours must pass the call down; on an empty slot there is nothing to pass it to.
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    class CrossAttentionPatchLike:
+        def __init__(self):
+            self.conditions = ["first"]
+
+        def set_new_condition(self, **kwargs):
+            self.conditions.append(kwargs["cond"])
+
+        def __call__(self, q, k, v, extra_options):
+            return forge_host.oracle_dense(q, k, v, extra_options["n_heads"]).float()
+
+    ip_patch = CrossAttentionPatchLike()
+    fn = make_attn2_replacement(alpha=1.5, lam=2.0, prior=ip_patch)
+    fn.set_new_condition(cond="second", weight=1.0)
+    assert ip_patch.conditions == ["first", "second"]
+    assert not hasattr(make_attn2_replacement(alpha=1.5, lam=2.0), "set_new_condition")
+    assert not hasattr(make_attn2_replacement(alpha=1.5, lam=2.0, prior=lambda *a: None), "set_new_condition")
+
+
 def tiled(k, repeat):
     return k.repeat(1, repeat, 1)
 

@@ -48,6 +48,25 @@ def test_reforge_pass_through_calls_optimized_attention_with_attn_precision(forg
     )
 
 
+def test_pass_through_on_pre_august_2024_forge_omits_attn_precision(forge_host, monkeypatch):
+    # Old Forge routes through ldm_patched like reForge, but its optimized_attention is
+    # (q, k, v, heads, mask=None) and its blocks put no attn_precision in extra_options.
+    import ldm_patched.ldm.modules.attention as attention
+
+    from pladis.hosts.forge_attn2 import REFORGE_HOST, host_attention
+
+    calls = []
+
+    def old_forge_attention(q, k, v, heads, mask=None):
+        calls.append(heads)
+        return q + 1
+
+    monkeypatch.setattr(attention, "optimized_attention", old_forge_attention)
+    q = torch.zeros(1, 2, 4)
+    assert torch.equal(host_attention(REFORGE_HOST, q, q, q, {"n_heads": 2}), q + 1)
+    assert calls == [2]
+
+
 def test_unknown_model_is_left_alone(forge_host):
     from pladis.hosts.forge import apply
 
