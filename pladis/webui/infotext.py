@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+import numpy as np
+
 from pladis.params import PladisParams, parse_params
 
 ALPHA_KEY = "PLADIS alpha"
@@ -23,8 +25,16 @@ def _number(value: float) -> float:
 
 
 def range_text(params: PladisParams) -> str:
-    """``start-end`` as fractions of the sampling steps, e.g. ``0-1`` or ``0.2-0.8``."""
-    return f"{params.start:g}-{params.end:g}"
+    """``start-end`` as fractions of the sampling steps, e.g. ``0-1`` or ``0.2-0.8``.
+
+    Positional notation, shortest round-trip digits: ``{:g}`` would write 0.00005 as ``5e-05``,
+    whose own minus sign breaks the ``start-end`` split.
+    """
+    return f"{_fraction_text(params.start)}-{_fraction_text(params.end)}"
+
+
+def _fraction_text(value: float) -> str:
+    return np.format_float_positional(float(value), trim="-")
 
 
 def write(extra: MutableMapping[str, Any], params: PladisParams) -> None:
@@ -44,12 +54,17 @@ def clear(extra: MutableMapping[str, Any]) -> None:
 
 
 def parse_range(text: Any) -> tuple[float, float]:
-    """``"0.2-0.8"`` → ``(0.2, 0.8)``; ValueError naming the key otherwise."""
-    parts = str(text).strip().split("-")
-    if len(parts) != 2:
-        raise ValueError(f"{RANGE_KEY}: expected 'start-end' with fractions in [0, 1], got {text!r}")
+    """``"0.2-0.8"`` → ``(0.2, 0.8)``; ValueError naming the key otherwise.
+
+    The separator is the one minus sign that is not an exponent's (``5e-05-1`` → 0.00005, 1), so
+    ranges written in exponent notation by earlier versions still paste back.
+    """
+    text = str(text).strip()
+    separators = [i for i, char in enumerate(text) if char == "-" and i > 0 and text[i - 1] not in "eE"]
     try:
-        return float(parts[0]), float(parts[1])
+        if len(separators) != 1:
+            raise ValueError
+        return float(text[: separators[0]]), float(text[separators[0] + 1 :])
     except ValueError:
         raise ValueError(
             f"{RANGE_KEY}: expected 'start-end' with fractions in [0, 1], got {text!r}"

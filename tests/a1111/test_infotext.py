@@ -20,6 +20,7 @@ def _paste(webui, text):
         (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0),
         (True, 2.0, 0.75, ["mid"], 0.2, 0.8),
         (True, 1.35, 4.95, ["down", "mid", "up"], 0.05, 0.55),
+        (True, 1.5, 2.0, ["down", "up"], 0.00005, 0.99995),  # the API takes any fraction: no "5e-05"
     ],
 )
 def test_infotext_round_trip_restores_every_control(webui, values):
@@ -51,6 +52,25 @@ def test_keys_are_removed_when_disabled_because_xyz_shares_the_dict():
     }
     infotext.write(extra, PladisParams(False, 2.0))
     assert extra == {"Other": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.2-0.8", (0.2, 0.8)),
+        (" 0 - 1 ", (0.0, 1.0)),
+        ("5e-05-1", (5e-05, 1.0)),
+        ("1e-20-2E-1", (1e-20, 0.2)),
+    ],
+)
+def test_range_parses_positional_and_exponent_notation(text, expected):
+    assert infotext.parse_range(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0.5", "0.1-0.2-0.3", "a-b", "-", "0.5-", ""])
+def test_malformed_range_names_the_key(text):
+    with pytest.raises(ValueError, match="PLADIS range: expected 'start-end' with fractions in \\[0, 1\\]"):
+        infotext.parse_range(text)
 
 
 def test_keys_fit_the_webui_infotext_grammar(webui):
