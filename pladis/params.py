@@ -155,12 +155,22 @@ def parse_bool(name: str, value: Any) -> bool:
     raise ValueError(f"PLADIS {name}: expected true or false, got {value!r}")
 
 
+_NUMBER_RANGES: dict[str, tuple[float, float]] = {
+    "alpha": ALPHA_RANGE,
+    "lambda": LAM_RANGE,
+    "start": FRACTION_RANGE,
+    "end": FRACTION_RANGE,
+}
+
+
 def parse_number(name: str, value: Any) -> float:
     """Loose real number: ints, floats, numpy scalars and numeric strings. Range is checked later."""
+    bounds = _NUMBER_RANGES.get(name)
+    expected = "a number" if bounds is None else f"a number in {_range_text(bounds)}"
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()
     if isinstance(value, bool):
-        raise ValueError(f"PLADIS {name}: expected a number, got the boolean {value!r}")
+        raise ValueError(f"PLADIS {name}: expected {expected}, got the boolean {value!r}")
     if isinstance(value, numbers.Real):
         return float(value)
     if isinstance(value, str):
@@ -168,7 +178,7 @@ def parse_number(name: str, value: Any) -> float:
             return float(value.strip())
         except ValueError:
             pass
-    raise ValueError(f"PLADIS {name}: expected a number, got {value!r}")
+    raise ValueError(f"PLADIS {name}: expected {expected}, got {value!r}")
 
 
 def parse_layers(value: Any) -> tuple[str, ...]:
