@@ -111,6 +111,7 @@ def sdxl(seed=1, name="sdxl", **kwargs):
 
 def use_models(main, *others):
     sd_models.checkpoints.clear()
+    sd_models.loaded.clear()
     sd_models.main_checkpoint = None
     sd_models.register(main.sd_checkpoint_info, main, main=True)
     for model in others:

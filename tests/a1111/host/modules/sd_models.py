@@ -2,13 +2,16 @@
 
 Switching to another checkpoint replaces ``shared.sd_model`` with a *different object* and fires
 ``model_loaded_callback``; asking for the current one does nothing (:955-956); ``forced_reload``
-reloads weights into the same object and fires the callback again (:994).
+reloads weights into the same object and fires the callback again (:994). With
+``opts.sd_checkpoints_limit > 1`` a model loaded before is reused from the cache without the callback
+("Using already loaded model", ``reuse_model_from_already_loaded`` :878-919).
 """
 
 from modules import script_callbacks, shared
 
 checkpoints = {}
 main_checkpoint = None
+loaded = set()  # checkpoints loaded so far: what the cache holds when sd_checkpoints_limit > 1
 
 
 def register(info, model, main=False):
@@ -17,6 +20,7 @@ def register(info, model, main=False):
     if main or main_checkpoint is None:
         main_checkpoint = info
         shared.sd_model = model
+        loaded.add(info)
 
 
 def reload_model_weights(sd_model=None, info=None, forced_reload=False):
@@ -24,8 +28,11 @@ def reload_model_weights(sd_model=None, info=None, forced_reload=False):
     model = checkpoints[info]
     if shared.sd_model is model and not forced_reload:
         return shared.sd_model
+    reused = shared.sd_model is not model and info in loaded and shared.opts.sd_checkpoints_limit > 1
     shared.sd_model = model
-    script_callbacks.model_loaded_callback(model)
+    loaded.add(info)
+    if not reused:
+        script_callbacks.model_loaded_callback(model)
     return model
 
 

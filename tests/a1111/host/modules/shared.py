@@ -20,6 +20,7 @@ opts = SimpleNamespace(
     pad_cond_uncond=False,
     pad_cond_uncond_v0=False,
     refiner_switch_by_sample_steps=True,
+    sd_checkpoints_limit=1,  # shared_options.py default: every switch loads the checkpoint again
 )
 cmd_opts = SimpleNamespace(api=False, nowebui=False)
 state = State()
