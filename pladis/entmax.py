@@ -134,6 +134,8 @@ def entmax(scores: Tensor, alpha: float, dim: int = -1) -> Tensor:
     """
     alpha = check_alpha(alpha)
     check_no_grad("entmax", scores=scores)
+    if scores.dim() == 0:  # one key, as torch.softmax takes it: weight 1 (0 when masked)
+        return entmax(scores.reshape(1), alpha).reshape(())
     x = scores.to(torch.float32).movedim(dim, -1)
     if x.numel() == 0:
         return x.clone().movedim(-1, dim)
@@ -420,21 +422,29 @@ def _halley_solve(x: Tensor, beta: float, ws: Workspace | None, tau: Tensor | No
     else:
         t, powered, weights = ws.get("t", x), ws.get("p", x), ws.get("l", x)
     rows, keys = x.shape
-    tolerance = _step_tolerance(beta, keys)
+    tolerance, tolerance_below = _step_tolerance(beta, keys)
+    # The root lies in [−1, −K^(−1/β)]: the maximum key alone gives Σ ≥ 1 at −1, and K keys ≤ 0 give
+    # Σ ≤ 1 at −K^(−1/β). Halley steps from far away can overshoot (the start's on a cluster of tied
+    # keys went past the maximum key, and a row with no key left above τ got zero weights): each
+    # iterate is kept in that bracket.
+    upper = -(keys ** (-1.0 / beta))
     if tau is None:
         tau = _interpolated_start(x, beta, t, powered, weights)
+    tau.clamp_(-1.0, upper)
+    flags = torch.zeros((rows, 2), dtype=torch.bool, device=x.device)
     pending = None
     for evaluation in range(1, _HALLEY_ROUNDS + 1):
-        step = _halley_step(*_moments(x, tau, beta - 2.0, t, powered, weights), beta)
-        unsettled = step.abs().squeeze(-1) > tolerance
+        step, halley = _safeguarded_step(flags, *_moments(x, tau, beta - 2.0, t, powered, weights), beta)
+        # Settled rows finish with Halley's step (the more accurate one), so it is the one checked.
+        unsettled = ((halley > tolerance) | (halley < -tolerance_below)).squeeze(-1)
         count = int(unsettled.sum())
         if count == 0 or evaluation == _HALLEY_ROUNDS:
             break
         if 4 * count <= rows:
             pending = unsettled.nonzero().squeeze(-1)
             break
-        tau.add_(step)
-    out = _taylor_weights(t, powered, step, beta, weights)
+        tau.add_(step).clamp_(-1.0, upper)
+    out = _taylor_weights(t, powered, halley, beta, weights)
     if pending is not None:
         start = tau.index_select(0, pending).add_(step.index_select(0, pending))
         out.index_copy_(0, pending, _halley_solve(x.index_select(0, pending), beta, None, start))
@@ -524,15 +534,20 @@ def _near_softmax_step(p: Tensor, v: Tensor, scratch: Tensor, total: Tensor, bet
     return newton.div_(correction).mul_(total > 0)
 
 
-def _step_tolerance(beta: float, keys: int) -> float:
-    """Largest final Halley step |δ| whose second-order finish keeps a row's sum within ROW_SUM_TOL/4.
+def _step_tolerance(beta: float, keys: int) -> tuple[float, float]:
+    """Largest final Halley steps δ > 0 and |δ| for δ < 0 whose second-order finish keeps a row's sum
+    within ROW_SUM_TOL/4.
 
     The third-order remainder of ``(t − δ)^β`` is ``β(β−1)(β−2)/6·δ³·ξ^(β−3)``: at most ``C·δ³`` per
     key for β ≥ 3 (``t ≤ 1``), and ``C·δ^β`` for 2 < β < 3 (keys with ``t < 2δ`` weigh ``O(δ^β)``
-    whatever the expansion). Measured: 1e-7 against a float64 oracle at this bound.
+    whatever the expansion). Measured: 1e-7 against a float64 oracle at this bound. For δ < 0,
+    keys just below the evaluated support enter it and keep weight 0, off by up to ``|δ|^β`` each
+    with no factor ``C`` (which vanishes near β = 2, where the first bound is loosest): a group of
+    tied keys there would add that error once per key, hence the second bound.
     """
     remainder = beta * (beta - 1.0) * (beta - 2.0) / 6.0
-    return (ROW_SUM_TOL / (4.0 * keys * max(remainder, 1e-3))) ** (1.0 / min(beta, 3.0))
+    leaving = (ROW_SUM_TOL / (4.0 * keys * max(remainder, 1e-3))) ** (1.0 / min(beta, 3.0))
+    return leaving, min(leaving, (ROW_SUM_TOL / (4.0 * keys)) ** (1.0 / beta))
 
 
 def _interpolated_start(x: Tensor, beta: float, t: Tensor, powered: Tensor, scratch: Tensor) -> Tensor:
@@ -588,12 +603,40 @@ def _halley_step(total: Tensor, first: Tensor, second: Tensor, beta: float) -> T
     ``δ = (h − 1)·F^(1 − 1/β)/M1``, times ``1/(1 − ε)`` with ``ε = δ·h''/(2|h'|)``, kept in [1/2, 2]
     so a poor curvature estimate cannot run away. Rows with no finite key (F = M1 = 0) get 0.
     """
+    return _halley_and_newton_steps(total, first, second, beta)[0]
+
+
+def _halley_and_newton_steps(
+    total: Tensor, first: Tensor, second: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`_halley_step` and the Newton step it corrects (new tensors)."""
     slope = first.clamp_min(_TINY)
     norm = total.pow(1.0 / beta)
     newton = total.div(norm.clamp_min(_TINY)).mul_(norm.sub_(1.0)).div_(slope)  # F^(1−1/β) = F/h
     curvature = torch.mul(first, first).div_(total.clamp_min(_TINY)).neg_().add_(second)
     eps = curvature.mul_(newton).mul_((beta - 1.0) / 2.0).div_(slope)
-    return newton.div_(eps.clamp_(-1.0, 0.5).neg_().add_(1.0))
+    return newton.div(eps.clamp_(-1.0, 0.5).neg_().add_(1.0)), newton
+
+
+def _safeguarded_step(
+    flags: Tensor, total: Tensor, first: Tensor, second: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """The step to take and Halley's step: Newton's for rows that overshot the root once.
+
+    ``h`` is convex and decreasing, so Newton's step from either side lands at or below the root, and
+    from below it climbs monotonically, while Halley's (up to twice Newton's) can overshoot. Around
+    a kink (tied keys entering the support) the two cycled: up past the root by Halley, back below
+    it by Newton, for ever (measured: integer-valued scores at α 1.48–1.4999). A row whose sum went
+    from above 1 to below 1 (τ from below the root to above it) takes Newton's steps from then on,
+    which cannot cycle. ``flags`` (bool, rows × 2, updated) holds "was below" and "overshot".
+    Halley's step is returned too: once the steps are small it is the more accurate finish.
+    """
+    halley, newton = _halley_and_newton_steps(total, first, second, beta)
+    below, overshot = flags.unbind(-1)
+    above_now = (total < 1.0).squeeze(-1)
+    overshot.logical_or_(above_now & below)
+    below.logical_or_(~above_now)
+    return torch.where(overshot.unsqueeze(-1), newton, halley), halley
 
 
 def _taylor_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, out: Tensor) -> Tensor:

@@ -197,6 +197,14 @@ def test_dim_argument_and_shape() -> None:
     torch.testing.assert_close(got.sum(1), torch.ones(6, 5), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 1.3, 1.5, 1.75, 2.0])
+def test_a_zero_dimensional_score_is_one_key(alpha: float) -> None:
+    # As torch.softmax takes it: one key gets all the weight (none when masked).
+    assert entmax(torch.tensor(3.0), alpha).item() == 1.0
+    assert entmax(torch.tensor(-math.inf), alpha).item() == 0.0
+    assert entmax(torch.tensor(3.0), alpha).shape == ()
+
+
 @pytest.mark.parametrize("alpha", [1.0, 1.01, 1.3, 1.5, 2.0])
 def test_fully_masked_rows_give_zeros_not_nan(alpha: float) -> None:
     x = torch.full((2, 77), -math.inf)
@@ -411,3 +419,32 @@ def test_gpu_variants_match_the_reference(alpha: float, monkeypatch: pytest.Monk
         assert torch.isfinite(got).all()
         assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= tolerance(alpha)
         assert (got.sum(-1) - 1).abs().max().item() <= 1e-5
+
+
+def test_tied_top_keys_with_a_cluster_within_reach_keep_their_weight() -> None:
+    # Eight tied keys at the top, the rest at −2 (x = −0.98 at α = 1.49, just inside reach of τ = −1):
+    # the start's Halley steps from the power-mean bound went past the maximum key, and this row came
+    # back all zeros.
+    row = torch.zeros(1, 77)
+    row[0, 8:] = -2.0
+    got = entmax(row, 1.49)
+    assert torch.allclose(got[0, :8], torch.full((8,), 0.125), atol=1e-6)
+    assert (got[0, 8:] == 0).all()
+
+
+@pytest.mark.parametrize("gpu_variant", [False, True])
+@pytest.mark.parametrize("alpha", [1.42, 1.45, 1.48, 1.49, 1.4999])
+@pytest.mark.parametrize("keys", [77, 231])
+def test_integer_valued_scores_next_to_alpha_one_and_a_half(
+    alpha: float, keys: int, gpu_variant: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Integer-valued scores tie many keys, and each tie is a kink of h: Halley's steps overshot the
+    # root, then cycled between both sides of it (0.59 off, or all-zero rows, in up to 20 % of rows
+    # at α 1.48–1.4999 before Newton's step took over there).
+    if gpu_variant:
+        monkeypatch.setattr(_entmax_module(), "cpu_variant", lambda t: False)
+    x = torch.round(random_rows(41, 2000, keys, 1.0))
+    got = entmax(x, alpha).double()
+    # Tighter than the 1e-5: rows that end on Newton's step instead of Halley's are ~8e-6 off.
+    assert (got - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
