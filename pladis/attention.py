@@ -8,7 +8,8 @@ dtype.
 Queries are processed in chunks: cross-attention has few keys (77–231 text tokens) and many queries
 (up to 4096 image tokens per head), so the float32 score block of a chunk stays small and in cache,
 which both bounds memory and makes the many cheap passes of the threshold search fast. Rows are
-independent, so results do not depend on the chunk size.
+independent, so results do not depend on the chunk size (beyond float32 rounding: the matmuls may
+block and sum differently for another number of rows).
 """
 
 from __future__ import annotations
@@ -212,7 +213,13 @@ def chunk_queries(groups: int, n_queries: int, n_keys: int, memory_budget: int, 
 
 def _expand_mask(mask: Tensor, batch: torch.Size, n_queries: int, n_keys: int, groups: int) -> Tensor:
     """Broadcast a (bool or additive) mask to ``(groups, N, K)`` without copying where possible."""
-    full = mask.expand(*batch, n_queries, n_keys)
+    try:
+        full = mask.expand(*batch, n_queries, n_keys)
+    except RuntimeError:
+        raise ValueError(
+            f"PLADIS attention: a mask of shape {tuple(mask.shape)} does not broadcast to the scores' "
+            f"shape {(*batch, n_queries, n_keys)}"
+        ) from None
     return full.reshape(groups, n_queries, n_keys)
 
 

@@ -119,7 +119,7 @@ class PladisParams:
 
 def _check_layers(value: Any) -> tuple[str, ...]:
     allowed = ", ".join(LAYER_GROUPS)
-    if isinstance(value, str) or not isinstance(value, Iterable):
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise ValueError(
             f"PLADIS layers: expected a collection of layer groups from ({allowed}), got {value!r}"
         )
@@ -190,7 +190,7 @@ def parse_layers(value: Any) -> tuple[str, ...]:
         if text == "all":
             return LAYER_GROUPS
         value = [part.strip() for part in text.replace("+", ",").replace(" ", ",").split(",") if part.strip()]
-    elif isinstance(value, Iterable):
+    elif isinstance(value, Iterable) and not isinstance(value, bytes):
         value = [item.strip().lower() if isinstance(item, str) else item for item in value]
     return _check_layers(value)
 
@@ -230,7 +230,12 @@ def params_from_mapping(mapping: Mapping[str, Any], base: PladisParams | None = 
         raise ValueError(f"PLADIS: expected a mapping of parameters, got {type(mapping).__name__}")
     start = base or PladisParams()
     merged: dict[str, Any] = {f.name: getattr(start, f.name) for f in fields(start)}
+    given: dict[str, str] = {}
     for key, value in mapping.items():
+        canonical = _canonical_key(key)
+        if canonical in given:  # e.g. "lam" and "lambda": which one was meant is not ours to guess
+            raise ValueError(f"PLADIS: {given[canonical]!r} and {key!r} both set {canonical}; give it once")
+        given[canonical] = key
         if value is not None:
-            merged[_canonical_key(key)] = value
+            merged[canonical] = value
     return parse_params(**merged)

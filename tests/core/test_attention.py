@@ -107,6 +107,14 @@ def test_boolean_and_additive_masks() -> None:
     torch.testing.assert_close(got[:1], trimmed, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 20, 77), (1, 1, 1, 2, 20, 77), (20, 76)])
+def test_a_mask_that_does_not_broadcast_is_named(shape: tuple[int, ...]) -> None:
+    q, k, v = qkv(2, 2, 20, 77, 40, seed=9)
+    message = r"PLADIS attention: a mask of shape .* does not broadcast .* \(2, 2, 20, 77\)"
+    with pytest.raises(ValueError, match=message):
+        pladis_attention(q, k, v, alpha=1.5, lam=2.0, mask=torch.ones(shape, dtype=torch.bool))
+
+
 def test_fully_masked_query_rows_give_zeros() -> None:
     q, k, v = qkv(1, 1, 4, 8, 16, seed=10)
     keep = torch.ones(1, 1, 4, 8, dtype=torch.bool)

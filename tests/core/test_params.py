@@ -94,6 +94,7 @@ BAD_CASES = {
         r"layers: unknown layer group 'middle'; allowed groups: down, mid, up",
     ),
     "layers wrong type": ({"layers": 3}, r"layers: expected a collection of layer groups"),
+    "layers as bytes": ({"layers": b"down"}, r"layers: expected a collection of layer groups .* got b'down'"),
     "enabled not a boolean": ({"enabled": "maybe"}, r"enabled: expected true or false, got 'maybe'"),
     "enabled number other than 0/1": ({"enabled": 2}, r"enabled: expected true or false, got 2"),
 }
@@ -127,3 +128,12 @@ def test_unknown_mapping_key_is_an_error() -> None:
         params_from_mapping({"alhpa": 1.5})
     with pytest.raises(ValueError, match="expected a mapping"):
         params_from_mapping([1.5])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "mapping", [{"lam": 3, "lambda": 4}, {"Alpha": 1.5, "alpha": 2}, {"lam": None, "lambda": 1}]
+)
+def test_a_parameter_given_twice_under_two_names_is_an_error(mapping: dict) -> None:
+    first, second = list(mapping)
+    with pytest.raises(ValueError, match=rf"PLADIS: '{first}' and '{second}' both set \w+; give it once"):
+        params_from_mapping(mapping)
