@@ -6,7 +6,9 @@ down+up) for :class:`PladisAttnProcessor` and returns a handle that puts the pre
 back. Self-attention is never touched. The processor follows the steps of diffusers' stock processor
 (spatial norm, 4-D input, mask preparation, group norm, cross norm, q/k norms, output projection and
 dropout, residual, output rescale) and replaces only the attention itself by the PLADIS core, whose
-maths runs in float32. diffusers itself is imported lazily: ``import pladis`` must not need it.
+maths runs in float32. IP-Adapter's processors are kept underneath instead: PLADIS adds its change to
+their text attention (:func:`pladis_change`). diffusers itself is imported lazily: ``import pladis``
+must not need it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import pladis_attention
@@ -40,6 +43,15 @@ _PLAIN_PROCESSORS = frozenset(
     }
 )
 """Processors that compute plain attention, so PLADIS replacing them loses nothing else."""
+
+_CHAINED_PREFIX = "IPAdapter"
+"""Processors kept under ours: PLADIS adds its change to their output (see :func:`pladis_change`)."""
+
+_PREVIOUS_CHILD = "pladis_previous_processor"
+"""Name under which a processor that is an ``nn.Module`` (IP-Adapter's, with weights) stays registered
+on its ``Attention`` module while ours is installed: diffusers' ``set_processor`` unregisters it when
+a non-module processor replaces it, and ``.to()`` or model offloading would then leave its weights
+behind (mixed devices or dtypes)."""
 
 
 class _Settings:
@@ -83,26 +95,37 @@ class PladisAttnProcessor:
         self,
         attn: nn.Module,
         hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
+        encoder_hidden_states: Any = None,
         attention_mask: Tensor | None = None,
         temb: Tensor | None = None,
         *args: Any,
+        ip_adapter_masks: Any = None,
         **kwargs: Any,
     ) -> Tensor:
+        # ``ip_adapter_masks`` is named because diffusers passes a processor only the keyword arguments
+        # its ``__call__`` names (attention_processor.py:594-603), and IP-Adapter's processor needs it.
         alpha, lam = self.settings.alpha, self.settings.lam
-        if lam == 0.0 and self.previous is not None:
+        if ip_adapter_masks is not None:
+            kwargs["ip_adapter_masks"] = ip_adapter_masks
+        text = _chained_text_context(self.previous, encoder_hidden_states)
+        if (lam == 0.0 or text is not None) and self.previous is not None:
             if temb is not None:  # not every stock processor takes ``temb`` (SlicedAttnProcessor does not)
                 kwargs["temb"] = temb
             # Extra positional args are the deprecated ``scale``, which stock processors ignore too.
-            return self.previous(
+            base = self.previous(
                 attn,
                 hidden_states,
                 encoder_hidden_states=encoder_hidden_states,
                 attention_mask=attention_mask,
                 **kwargs,
             )
+            if lam == 0.0:
+                return base
+            change = pladis_change(attn, hidden_states, text, attention_mask, temb, alpha=alpha, lam=lam)
+            return (base.float() + change).to(base.dtype)
+        context = encoder_hidden_states if text is None else text  # standalone: the text part only
         return pladis_attention_forward(
-            attn, hidden_states, encoder_hidden_states, attention_mask, temb, alpha=alpha, lam=lam
+            attn, hidden_states, context, attention_mask, temb, alpha=alpha, lam=lam
         )
 
     def __repr__(self) -> str:
@@ -121,12 +144,84 @@ def pladis_attention_forward(
 ) -> Tensor:
     """One diffusers ``Attention`` call with PLADIS weights, step for step like the stock processor."""
     residual = hidden_states
+    query, key, value, mask, layout = _attention_inputs(
+        attn, hidden_states, encoder_hidden_states, attention_mask, temb
+    )
+    # attn.scale is head_dim**-0.5 unless the module was built with scale_qk=False (then 1.0, which the
+    # stock AttnProcessor honours too).
+    out = pladis_attention(query, key, value, alpha=alpha, lam=lam, scale=attn.scale, mask=mask)
+    hidden_states = _packed(out).to(query.dtype)
+    hidden_states = attn.to_out[0](hidden_states)  # output projection
+    hidden_states = attn.to_out[1](hidden_states)  # dropout
+    hidden_states = _to_input_layout(hidden_states, layout)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+def pladis_change(
+    attn: nn.Module,
+    hidden_states: Tensor,
+    text: Tensor,
+    attention_mask: Tensor | None,
+    temb: Tensor | None,
+    *,
+    alpha: float,
+    lam: float,
+) -> Tensor:
+    """What PLADIS changes in a module's output, in float32: ``λ·(entmax − softmax)(q·kᵀ)·V`` over
+    the ``text`` keys, through the output projection's linear part and the output rescale.
+
+    For processors that add more than text attention (IP-Adapter's image-prompt attention): their
+    output plus this change is their output with PLADIS on its text attention, as Forge's patch
+    chaining does. The residual and the projection's bias are in their output already.
+    """
+    query, key, value, mask, layout = _attention_inputs(attn, hidden_states, text, attention_mask, temb)
+    query, key, value = query.float(), key.float(), value.float()
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+    blended = pladis_attention(query, key, value, alpha=alpha, lam=lam, scale=attn.scale, mask=mask)
+    dense = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+    change = _linear_part(attn.to_out[0], _packed(blended - dense))
+    return _to_input_layout(change, layout) / attn.rescale_output_factor
+
+
+def _chained_text_context(previous: Any, encoder_hidden_states: Any) -> Tensor | None:
+    """The text part of an IP-Adapter call's context, or None for a plain call.
+
+    diffusers hands IP-Adapter processors ``(text, image_prompt_states)``; the deprecated form is one
+    tensor with the image-prompt tokens last (``num_tokens[0]`` of them), split the way
+    ``IPAdapterAttnProcessor`` splits it.
+    """
+    if isinstance(encoder_hidden_states, (tuple, list)) and encoder_hidden_states:
+        return encoder_hidden_states[0]
+    num_tokens = getattr(previous, "num_tokens", None)
+    if (
+        isinstance(encoder_hidden_states, Tensor)
+        and type(previous).__name__.startswith(_CHAINED_PREFIX)
+        and isinstance(num_tokens, (tuple, list))
+        and num_tokens
+    ):
+        return encoder_hidden_states[:, : encoder_hidden_states.shape[1] - int(num_tokens[0])]
+    return None
+
+
+def _attention_inputs(
+    attn: nn.Module,
+    hidden_states: Tensor,
+    encoder_hidden_states: Tensor | None,
+    attention_mask: Tensor | None,
+    temb: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, tuple[int, ...] | None]:
+    """Query, key and value ``(B, H, N/K, d)``, the SDPA-shaped mask and the 4-D input's layout, as
+    the stock processor prepares them (spatial norm, group norm, cross norm, q/k norms)."""
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
 
-    input_ndim = hidden_states.ndim
-    if input_ndim == 4:
-        batch, channels, height, width = hidden_states.shape
+    layout = None
+    if hidden_states.ndim == 4:
+        layout = tuple(hidden_states.shape)
+        batch, channels, height, width = layout
         hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
 
     context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -156,20 +251,32 @@ def pladis_attention_forward(
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
+    return query, key, value, attention_mask, layout
 
-    # attn.scale is head_dim**-0.5 unless the module was built with scale_qk=False (then 1.0, which the
-    # stock AttnProcessor honours too).
-    out = pladis_attention(query, key, value, alpha=alpha, lam=lam, scale=attn.scale, mask=attention_mask)
-    hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
 
-    hidden_states = attn.to_out[0](hidden_states)  # output projection
-    hidden_states = attn.to_out[1](hidden_states)  # dropout
+def _packed(out: Tensor) -> Tensor:
+    """``(B, H, N, d)`` → ``(B, N, H·d)``."""
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
-    if input_ndim == 4:
-        hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
-    if attn.residual_connection:
-        hidden_states = hidden_states + residual
-    return hidden_states / attn.rescale_output_factor
+
+def _to_input_layout(hidden_states: Tensor, layout: tuple[int, ...] | None) -> Tensor:
+    """Back to ``(B, C, H, W)`` when the module's input was an image."""
+    if layout is None:
+        return hidden_states
+    return hidden_states.transpose(-1, -2).reshape(layout)
+
+
+def _linear_part(projection: nn.Module, change: Tensor) -> Tensor:
+    """``projection(x + change) − projection(x)`` for an affine ``projection``, in float32.
+
+    A plain ``nn.Linear`` is its weight alone; wrapped ones (LoRA layers) are affine too, so their
+    value at ``change`` minus their value at 0 is the same thing.
+    """
+    if type(projection) is nn.Linear:
+        return F.linear(change, projection.weight.float())
+    dtype = next((p.dtype for p in projection.parameters()), change.dtype)
+    at_change = projection(change.to(dtype)).float()
+    return at_change - projection(change.new_zeros((1, 1, change.shape[-1]), dtype=dtype)).float()
 
 
 def _resolve_unet(unet_or_pipe: Any) -> nn.Module:
@@ -253,7 +360,9 @@ class PladisHandle:
         skipped = []
         for name, _, module, ours in reversed(self._installed):
             if module.processor is ours:
-                module.set_processor(ours.replaced)
+                module.set_processor(ours.replaced)  # a module processor is registered again there
+                if not isinstance(module.processor, PladisAttnProcessor):
+                    module._modules.pop(_PREVIOUS_CHILD, None)
                 continue
             above = module.processor
             while isinstance(above, PladisAttnProcessor) and above.replaced is not ours:
@@ -308,16 +417,18 @@ def apply_pladis(
         # Stacked installs delegate λ=0 straight to the processor under the PLADIS one.
         delegate = current.previous if isinstance(current, PladisAttnProcessor) else current
         kind = type(delegate).__name__
-        if kind not in _PLAIN_PROCESSORS:
+        if kind not in _PLAIN_PROCESSORS and not kind.startswith(_CHAINED_PREFIX):
             foreign[kind] = foreign.get(kind, 0) + 1
         ours = PladisAttnProcessor(delegate, settings=settings, replaced=current)
         module.set_processor(ours)
+        if isinstance(delegate, nn.Module) and _PREVIOUS_CHILD not in module._modules:
+            module.add_module(_PREVIOUS_CHILD, delegate)
         handle._installed.append((name, group, module, ours))
     if foreign:
         kinds = ", ".join(f"{kind} ×{count}" for kind, count in sorted(foreign.items()))
         warnings.warn(
             f"PLADIS replaces non-standard attention processors ({kinds}); whatever extra they do "
-            "(IP-Adapter, custom attention) is off on those layers while PLADIS is active (λ > 0)",
+            "(custom attention) is off on those layers while PLADIS is active (λ > 0)",
             RuntimeWarning,
             stacklevel=2,
         )

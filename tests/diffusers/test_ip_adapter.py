@@ -1,0 +1,133 @@
+"""IP-Adapter under PLADIS in diffusers: its processor stays, PLADIS changes only its text attention.
+
+diffusers hands IP-Adapter's processor ``(text, image_prompt_states)`` as the context (a crash for a
+plain replacement), and its processor is an ``nn.Module`` with weights of its own, which must move
+with the UNet and come back in place. The expected output is built from diffusers' own processors and
+the independent oracle: IP-Adapter's output minus its text-only stock output gives the image-prompt
+term, and the oracle gives PLADIS text attention.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from pladis.diffusers import PladisAttnProcessor, apply_pladis
+
+CROSS = 32
+
+
+def _ip_attention():
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+    torch.manual_seed(5)
+    attn = Attention(query_dim=16, cross_attention_dim=CROSS, heads=2, dim_head=8, bias=True).eval()
+    ip = IPAdapterAttnProcessor2_0(
+        hidden_size=16, cross_attention_dim=CROSS, num_tokens=(4,), scale=0.7
+    ).eval()
+    with torch.no_grad():
+        for p in ip.parameters():
+            p.normal_(0, 0.3)
+    attn.set_processor(ip)
+    return attn, ip
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(9)
+    hidden = torch.randn(2, 12, 16, generator=gen)
+    text = torch.randn(2, 77, CROSS, generator=gen)
+    image = torch.randn(2, 4, CROSS, generator=gen)
+    return hidden, text, image
+
+
+def _run(attn, processor, hidden, context):
+    attn.set_processor(processor)
+    with torch.no_grad():
+        return attn(hidden, encoder_hidden_states=context)
+
+
+@pytest.mark.filterwarnings("ignore:You have passed a tensor as `encoder_hidden_states`:FutureWarning")
+@pytest.mark.parametrize(("alpha", "lam"), [(1.5, 2.0), (2.0, 1.0), (1.75, 3.0)])
+@pytest.mark.parametrize("form", ["tuple", "concatenated"])  # concatenated: diffusers' deprecated form
+def test_pladis_changes_only_the_text_attention_of_ip_adapter(kit, alpha, lam, form):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn, ip = _ip_attention()
+    hidden, text, image = _inputs()
+    context = (text, [image]) if form == "tuple" else torch.cat([text, image], dim=1)
+    stock_ip = _run(attn, ip, hidden, context)
+    image_term = stock_ip.double() - _run(attn, AttnProcessor2_0(), hidden, text).double()
+    expected = _run(attn, kit.OracleProcessor(alpha, lam), hidden, text).double() + image_term
+
+    got = _run(attn, PladisAttnProcessor(ip, alpha=alpha, lam=lam), hidden, context)
+    assert (got.double() - expected).abs().max().item() <= 2e-5
+    assert (got - stock_ip).abs().max().item() > 1e-3  # PLADIS did something
+    zero = _run(attn, PladisAttnProcessor(ip, alpha=alpha, lam=0.0), hidden, context)
+    assert torch.equal(zero, stock_ip)
+
+
+def test_ip_adapter_masks_reach_the_ip_processor_at_lambda_zero():
+    # diffusers passes a processor only the keyword arguments its __call__ names.
+    attn, ip = _ip_attention()
+    hidden, text, image = _inputs()
+    images = [image.unsqueeze(1)]  # with masks: (batch, images, tokens, dim) per adapter
+    masks = [torch.zeros(2, 1, 3, 4)]  # (batch, images, height, width) over the 12 = 3 × 4 queries
+    masks[0][0, :, :2] = 1.0
+    attn.set_processor(ip)
+    with torch.no_grad():
+        stock = attn(hidden, encoder_hidden_states=(text, images), ip_adapter_masks=masks)
+        unmasked = attn(hidden, encoder_hidden_states=(text, images))
+        attn.set_processor(PladisAttnProcessor(ip, alpha=1.5, lam=0.0))
+        got = attn(hidden, encoder_hidden_states=(text, images), ip_adapter_masks=masks)
+    assert not torch.equal(stock, unmasked)  # the masks matter here
+    assert torch.equal(got, stock)
+
+
+def _unet_with_ip_adapter(kit):
+    """A tiny SD UNet set up the way ``load_ip_adapter`` leaves it (IP processors on every attn2)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    unet = kit.make_unet("sd")
+    torch.manual_seed(3)
+    processors = {}
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            processors[name] = AttnProcessor2_0()
+        else:
+            module = unet.get_submodule(name.rsplit(".processor", 1)[0])
+            processors[name] = IPAdapterAttnProcessor2_0(
+                hidden_size=module.to_q.out_features, cross_attention_dim=CROSS, scale=1.0, num_tokens=4
+            )
+    unet.set_attn_processor(processors)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(
+        [ImageProjection(image_embed_dim=16, cross_attention_dim=CROSS, num_image_text_embeds=4)]
+    )
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    return unet.eval()
+
+
+def test_unet_with_ip_adapter_runs_and_comes_back_whole(kit):
+    unet = _unet_with_ip_adapter(kit)
+    sample, context, kwargs = kit.make_inputs("sd")
+    kwargs["added_cond_kwargs"] = {
+        "image_embeds": [torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(4))]
+    }
+    stock = kit.run_unet(unet, sample, context, kwargs)
+    keys = sorted(unet.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # IP-Adapter's processors are kept: nothing to warn about
+        handle = apply_pladis(unet)
+    out = kit.run_unet(unet, sample, context, kwargs)
+    assert torch.isfinite(out).all() and (out - stock).abs().max().item() > 1e-4
+    handle.set(lam=0.0)
+    assert torch.equal(kit.run_unet(unet, sample, context, kwargs), stock)
+    # IP-Adapter's weights stay registered while PLADIS is on: they move and cast with the UNet.
+    unet.to(torch.float64)
+    assert {p.dtype for p in unet.parameters()} == {torch.float64}
+    handle.remove()
+    unet.to(torch.float32)
+    assert sorted(unet.state_dict()) == keys
+    assert torch.equal(kit.run_unet(unet, sample, context, kwargs), stock)
