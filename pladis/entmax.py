@@ -130,7 +130,10 @@ def entmax(scores: Tensor, alpha: float, dim: int = -1) -> Tensor:
     Returns a **float32** tensor whatever the input dtype: half-precision inputs are upcast first,
     because the threshold search in fp16/bf16 arithmetic is unreliable. Exact up to float32 rounding
     for every α (agrees with a float64 sort-based solve to ~1e-6). Inference only: there is no
-    backward, so ``scores`` that require grad (with grad enabled) raise ``ValueError``.
+    backward, so ``scores`` that require grad (with grad enabled) raise ``ValueError``. Scores must
+    not be NaN or +∞ (−∞ masks a key): such a row comes back as NaN on most paths but as zeros on
+    the CPU path for 1.5 < α < 2; checking every row would cost a pass over the scores, and a model
+    producing NaN is caught by the host's own NaN check (the softmax term of the blend is NaN).
     """
     alpha = check_alpha(alpha)
     check_no_grad("entmax", scores=scores)
