@@ -19,6 +19,7 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -37,6 +38,8 @@ MAX_FIX = 32
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_Y = 65535
 _failed_shapes: set[tuple[Any, ...]] = set()
+_broken: list[str] = []
+"""Why Triton cannot build or launch anything in this process (e.g. no C compiler), once it failed."""
 _meta_overrides: dict[str, Any] = {}
 """Compile-time parameters to override in every launch (GPU experiments in ``bench/``; empty in use)."""
 
@@ -164,6 +167,8 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = No
         return "this tile size failed to launch on this device before"
     if not triton_available():
         return "triton is not importable"
+    if _broken:
+        return f"triton failed to build or launch the kernel before: {_broken[0]}"
     return None
 
 
@@ -405,8 +410,8 @@ def _launch(
         scale, lam, am1, beta,
     )  # fmt: skip
     meta = compile_meta(q.dtype, mode, block_k, block_d, mask_kind, write_o, write_w, upcast)
-    raw, tuned = _kernels()
     try:
+        raw, tuned = _kernels()
         with _device_guard(q):
             cap = _capability(q.device) if q.is_cuda else None
             wide = q.dtype == torch.float32
@@ -419,8 +424,8 @@ def _launch(
             else:
                 block_m, warps = _heuristic(block_k, block_d, wide, mode, cap)
                 raw[(-(-n // block_m), b * h)](*args, **meta, BLOCK_M=block_m, num_warps=warps, num_stages=1)
-    except Exception as exc:  # resources (shared memory, registers) differ per GPU
-        if type(exc).__name__ in (
+    except Exception as exc:
+        if type(exc).__name__ in (  # resources (shared memory, registers) differ per GPU and tile
             "OutOfResources",
             "PTXASError",
             "CompilationError",
@@ -428,7 +433,17 @@ def _launch(
         ):
             _failed_shapes.add(_shape_class(q, k_len))
             raise TritonUnsupported(f"pladis triton kernel cannot run here: {exc}") from exc
-        raise
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA error" in str(exc):
+            raise  # the GPU itself is out of memory or in error: the torch path would not help
+        # Anything else is Triton's toolchain (no C compiler for its launcher, a broken cache, a
+        # version mismatch): a broken Triton install must not break generation. Off for the process.
+        _broken.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(
+            f"PLADIS: the Triton kernel failed ({_broken[0]}); using the torch path from now on",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        raise TritonUnsupported(f"pladis triton kernel cannot run here: {exc}") from exc
     return out, wout
 
 

@@ -389,6 +389,56 @@ def test_resource_failure_becomes_unsupported(monkeypatch):
     assert tk.is_supported(q2, k2, v2, None)
 
 
+@pytest.mark.parametrize("where", ["launch", "build"])
+def test_a_broken_triton_toolchain_switches_the_kernel_off(monkeypatch, where):
+    """Any other failure (e.g. no C compiler for Triton's launcher, common on Windows) must not break
+    generation: the call falls back to the torch path, with a warning, and the kernel stays off."""
+    import pladis.attention as attention
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+            return launch
+
+    def kernels():
+        if where == "build":
+            raise ImportError("cannot import name 'jit' from partially initialized module 'triton'")
+        return Launcher(), Launcher()
+
+    monkeypatch.setattr(tk, "_kernels", kernels)
+    monkeypatch.setattr(tk, "_broken", [])
+    q, k, v = make_qkv(1, 2, 5, 77, 40, seed=3)
+    assert tk.is_supported(q, k, v, None)
+    # On CPU the dispatch never picks the kernel: hand it the kernel as it would on a GPU.
+    monkeypatch.setattr(attention, "_fused_kernel", lambda *a: tk.pladis_attention_triton)
+    with pytest.warns(RuntimeWarning, match="the Triton kernel failed .* using the torch path from now on"):
+        got = attention.pladis_attention(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
+    want = attention._pladis_attention_torch(q, k, v, 1.5, 2.0, 0.1, None, attention.DEFAULT_MEMORY_BUDGET)
+    assert torch.equal(got, want)
+    assert not tk.is_supported(q, k, v, None)
+    assert "failed to build or launch" in tk.unsupported_reason(q, k, v, None)
+
+
+def test_gpu_errors_are_not_swallowed(monkeypatch):
+    """Out of memory or a CUDA error is the GPU's state, not Triton's: it propagates."""
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+            return launch
+
+    monkeypatch.setattr(tk, "_kernels", lambda: (Launcher(), Launcher()))
+    monkeypatch.setattr(tk, "_broken", [])
+    q, k, v = make_qkv(1, 1, 4, 77, 40)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
+    assert tk.is_supported(q, k, v, None)
+
+
 def test_shared_memory_limit_routes_big_tiles_to_torch(monkeypatch):
     """Consumer GPUs (~99 KiB per block) take SD1.5's d=160 at K=77 but not at K=154 (ptxas-sized)."""
     monkeypatch.setattr(tk, "_smem_limit", lambda device: 99 * 1024)
