@@ -234,7 +234,9 @@ def test_fractional_beta_finishes_the_few_unsettled_rows_on_their_own(
     # Wide rows settle after one evaluation; the narrow eighth needs a second, which runs on them alone.
     module = _entmax_module()
     solve, sizes = module._halley_solve, []
-    monkeypatch.setattr(module, "_halley_solve", lambda x, *a: sizes.append(x.shape[0]) or solve(x, *a))
+    monkeypatch.setattr(
+        module, "_halley_solve", lambda x, *a, **k: sizes.append(x.shape[0]) or solve(x, *a, **k)
+    )
     x = random_rows(21, 512, 77, 8.0)
     x[::8] = random_rows(22, 64, 77, 0.5)
     x[3::16, 30:] = -math.inf
