@@ -277,7 +277,7 @@ def bench_ops(args: argparse.Namespace, timer: Timer, device: torch.device, dtyp
                 if gpu[var] is not None and gpu["sdpa"]:
                     graph = f" (GPU {gpu[var] * 1e6:.1f}µs {gpu[var] / gpu['sdpa']:.2f}×)"
                 cells.append(f"{var} {t * 1e6:8.1f}µs {t / base:6.2f}×{graph}{mib}")
-            if "kernel" in med and "reference" in med:
+            if "torch" in med and "reference" in med:  # also without the kernel: the torch path's own target
                 cells.append(f"ref/torch {med['reference'] / med['torch']:.1f}×")
             print(f"{name:14s} {(b, h, n, k_len, d)!s:24s} α={alpha:<5} " + " | ".join(cells) + err)
 
@@ -333,8 +333,12 @@ def bench_unets(args: argparse.Namespace, timer: Timer, device: torch.device, dt
         def step(unet=unet, pos=pos, kw=kw) -> torch.Tensor:
             return unet(*pos, **kw).sample
 
+        counted: list[int] = []  # layers PLADIS installed on, printed once per UNet
+
         @contextlib.contextmanager
-        def installed(variant: tuple[float | None, bool], unet=unet) -> Iterator[None]:
+        def installed(
+            variant: tuple[float | None, bool], unet=unet, counted: list[int] = counted, name: str = name
+        ) -> Iterator[None]:
             """Install outside the timed region (apply/remove walks the modules)."""
             alpha, torch_path = variant
             if alpha is None:
@@ -342,8 +346,12 @@ def bench_unets(args: argparse.Namespace, timer: Timer, device: torch.device, dt
                 return
             with (
                 force_torch(torch_path),
-                apply_pladis(unet, alpha=alpha, lam=args.lam, layers=("down", "up")),
+                apply_pladis(unet, alpha=alpha, lam=args.lam, layers=("down", "up")) as handle,
             ):
+                if not counted:  # a bench where nothing was installed would print a false ~1.00×
+                    counted.append(len(handle))
+                    print(f"   {name}: PLADIS on {len(handle)} cross-attention layers {handle.counts}")
+                    assert len(handle) > 0, "PLADIS installed no processor"
                 yield
 
         samples: dict[str, list[float]] = {n: [] for n in names}
@@ -364,9 +372,9 @@ def bench_unets(args: argparse.Namespace, timer: Timer, device: torch.device, dt
         for n, t in med.items():
             extra = ""
             if peaks.get(n) is not None and base_peak is not None:
-                extra = (
-                    f"  peak {peaks[n] / 2**20:8.1f} MiB ({(peaks[n] - base_peak) / 2**20:+.1f} MiB vs SDPA)"
-                )
+                # Of the whole step, which is set elsewhere: not the op's extra memory (see the op rows).
+                delta = (peaks[n] - base_peak) / 2**20
+                extra = f"  step peak {peaks[n] / 2**20:8.1f} MiB ({delta:+.1f} MiB vs SDPA)"
             print(f"{name:12s} {n:26s} {t * 1e3:9.2f} ms  {t / base:6.3f}×{extra}")
         del unet, step, installed
         if device.type == "cuda":

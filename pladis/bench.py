@@ -9,9 +9,9 @@ SDXL 1024² and long prompts it prints the median time of
   input dtype as the official code does (only when ``entmax`` is installed);
 * ``ours``: :func:`pladis.attention.pladis_attention` for each requested α;
 
-their ratios, and the extra peak memory of ours over SDPA. Variants are interleaved round by round
-and every ratio is the median of per-round ratios, so a machine shared with other work still gives
-comparable figures. Timings belong here, never in a pass/fail test.
+their ratios, and the extra peak memory of ours over SDPA. Variants are interleaved round by round, in
+an order rotated each round, and every ratio is the median of per-round ratios, so a machine shared
+with other work still gives comparable figures. Timings belong here, never in a pass/fail test.
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ class Row:
     sdpa_ms: float
     ref_ms: float | None
     ours_ms: dict[float, float]
-    ours_ratio: dict[float, float]
+    ours_ratio: dict[float, float]  # ours/sdpa
+    alpha_ratio: dict[float, float]  # ours at α / ours at the first α
     ref_speedup: float | None
-    peak_mib: tuple[float, float]  # (sdpa, ours)
+    peak_mib: tuple[float, float]  # (sdpa, ours at the first α)
 
     @property
     def extra_peak_mib(self) -> float:
@@ -173,14 +174,15 @@ def bench_shape(
         variants["ref"] = lambda: reference_attention(q, k, v, reference_alpha, lam)
 
     times: dict[str, list[float]] = {key: [] for key in variants}
+    order = list(variants)
     with torch.inference_mode():
         for fn in variants.values():
             fn()  # warm-up
-        for _ in range(rounds):
-            for key, fn in variants.items():
-                if key == "ref" and len(times[key]) >= max(1, rounds // 3):
-                    continue  # the reference is slow; a third of the rounds is plenty
-                times[key].append(_time_once(fn, device))
+        for round_number in range(rounds):
+            # Rotated each round, so no variant always runs after the same one (caches, allocator).
+            start = round_number % len(order)
+            for key in order[start:] + order[:start]:
+                times[key].append(_time_once(variants[key], device))
         if device.type == "cuda":
             peak_sdpa = cuda_peak_bytes(variants["sdpa"], device)
             peak_ours = cuda_peak_bytes(variants[f"ours {alphas[0]:g}"], device)
@@ -188,35 +190,36 @@ def bench_shape(
             peak_sdpa = _cpu_peak_bytes(shape, "sdpa", alphas[0], lam)
             peak_ours = _cpu_peak_bytes(shape, "ours", alphas[0], lam)
 
-    sdpa = statistics.median(times["sdpa"])
-    ours = {alpha: statistics.median(times[f"ours {alpha:g}"]) for alpha in alphas}
-    ratio = {
-        alpha: statistics.median(o / s for o, s in zip(times[f"ours {alpha:g}"], times["sdpa"], strict=True))
-        for alpha in alphas
-    }
+    first = times[f"ours {alphas[0]:g}"]
     ref = statistics.median(times["ref"]) if "ref" in times else None
     return Row(
         name=name,
         shape=shape,
-        sdpa_ms=sdpa,
+        sdpa_ms=statistics.median(times["sdpa"]),
         ref_ms=ref,
-        ours_ms=ours,
-        ours_ratio=ratio,
-        ref_speedup=None if ref is None else ref / ours[alphas[0]],
+        ours_ms={alpha: statistics.median(times[f"ours {alpha:g}"]) for alpha in alphas},
+        ours_ratio={alpha: _median_ratio(times[f"ours {alpha:g}"], times["sdpa"]) for alpha in alphas},
+        alpha_ratio={alpha: _median_ratio(times[f"ours {alpha:g}"], first) for alpha in alphas},
+        ref_speedup=None if ref is None else _median_ratio(times["ref"], first),
         peak_mib=(peak_sdpa / 2**20, peak_ours / 2**20),
     )
+
+
+def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median of the per-round ratios (both timed in the same rounds)."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
 def format_rows(rows: list[Row], alphas: list[float]) -> str:
     head = ["shape (B,H,N,K,d)", "sdpa ms"]
     head += [f"ours a={a:g} ms" for a in alphas] + [f"ours/sdpa a={a:g}" for a in alphas]
     head += [f"a={a:g} vs a={alphas[0]:g}" for a in alphas[1:]]
-    head += [f"ref a={alphas[0]:g} ms", "ref/ours", "peak MiB sdpa/ours", "extra peak MiB"]
+    head += [f"ref a={alphas[0]:g} ms", "ref/ours", "peak MiB sdpa/ours", f"extra peak MiB a={alphas[0]:g}"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for row in rows:
         cells = [f"{row.name} {row.shape}", f"{row.sdpa_ms:.2f}"]
         cells += [f"{row.ours_ms[a]:.2f}" for a in alphas] + [f"{row.ours_ratio[a]:.2f}x" for a in alphas]
-        cells += [f"{row.ours_ms[a] / row.ours_ms[alphas[0]]:.2f}x" for a in alphas[1:]]
+        cells += [f"{row.alpha_ratio[a]:.2f}x" for a in alphas[1:]]
         cells += ["-" if row.ref_ms is None else f"{row.ref_ms:.1f}"]
         cells += ["-" if row.ref_speedup is None else f"{row.ref_speedup:.1f}x"]
         cells += [f"{row.peak_mib[0]:.1f}/{row.peak_mib[1]:.1f}", f"{row.extra_peak_mib:.1f}"]
