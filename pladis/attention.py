@@ -106,7 +106,7 @@ def pladis_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     check_no_grad("PLADIS attention", q=q, k=k, v=v, mask=mask)
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0  # d = 0: every score is 0
     fused = _fused_kernel(q, k, v, mask)
     if fused is not None:
         from .triton_kernel import TritonUnsupported
@@ -153,22 +153,28 @@ def _pladis_attention_torch(
         return out.zero_()
 
     groups = max(1, math.prod(batch))
-    q32 = q.to(torch.float32).expand(*batch, n_queries, q.shape[-1]).reshape(groups, n_queries, -1)
+    dim = q.shape[-1]
+    if n_keys == 0:  # nothing to attend to: zeros, as SDPA gives
+        return out.zero_()
+    # q is converted chunk by chunk: the WebUI's packed layout is not contiguous, and a float32 copy of
+    # all of q (two, from half precision) would sit outside the memory budget (+81 MiB at hires sizes).
+    q_full = q.expand(*batch, n_queries, dim)
     k32 = k.to(torch.float32).expand(*batch, n_keys, k.shape[-1]).reshape(groups, n_keys, -1)
     v32 = v.to(torch.float32).expand(*batch, n_keys, d_v).reshape(groups, n_keys, d_v)
     k32t = k32.transpose(1, 2)
-    mask_full = None if mask is None else _expand_mask(mask, batch, n_queries, n_keys, groups)
+    mask_full = None if mask is None else _expand_mask(mask, batch, n_queries, n_keys)
     out_view = out.view(groups, n_queries, d_v)
 
-    step = chunk_queries(groups, n_queries, n_keys, memory_budget, q.is_cuda)
+    step = chunk_queries(groups, n_queries, n_keys, memory_budget, q.is_cuda, q_dim=dim, v_dim=d_v)
     with _workspace(q.device) as ws:
         for start in range(0, n_queries, step):
             stop = min(start + step, n_queries)
             rows = stop - start
+            q_chunk = _float32_rows(q_full[..., start:stop, :], groups, ws)
             scores = ws.buffer("scores", (groups, rows, n_keys), q.device)
-            torch.baddbmm(scores, q32[:, start:stop], k32t, beta=0.0, alpha=scale, out=scores)
+            torch.baddbmm(scores, q_chunk, k32t, beta=0.0, alpha=scale, out=scores)
             if mask_full is not None:
-                _apply_mask(scores, mask_full[:, start:stop])
+                _apply_mask(scores.view(*batch, rows, n_keys), mask_full[..., start:stop, :])
             weights = blend_rows_(scores.view(-1, n_keys), alpha, lam, ws).view(groups, rows, n_keys)
             chunk_out = ws.buffer("out", (groups, rows, d_v), q.device)
             out_view[:, start:stop] = torch.bmm(weights, v32, out=chunk_out)
@@ -200,27 +206,53 @@ def _workspace(device: torch.device) -> Iterator[Workspace]:
         _kept_lock.release()
 
 
-def chunk_queries(groups: int, n_queries: int, n_keys: int, memory_budget: int, on_gpu: bool) -> int:
-    """Queries per chunk: within the memory budget and, on CPU, small enough to stay in cache."""
-    if memory_budget <= 0:
+def _float32_rows(chunk: Tensor, groups: int, ws: Workspace) -> Tensor:
+    """A ``(..., rows, d)`` chunk of queries as float32 ``(groups, rows, d)``: a view when it is one
+    already (contiguous float32 q), else converted into a workspace buffer."""
+    rows, dim = chunk.shape[-2], chunk.shape[-1]
+    if chunk.dtype == torch.float32:
+        try:
+            return chunk.view(groups, rows, dim)
+        except RuntimeError:
+            pass
+    buffer = ws.buffer("q", (groups, rows, dim), chunk.device)
+    buffer.view(chunk.shape).copy_(chunk)
+    return buffer
+
+
+def chunk_queries(
+    groups: int,
+    n_queries: int,
+    n_keys: int,
+    memory_budget: int,
+    on_gpu: bool,
+    *,
+    q_dim: int = 0,
+    v_dim: int = 0,
+) -> int:
+    """Queries per chunk: within the memory budget and, on CPU, small enough to stay in cache.
+
+    Per query: the float32 score-sized buffers, plus its float32 query and output rows.
+    """
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
         raise ValueError(f"PLADIS memory_budget: {memory_budget!r} must be a positive number of bytes")
-    per_query = groups * n_keys * 4 * _WORKING_COPIES
+    per_query = groups * 4 * (n_keys * _WORKING_COPIES + q_dim + v_dim)
     step = max(1, memory_budget // per_query)
     if not on_gpu:
         step = min(step, max(1, _CACHE_FRIENDLY_ELEMENTS // (groups * n_keys)))
     return min(step, n_queries)
 
 
-def _expand_mask(mask: Tensor, batch: torch.Size, n_queries: int, n_keys: int, groups: int) -> Tensor:
-    """Broadcast a (bool or additive) mask to ``(groups, N, K)`` without copying where possible."""
+def _expand_mask(mask: Tensor, batch: torch.Size, n_queries: int, n_keys: int) -> Tensor:
+    """A (bool or additive) mask broadcast to ``(*batch, N, K)``: a view, never a copy (a mask shared
+    by all heads would otherwise become a score-sized tensor)."""
     try:
-        full = mask.expand(*batch, n_queries, n_keys)
+        return mask.expand(*batch, n_queries, n_keys)
     except RuntimeError:
         raise ValueError(
             f"PLADIS attention: a mask of shape {tuple(mask.shape)} does not broadcast to the scores' "
             f"shape {(*batch, n_queries, n_keys)}"
         ) from None
-    return full.reshape(groups, n_queries, n_keys)
 
 
 def _apply_mask(scores: Tensor, mask: Tensor) -> None:

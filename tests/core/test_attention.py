@@ -310,3 +310,78 @@ def test_torch_path_stays_lean_in_ops(alpha: float, most: int, monkeypatch: pyte
     with Count() as counted:
         _pladis_attention_torch(q, k, v, alpha, 2.0, 0.125, None, 1 << 40)  # one chunk, as on a GPU
     assert 0 < sum(counted.ops.values()) <= most, counted.ops
+
+
+def _largest_new_tensor_bytes(fn) -> int:
+    """Bytes of the largest tensor any op returns while ``fn`` runs (views excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"view", "slice", "expand", "select", "unsqueeze", "squeeze", "t", "alias", "transpose", "detach"}
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ not in views and not func.overloadpacket.__name__.startswith(
+                ("as_strided", "_reshape", "_unsafe_view")
+            ):
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 0:
+                        Largest.most = max(Largest.most, t.numel() * t.element_size())
+            return out
+
+    with Largest():
+        fn()
+    return Largest.most
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_queries_and_a_shared_mask_are_never_copied_whole(dtype) -> None:
+    # The WebUI hands q in its packed (B, N, H·d) layout, split into heads as a non-contiguous view,
+    # and a mask shared by every head broadcasts: neither may become a whole float32 copy (an
+    # +81 MiB q copy at hires sizes, and a score-sized mask, sat outside the memory budget).
+    b, h, n, k_len, d, d_v = 2, 4, 4096, 77, 40, 4  # a small d_v keeps the output below those sizes
+    gen = torch.Generator().manual_seed(12)
+    packed_q = torch.randn(b, n, h * d, generator=gen).to(dtype)
+    k = torch.randn(b, h, k_len, d, generator=gen).to(dtype)
+    v = torch.randn(b, h, k_len, d_v, generator=gen).to(dtype)
+    q = packed_q.view(b, n, h, d).transpose(1, 2)
+    keep = torch.ones(b, 1, 1, k_len, dtype=torch.bool)
+    keep[0, ..., 40:] = False
+    budget = 64 * b * h * 4 * (k_len * 6 + d + d_v)  # 64 queries per chunk
+    got = {}
+
+    def run() -> None:
+        got["out"] = pladis_attention(q, k, v, alpha=1.5, lam=2.0, mask=keep, memory_budget=budget)
+
+    largest = _largest_new_tensor_bytes(run)
+    assert largest <= budget < min(b * h * n * d * 4, b * h * n * k_len)  # no whole float32 q, no whole mask
+    mask = keep.expand(b, h, n, k_len).clone()
+    want = pladis_attention(q.contiguous(), k, v, alpha=1.5, lam=2.0, mask=mask)
+    torch.testing.assert_close(got["out"], want, rtol=0, atol=2e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_chunks_count_the_query_and_output_rows_too() -> None:
+    budget = 256 * 2**20
+    plain = chunk_queries(20, 10**6, 8, budget, on_gpu=True)
+    with_rows = chunk_queries(20, 10**6, 8, budget, on_gpu=True, q_dim=160, v_dim=160)
+    assert with_rows * 20 * 4 * (8 * 6 + 320) <= budget < plain * 20 * 4 * (8 * 6 + 320)
+
+
+@pytest.mark.parametrize("bad", [None, 0, -1, 1.5, True])
+def test_memory_budget_must_be_a_positive_number_of_bytes(bad) -> None:
+    q, k, v = qkv(1, 1, 4, 8, 16, seed=1)
+    with pytest.raises(ValueError, match=r"PLADIS memory_budget: .* must be a positive number of bytes"):
+        pladis_attention(q, k, v, alpha=1.5, lam=2.0, memory_budget=bad)
+
+
+def test_no_keys_or_empty_heads_answer_like_sdpa() -> None:
+    q, k, v = qkv(1, 2, 4, 8, 16, seed=2)
+    assert torch.equal(
+        pladis_attention(q, k[..., :0, :], v[..., :0, :], alpha=1.5, lam=2.0), torch.zeros(1, 2, 4, 16)
+    )
+    out = pladis_attention(
+        q[..., :0], k[..., :0], v, alpha=1.5, lam=2.0
+    )  # d = 0: all scores 0, uniform weights
+    torch.testing.assert_close(out, v.mean(-2, keepdim=True).expand(1, 2, 4, 16), rtol=0, atol=1e-6)
