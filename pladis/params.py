@@ -55,9 +55,16 @@ def _check_real(name: str, value: Any, bounds: tuple[float, float]) -> float:
             f"got {value!r} of type {type(value).__name__}"
         )
     number = float(value)
+    for bound in bounds:  # X/Y/Z's "1-2 (+0.1)" ends at 2.000000000000001 (np.arange rounding)
+        if abs(number - bound) <= _BOUND_SLACK * max(1.0, abs(bound)):
+            number = bound
     if not math.isfinite(number) or not bounds[0] <= number <= bounds[1]:
         raise ValueError(f"PLADIS {name}: {value!r} is outside the allowed range {_range_text(bounds)}")
     return number
+
+
+_BOUND_SLACK = 1e-9
+"""Values this close to a range bound (relative) are that bound: float rounding, not user intent."""
 
 
 @dataclass(frozen=True)
@@ -226,16 +233,27 @@ def params_from_mapping(mapping: Mapping[str, Any], base: PladisParams | None = 
     Keys may use the aliases in ``_ALIASES`` (``lambda``/``lam``); unknown keys are an error so that
     a typo in an API request does not silently fall back to a default.
     """
-    if not isinstance(mapping, Mapping):
-        raise ValueError(f"PLADIS: expected a mapping of parameters, got {type(mapping).__name__}")
     start = base or PladisParams()
     merged: dict[str, Any] = {f.name: getattr(start, f.name) for f in fields(start)}
+    for key, value in loose_mapping(mapping).items():
+        if value is not None:
+            merged[key] = value
+    return parse_params(**merged)
+
+
+def loose_mapping(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a parameter dict under their field names (aliases resolved), not yet parsed.
+
+    Unknown keys, and one field given under two names, are errors.
+    """
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"PLADIS: expected a mapping of parameters, got {type(mapping).__name__}")
+    values: dict[str, Any] = {}
     given: dict[str, str] = {}
     for key, value in mapping.items():
         canonical = _canonical_key(key)
         if canonical in given:  # e.g. "lam" and "lambda": which one was meant is not ours to guess
             raise ValueError(f"PLADIS: {given[canonical]!r} and {key!r} both set {canonical}; give it once")
         given[canonical] = key
-        if value is not None:
-            merged[canonical] = value
-    return parse_params(**merged)
+        values[canonical] = value
+    return values

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pladis.params import PladisParams, params_from_mapping, parse_params
+from pladis.params import PladisParams, loose_mapping, parse_bool, parse_params
 
 ARG_ORDER: tuple[str, ...] = ("enabled", "alpha", "lambda", "layers", "start", "end")
 """Positional order of the script args (and of the controls returned by ``ui()``)."""
@@ -25,21 +25,49 @@ def params_from_args(args: Sequence[Any]) -> PladisParams:
     In the dict form ``enabled`` defaults to true: sending settings means wanting PLADIS.
     Raises ``ValueError`` naming the parameter and its allowed range.
     """
+    return _params(_loose_values(args))
+
+
+def params_for(p: Any, args: Sequence[Any]) -> PladisParams:
+    """Params for one generation: the script args, then any X/Y/Z overrides stored on ``p``.
+
+    The overrides are merged before anything is validated, so a cell's value may repair the
+    accordion's (a Start above the accordion's End, with an End axis above both). When PLADIS ends up
+    off, invalid other values are dropped instead of failing: sliders left at start > end must not
+    fail a generation that does not use them.
+    """
+    values = _loose_values(args)
+    overrides = getattr(p, XYZ_ATTR, None)
+    if overrides:
+        values.update(loose_mapping(dict(overrides)))
+    return _params(values)
+
+
+def _loose_values(args: Sequence[Any]) -> dict[str, Any]:
+    """Field name → the value given (None: default), from the positional or the dict form."""
     args = tuple(args)
     if args and isinstance(args[0], Mapping):
-        return params_from_mapping(args[0], base=PladisParams(enabled=True))
+        values = loose_mapping(args[0])
+        if values.get("enabled") is None:
+            values["enabled"] = True
+        return values
     if len(args) > len(ARG_ORDER):
         raise ValueError(
             f"PLADIS: expected at most {len(ARG_ORDER)} arguments ({', '.join(ARG_ORDER)}), got {len(args)}"
         )
     padded = args + (None,) * (len(ARG_ORDER) - len(args))
-    return parse_params(*padded)
+    return dict(zip(_FIELDS, padded, strict=True))
 
 
-def params_for(p: Any, args: Sequence[Any]) -> PladisParams:
-    """Params for one generation: the script args, then any X/Y/Z overrides stored on ``p``."""
-    params = params_from_args(args)
-    overrides = getattr(p, XYZ_ATTR, None)
-    if overrides:
-        params = params.replace(**dict(overrides))
-    return params
+_FIELDS: tuple[str, ...] = ("enabled", "alpha", "lam", "layers", "start", "end")
+"""PladisParams field of each position in ARG_ORDER."""
+
+
+def _params(values: dict[str, Any]) -> PladisParams:
+    enabled = values.get("enabled")
+    if enabled is not None and not parse_bool("enabled", enabled):
+        try:  # off: the values are kept when they are valid, and dropped when not (they are unused)
+            return parse_params(**values)
+        except ValueError:
+            return PladisParams(enabled=False)
+    return parse_params(**values)

@@ -161,6 +161,20 @@ def test_foreign_generation_after_crash_is_not_affected(webui):
     assert kit.instance_forwards(model) == []
 
 
+def test_disabled_pladis_ignores_its_sliders_even_when_start_is_after_end(webui):
+    # Closing the accordion turns PLADIS off; sliders left at start 0.8 > end 0.2 must not fail the
+    # generation (they are unused), which must be bit-for-bit stock.
+    kit = webui.kit
+    model = kit.sd15()
+    data = kit.inputs()
+    baseline = _reference(webui, model, data)
+    out, res = _generate(webui, model, False, 1.5, 2.0, ["down", "up"], 0.8, 0.2, data=data)
+    assert torch.equal(out, baseline)
+    assert "PLADIS alpha" not in res.extra_generation_params
+    with pytest.raises(ValueError, match=r"start \(0\.8\) must not be greater than end \(0\.2\)"):
+        _generate(webui, model, True, 1.5, 2.0, ["down", "up"], 0.8, 0.2, data=data)  # on: it is an error
+
+
 def test_direct_unet_calls_after_crash_run_stock_once_the_generation_is_gone(webui):
     """Training calls the UNet without a sampler (no CFGDenoiser callback): after a crash skipped
     postprocess, the stale patches stay installed until the next generation, but they must not

@@ -78,14 +78,46 @@ def test_cells_override_ui_values(webui):
     assert kit.instance_forwards(model) == []
 
 
-def test_start_after_end_cell_fails_that_cell_only(webui):
+def _grid_with_ui(webui, start, end):
+    """A model, the X/Y/Z script and a txt2img request whose accordion has PLADIS on at start/end."""
     webui.script_callbacks.before_ui_callback()
     kit = webui.kit
     model = kit.sd15()
     kit.use_models(model)
-    script = _xyz(webui).script_class()
-    p = kit.txt2img(webui.runner, kit.script_args(webui.runner, True, 1.5, 2.0, ["down"], 0.6, 1.0))
+    p = kit.txt2img(webui.runner, kit.script_args(webui.runner, True, 1.5, 2.0, ["down"], start, end))
+    return model, _xyz(webui).script_class(), p
+
+
+def test_start_after_end_cell_fails_that_cell_only(webui):
+    kit = webui.kit
+    model, script, p = _grid_with_ui(webui, 0.6, 1.0)
     cells = script.run_axis(p, "[PLADIS] End", "0.5, 0.9")
     assert cells[0] is None and cells[1] is not None  # X/Y/Z reports the failed cell and goes on
     assert "start" in str(webui.errors.reported[-1][1])
+    assert kit.instance_forwards(model) == []
+
+
+def test_float_ranges_of_the_xyz_syntax_reach_the_bounds(webui):
+    # X/Y/Z expands "1-2 (+0.1)" with np.arange(start, end + step, step), whose last value is
+    # 2.000000000000001: the grid must not be refused for that rounding.
+    import numpy as np
+
+    from pladis.webui.xyz import make_confirm
+
+    alphas = np.arange(1.0, 2.0 + 0.1, 0.1)
+    ends = np.arange(0.2, 1.0 + 0.1, 0.1)
+    assert alphas[-1] > 2.0 and ends[-1] > 1.0  # the rounding this is about
+    make_confirm("alpha")(None, list(alphas))
+    make_confirm("end")(None, list(ends))
+    with pytest.raises(ValueError, match=r"alpha: 2\.001 is outside the allowed range \[1, 2\]"):
+        make_confirm("alpha")(None, [2.001])
+
+
+def test_an_end_axis_can_repair_the_accordions_start_after_end(webui):
+    # UI at start 0.8 / end 0.2: the End axis's values are merged before validation.
+    kit = webui.kit
+    model, script, p = _grid_with_ui(webui, 0.8, 0.2)
+    cells = script.run_axis(p, "[PLADIS] End", "0.9, 1")
+    assert all(cell is not None for cell in cells)
+    assert [c.extra_generation_params["PLADIS range"] for c in cells] == ["0.8-0.9", "0.8-1"]
     assert kit.instance_forwards(model) == []
