@@ -1,6 +1,6 @@
 """PLADIS: sparse (α-entmax) cross-attention blend for diffusion UNets.
 
-Host-independent core: imports torch only. WebUI adapters live in ``pladis.hosts`` and import
+Host-independent core: imports torch and numpy only. WebUI adapters live in ``pladis.hosts`` and import
 host modules lazily, inside functions.
 """
 
