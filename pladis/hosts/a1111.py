@@ -142,6 +142,10 @@ def _fallback(record: _Record, module: nn.Module, x: torch.Tensor, args: tuple, 
     return type(module).forward(module, x, *args, **kwargs)
 
 
+_bypass_warned: list[bool] = []
+"""Set once the warning about a bypassed earlier instance forward was logged (once per process)."""
+
+
 def _split_call(args: tuple, kwargs: dict) -> tuple[Any, Any, bool]:
     """(context, mask, supported) from a ``forward(x, context=None, mask=None, ...)`` call."""
     context = args[0] if len(args) > 0 else kwargs.get("context")
@@ -150,9 +154,14 @@ def _split_call(args: tuple, kwargs: dict) -> tuple[Any, Any, bool]:
     for key, value in kwargs.items():
         if key in ("context", "mask"):
             continue
-        if key not in _UNSUPPORTED_DEFAULTS or value != _UNSUPPORTED_DEFAULTS[key]:
+        if key not in _UNSUPPORTED_DEFAULTS or not _is_default(value, _UNSUPPORTED_DEFAULTS[key]):
             supported = False
     return context, mask, supported
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """``value == default`` for plain values; anything else (a tensor, say) is not the default."""
+    return value is default or (type(value) in (int, float, bool) and value == default)
 
 
 def _pladis_forward(
@@ -163,13 +172,22 @@ def _pladis_forward(
     context, _mask, supported = _split_call(args, kwargs)
     if not (supported and record.armed and session.applies()):
         return _fallback(record, module, x, args, kwargs)
+    if record.previous is not None and not _bypass_warned:
+        _bypass_warned.append(True)
+        log.warning(
+            "PLADIS: another extension's cross-attention forward is installed on %s layers; while PLADIS "
+            "is active there (λ > 0, inside start/end), PLADIS computes their attention and that "
+            "extension's change is not applied",
+            type(module).__name__,
+        )
     params = session.params
     query = module.to_q(x)
     context = x if context is None else context
     if session.host.apply_hypernetworks is not None:
-        context_k, context_v = session.host.apply_hypernetworks(
-            session.host.loaded_hypernetworks(), context, module
-        )
+        # No ``layer`` argument, as the WebUI's optimised forwards (sdp, xformers, sub-quadratic …)
+        # call it: with one, the hypernetwork modules would be attached to attn2 for good
+        # (``layer.hyper_k``), joining the model's state_dict and its .to()/.half() moves.
+        context_k, context_v = session.host.apply_hypernetworks(session.host.loaded_hypernetworks(), context)
     else:
         context_k = context_v = context
     key = module.to_k(context_k)

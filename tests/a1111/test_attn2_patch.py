@@ -147,7 +147,7 @@ def test_stale_session_falls_through(host):
     patcher.end()
 
 
-def test_chains_to_and_restores_another_extensions_instance_forward(host):
+def test_chains_to_and_restores_another_extensions_instance_forward(host, monkeypatch, caplog):
     module = _module(host, "ldm")
     x, context = _xc()
     seen = []
@@ -157,13 +157,32 @@ def test_chains_to_and_restores_another_extensions_instance_forward(host):
         return type(module).forward(module, x, context=context, mask=mask) * 2
 
     module.forward = theirs
-    with torch.no_grad():
+    monkeypatch.setattr(a1111, "_bypass_warned", [])
+    with torch.no_grad(), caplog.at_level("WARNING", logger=a1111.__name__):
         doubled = module(x, context=context)
         patcher = _patch(module, start=0.5)
         patcher.set_progress(0.0)
         assert torch.equal(module(x, context=context), doubled)  # inactive → their forward, not the class one
+        assert not caplog.records
+        patcher.set_progress(0.5)
+        seen.clear()
+        module(x, context=context)
+        module(x, context=context)
+        assert seen == []  # active: PLADIS computes the layer, theirs is not called, and it says so once
+        assert [r.getMessage() for r in caplog.records if "another extension" in r.getMessage()] == [
+            "PLADIS: another extension's cross-attention forward is installed on CrossAttention layers; "
+            "while PLADIS is active there (λ > 0, inside start/end), PLADIS computes their attention and "
+            "that extension's change is not applied"
+        ]
         patcher.end()
     assert module.__dict__["forward"] is theirs
+
+
+def test_extra_keyword_values_that_are_tensors_fall_back_without_error() -> None:
+    # sgm's forward takes n_times_crossframe_attn_in_self (default 0); a tensor there must not raise
+    # "Boolean value of Tensor with more than one value is ambiguous" in the support check.
+    assert a1111._split_call((), {"n_times_crossframe_attn_in_self": torch.tensor([1, 2])})[2] is False
+    assert a1111._split_call((), {"n_times_crossframe_attn_in_self": 0, "additional_tokens": None})[2] is True
 
 
 def test_wrapped_by_another_extension_after_us_stays_but_is_disarmed(host):
@@ -195,7 +214,9 @@ def test_hypernetwork_is_applied_to_the_context(host, kind):
         without_hn = host.kit.oracle_attn2(module, x, context, 1.5, 2.0)
     torch.testing.assert_close(got, with_hn, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(with_hn, without_hn, atol=1e-3)
-    assert getattr(module, "hyper_k", None) is not None  # passed as `layer`, like the fallback forward
+    # No `layer` argument, as the optimised WebUI forwards call it: nothing is attached to attn2.
+    assert getattr(module, "hyper_k", None) is None
+    assert not any(name.startswith("hyper") for name, _ in module.named_children())
 
 
 def test_lora_style_class_level_linear_patch_reaches_to_k(host, monkeypatch):
