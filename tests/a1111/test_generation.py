@@ -152,7 +152,7 @@ def test_foreign_generation_after_crash_is_not_affected(webui):
     handle = model.model.diffusion_model.middle_block.register_forward_pre_hook(
         lambda *_: (_ for _ in ()).throw(RuntimeError("boom"))
     )
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):  # the injected crash, not another one
         _generate(webui, model, True, 1.5, 2.0, data=data)
     handle.remove()
     kit.use_models(model)
@@ -186,7 +186,7 @@ def test_direct_unet_calls_after_crash_run_stock_once_the_generation_is_gone(web
     handle = model.model.diffusion_model.middle_block.register_forward_pre_hook(
         lambda *_: (_ for _ in ()).throw(RuntimeError("boom"))
     )
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):  # the injected crash, not another one
         _generate(webui, model, True, 1.5, 2.0, data=data)
     handle.remove()
     gc.collect()

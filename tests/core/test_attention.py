@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -27,7 +28,7 @@ def test_matches_float64_oracle(alpha: float, lam: float) -> None:
     got = pladis_attention(q, k, v, alpha=alpha, lam=lam)
     want = reference_pladis(q, k, v, alpha, lam)
     assert got.dtype == torch.float32
-    assert (got.double() - want).abs().max().item() <= 2e-5 * max(1.0, lam)
+    assert (got.double() - want).abs().max().item() <= 1e-5 * max(1.0, lam)  # measured ≤ 1.2e-5 at λ = 2
 
 
 def test_lambda_zero_is_exactly_sdpa() -> None:
@@ -42,9 +43,8 @@ def test_lambda_zero_is_exactly_sdpa() -> None:
 
 def test_lambda_one_is_pure_sparse_attention() -> None:
     q, k, v = qkv(1, 2, 40, 77, 64, seed=3)
-    scores = (q @ k.transpose(-1, -2)) / 8.0
-    want = entmax(scores, 1.5) @ v
-    torch.testing.assert_close(pladis_attention(q, k, v, alpha=1.5, lam=1.0), want, rtol=0, atol=2e-6)
+    want = reference_pladis(q, k, v, 1.5, 1.0)  # the entmax package's entmax15, no pladis code
+    assert (pladis_attention(q, k, v, alpha=1.5, lam=1.0).double() - want).abs().max().item() <= 5e-6
 
 
 def test_alpha_one_is_softmax_attention_for_any_lambda() -> None:
@@ -226,11 +226,24 @@ def test_a_call_while_the_kept_buffers_are_in_use_gets_fresh_ones() -> None:
 
     q, k, v = qkv(1, 2, 33, 77, 16, seed=22)
     want = pladis_attention(q, k, v, alpha=1.75, lam=2.0)
+    kept = set(map(id, attention._kept_workspaces.values()))
+    used = []
+    real = attention._workspace
+
+    @contextlib.contextmanager
+    def spy(device):
+        with real(device) as ws:
+            used.append(ws)
+            yield ws
+
     assert attention._kept_lock.acquire(blocking=False)
     try:
-        got = pladis_attention(q, k, v, alpha=1.75, lam=2.0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(attention, "_workspace", spy)
+            got = pladis_attention(q, k, v, alpha=1.75, lam=2.0)  # a blocking acquire would hang here
     finally:
         attention._kept_lock.release()
+    assert len(used) == 1 and id(used[0]) not in kept  # fresh buffers, not the kept ones
     assert torch.equal(got, want)
 
 
