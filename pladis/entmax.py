@@ -76,7 +76,7 @@ def is_softmax(alpha: float) -> bool:
 
 
 def float32_exact(alpha: float) -> bool:
-    """Whether a float32 search on τ is exact for this α (all but 1 + 1e-6 < α < 1.05).
+    """Whether a float32 search on τ is exact for this α (all but 1 + SOFTMAX_LIMIT < α < 1.05).
 
     Elsewhere both the torch path (:func:`_near_softmax_solve`) and the fused GPU kernel solve for
     the log-weight of the largest key instead of τ.
@@ -445,12 +445,7 @@ def _halley_solve(
     flags = torch.zeros((rows, 2), dtype=torch.bool, device=x.device) if robust else None
     pending = None
     for evaluation in range(1, _HALLEY_ROUNDS + 1):
-        total, first, second = _moments(x, tau, beta - 2.0, t, powered, weights)
-        if flags is not None:
-            step, halley = _safeguarded_step(flags, total, first, second, beta)
-        else:
-            halley, newton = _halley_and_newton_steps(total, first, second, beta)
-            step = torch.where(total < 1.0, newton, halley)
+        step, halley = _safeguarded_step(flags, *_moments(x, tau, beta - 2.0, t, powered, weights), beta)
         # Settled rows finish with Halley's step (the more accurate one), so it is the one checked.
         unsettled = halley.abs().squeeze(-1) > tolerance
         count = int(unsettled.sum())
@@ -635,23 +630,26 @@ def _halley_and_newton_steps(
 
 
 def _safeguarded_step(
-    flags: Tensor, total: Tensor, first: Tensor, second: Tensor, beta: float
+    flags: Tensor | None, total: Tensor, first: Tensor, second: Tensor, beta: float
 ) -> tuple[Tensor, Tensor]:
-    """The step to take and Halley's step: Newton's for rows that overshot the root once.
+    """The step to take (Newton's where Halley's could cycle) and Halley's step.
 
     ``h`` is convex and decreasing, so Newton's step from either side lands at or below the root, and
     from below it climbs monotonically, while Halley's (up to twice Newton's) can overshoot. Around
     a kink (tied keys entering the support) the two cycled: up past the root by Halley, back below
-    it by Newton, for ever (measured: integer-valued scores at α 1.48–1.4999). A row whose sum went
-    from above 1 to below 1 (τ from below the root to above it) takes Newton's steps from then on,
-    which cannot cycle. ``flags`` (bool, rows × 2, updated) holds "was below" and "overshot".
-    Halley's step is returned too: once the steps are small it is the more accurate finish.
+    it by Newton, for ever (measured: integer-valued scores at α 1.48–1.4999).
+    Without ``flags``, a row above the root (sum below 1) takes Newton's step. With ``flags`` (bool,
+    rows × 2, updated: "was below", "overshot"), a row whose sum went from above 1 to below 1 takes
+    Newton's steps from then on, which cannot cycle. Halley's step is returned too: once the steps
+    are small it is the more accurate finish.
     """
     halley, newton = _halley_and_newton_steps(total, first, second, beta)
+    above_now = total < 1.0
+    if flags is None:
+        return torch.where(above_now, newton, halley), halley
     below, overshot = flags.unbind(-1)
-    above_now = (total < 1.0).squeeze(-1)
-    overshot.logical_or_(above_now & below)
-    below.logical_or_(~above_now)
+    overshot.logical_or_(above_now.squeeze(-1) & below)
+    below.logical_or_(~above_now.squeeze(-1))
     return torch.where(overshot.unsqueeze(-1), newton, halley), halley
 
 

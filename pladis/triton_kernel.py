@@ -184,7 +184,7 @@ def _mode(alpha: float, lam: float) -> tuple[int, float, float]:
     """Kernel branch and (α−1, β=1/(α−1)): 0 softmax only, 1 α=1.5, 2 α=2, 3 other α, 4 α just above 1,
     5 1.5 < α < 2.
 
-    Branch 4 (1 + 1e-6 < α < 1.05), where a float32 search on τ is not exact, solves for the
+    Branch 4 (1 + 1e-7 < α < 1.05), where a float32 search on τ is not exact, solves for the
     log-weight of the largest key instead; branch 5 is branch 3 started from the ℓ2 threshold mapped
     towards the ℓβ one (see ``pladis/_triton_fwd.py``).
     """

@@ -56,11 +56,7 @@ def _loose_values(args: Sequence[Any]) -> dict[str, Any]:
             f"PLADIS: expected at most {len(ARG_ORDER)} arguments ({', '.join(ARG_ORDER)}), got {len(args)}"
         )
     padded = args + (None,) * (len(ARG_ORDER) - len(args))
-    return dict(zip(_FIELDS, padded, strict=True))
-
-
-_FIELDS: tuple[str, ...] = ("enabled", "alpha", "lam", "layers", "start", "end")
-"""PladisParams field of each position in ARG_ORDER."""
+    return loose_mapping(dict(zip(ARG_ORDER, padded, strict=True)))  # "lambda" → the field "lam"
 
 
 def _params(values: dict[str, Any]) -> PladisParams:
