@@ -89,6 +89,13 @@ CANDIDATE_FRACTION = 0.25
 this fraction of all keys (measured on the benchmark shapes: 6–13 % at α 1.55–1.9, σ = 1)."""
 _CANDIDATE_ROUNDS = 30  # evaluations per row: 3 for most, 4–5 for a few; the bound is never reached
 _FIRST_CHECK = 2  # gathered rows are checked from the 3rd evaluation on (see _newton_on_segments)
+_FINISH_SHARE = 1 / 16
+"""Unsettled rows are gathered and finished alone once they are at most this share of the rows.
+
+Why not more: gathering a row's keys again costs about a whole evaluation of all the candidates'
+(measured at α = 1.75, σ = 1: 19 % of the rows unsettled after three evaluations, 0.02 % after
+four; one more evaluation for all rows, then a finish of a few rows, was 3–6 % faster per chunk than
+finishing the 19 % at once; at α = 1.6 the 3 % left are finished at once as before)."""
 _FALLBACK_ROUNDS = 50  # bound for the rare unsettled rows (2 Newton steps a round); never reached.
 _HALLEY_ROUNDS = 12  # evaluations per row for fractional β > 2: 2 for most, 3 for a few; never reached
 _TINY = 1e-30
@@ -344,10 +351,10 @@ def _newton_on_segments(
     within ``ROW_SUM_TOL`` (or τ stops moving); the weights of that evaluation are the result, so
     no separate final pass is needed. Rows are checked from evaluation ``first_check + 1`` on (by
     then every row is below the root, so a step ≤ 0 means τ no longer moves). When a check leaves
-    at most a quarter of the rows unsettled (measured from :func:`_equal_keys_start` at the 3rd
-    evaluation: 0–24 % at α 1.55–1.9, σ 1–3), those rows are gathered and go on alone
-    (:func:`_finish_unsettled`, once), instead of every row paying for the one or two more
-    evaluations a few need.
+    at most ``_FINISH_SHARE`` of the rows unsettled (measured from :func:`_equal_keys_start` at the
+    3rd evaluation: 0–24 % at α 1.55–1.9, σ 1–3; after a 4th, 0–0.2 %), those rows are gathered
+    and go on alone (:func:`_finish_unsettled`, once), instead of every row paying for the one or
+    two more evaluations a few need.
     """
     n = values.numel()
     parts = torch.empty(2, n, dtype=torch.float32, device=values.device)  # t^(β−1), t^β
@@ -369,7 +376,7 @@ def _newton_on_segments(
             unsettled = rows - int(done.sum())
             if unsettled == 0:
                 break
-            if first_check > 0 and 4 * unsettled <= rows and step_number + 1 < _CANDIDATE_ROUNDS:
+            if first_check > 0 and unsettled <= _FINISH_SHARE * rows and step_number + 1 < _CANDIDATE_ROUNDS:
                 return _finish_unsettled(values, row, tau.add_(step), done, parts[1], total, beta)
             step.masked_fill_(done, 0.0)
         tau.add_(step)
@@ -383,7 +390,7 @@ def _finish_unsettled(
 
     ``row`` is sorted (the keys come from a row-major ``nonzero``), so each pending row's keys are
     one contiguous run, found by binary search instead of a pass over all the keys (the pending
-    rows are a few percent of the rows, up to a quarter).
+    rows are at most ``_FINISH_SHARE`` of the rows).
     """
     pending_rows = done.logical_not().nonzero().squeeze(1)
     first = torch.searchsorted(row, pending_rows)
