@@ -66,6 +66,9 @@ def _check_real(name: str, value: Any, bounds: tuple[float, float]) -> float:
 _BOUND_SLACK = 1e-9
 """Values this close to a range bound (relative) are that bound: float rounding, not user intent."""
 
+_PROGRESS_SLACK = 1e-9
+"""Start/end this close to a progress value are that value (float rounding of X/Y/Z ranges)."""
+
 
 @dataclass(frozen=True)
 class PladisParams:
@@ -105,12 +108,17 @@ class PladisParams:
         return self.enabled and self.lam > 0.0 and bool(self.layers) and self.end > self.start
 
     def active_at(self, progress: float) -> bool:
-        """Whether PLADIS applies at ``progress`` ∈ [0, 1] of the sampling schedule."""
+        """Whether PLADIS applies at ``progress`` ∈ [0, 1] of the sampling schedule.
+
+        Bounds within ``_PROGRESS_SLACK`` of a progress value count as equal to it: X/Y/Z writes
+        "0.3" of ``0-1 (+0.1)`` as 0.30000000000000004 (``np.arange``), which must not drop the step
+        at 6/20. Progress values are step fractions, far more than the slack apart.
+        """
         if not self.acts:
             return False
-        if self.end >= 1.0:
-            return progress >= self.start
-        return self.start <= progress < self.end
+        if progress < self.start - _PROGRESS_SLACK:
+            return False
+        return self.end >= 1.0 or progress < self.end - _PROGRESS_SLACK
 
     def replace(self, **changes: Any) -> PladisParams:
         """A copy with some fields changed (loose values accepted, validated again)."""

@@ -121,3 +121,27 @@ def test_an_end_axis_can_repair_the_accordions_start_after_end(webui):
     assert all(cell is not None for cell in cells)
     assert [c.extra_generation_params["PLADIS range"] for c in cells] == ["0.8-0.9", "0.8-1"]
     assert kit.instance_forwards(model) == []
+
+
+def test_float_range_cells_keep_the_step_at_their_start(webui):
+    # "0.2-0.3 (+0.1)" gives the Start cells 0.2 and 0.30000000000000004 (np.arange): the second cell
+    # must start at step 3 of 10 (progress 0.3), as a typed "0.3" does, and its infotext says 0.3.
+    webui.script_callbacks.before_ui_callback()
+    kit = webui.kit
+    model, data, steps = kit.sd15(), kit.inputs(), 10
+    copy = kit.baseline_copy(model)
+    _, progress = kit.progress_gate(copy, steps)
+    kit.install_oracle(copy, 1.5, 2.0, layers=("down",), gate=lambda: round(progress() * steps) >= 3)
+    kit.use_models(copy)
+    expected, _ = kit.run(kit.txt2img(None, (), data=data, steps=steps))
+
+    kit.use_models(model)
+    script = _xyz(webui).script_class()
+    args = kit.script_args(webui.runner, True, 1.5, 2.0, ["down"])
+    cells = script.run_axis(
+        kit.txt2img(webui.runner, args, data=data, steps=steps), "[PLADIS] Start", "0.2-0.3 (+0.1)"
+    )
+    assert len(cells) == 2 and all(cell is not None for cell in cells)
+    torch.testing.assert_close(torch.cat(cells[1].images), expected, atol=1e-5, rtol=1e-4)
+    assert cells[1].extra_generation_params["PLADIS range"] == "0.3-1"
+    assert kit.instance_forwards(model) == []

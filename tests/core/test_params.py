@@ -61,6 +61,10 @@ def test_window_semantics() -> None:
     assert [p.active_at(x) for x in (0.0, 0.25, 0.49, 0.5, 0.9)] == [False, True, True, False, False]
     full = PladisParams(enabled=True)
     assert full.active_at(0.0) and full.active_at(1.0)
+    # X/Y/Z's np.arange writes 0.3 and 0.7 as 0.30000000000000004 and 0.7000000000000001: the step at
+    # exactly 0.3 is in, the one at 0.7 out, as for typed bounds.
+    rounded = PladisParams(enabled=True, start=0.1 + 0.2, end=0.7000000000000001)
+    assert [rounded.active_at(x) for x in (0.29, 0.3, 0.6, 0.7)] == [False, True, True, False]
     assert not PladisParams(enabled=True, lam=0.0).acts
     assert not PladisParams(enabled=True, layers=()).acts
     assert not PladisParams(enabled=True, start=0.5, end=0.5).acts

@@ -1,13 +1,46 @@
 """Stand-in ``scripts/xyz_grid.py`` (xyz_grid.py:30-235, 538-731), loaded by path as module "xyz_grid.py".
 
 Per cell: ``pc = copy(p)`` (shallow: ``extra_generation_params`` is shared) → ``apply`` →
-``process_images(pc)``; per-cell exceptions are reported and the grid goes on. Values are converted
-with ``opt.type`` and checked by ``opt.confirm`` before any cell runs.
+``process_images(pc)``; per-cell exceptions are reported and the grid goes on. Values are split on
+commas; for int and float axes the range forms ``a-b`` / ``a-b (+step)`` (float: ``np.arange(a,
+b + step, step)``, int: ``range(a, b + 1, step)``) and ``a-b [count]`` (``np.linspace``) are expanded
+as xyz_grid.py:547-609 does, so float ranges carry np.arange's rounding (0.30000000000000004).
+Values are then converted with ``opt.type`` and checked by ``opt.confirm`` before any cell runs.
 """
 
+import re
 from copy import copy
 
+import numpy as np
 from modules import errors, processing, scripts
+
+_NUMBER = r"([+-]?\s*\d+(?:\.\d*)?)"
+_STEPPED = re.compile(rf"\s*{_NUMBER}\s*-\s*{_NUMBER}(?:\s*\(([+-]\d+(?:\.\d*)?)\s*\))?\s*")
+_COUNTED = re.compile(rf"\s*{_NUMBER}\s*-\s*{_NUMBER}(?:\s*\[(\d+(?:\.\d*)?)\s*\])?\s*")
+
+
+def expand_ranges(kind, values):
+    """The axis text's values, with int/float ranges expanded as the real script does."""
+    out = []
+    for value in (v.strip() for v in values.split(",")):
+        if value == "":
+            continue
+        stepped, counted = _STEPPED.fullmatch(value), _COUNTED.fullmatch(value)
+        if kind not in (int, float) or (stepped is None and counted is None):
+            out.append(value)
+        elif stepped is not None:
+            start, end = (kind(g.replace(" ", "")) for g in stepped.group(1, 2))
+            step = kind(stepped.group(3)) if stepped.group(3) is not None else 1
+            if kind is int:
+                out += list(range(start, end + 1, step))
+            else:
+                out += np.arange(start, end + step, step).tolist()
+        else:
+            start, end = (kind(g.replace(" ", "")) for g in counted.group(1, 2))
+            num = int(counted.group(3)) if counted.group(3) is not None else 1
+            spaced = np.linspace(start=start, stop=end, num=num).tolist()
+            out += [int(x) for x in spaced] if kind is int else spaced
+    return out
 
 
 def apply_field(field):
@@ -70,7 +103,7 @@ class Script(scripts.Script):
     def run_axis(self, p, label, values):
         """One-axis grid: returns the per-cell ``Processed`` (None for a failed cell)."""
         opt = next(o for o in axis_options if o.label == label)
-        xs = [opt.type(v.strip()) for v in values.split(",")]
+        xs = [opt.type(v) for v in expand_ranges(opt.type, values)]
         if opt.choices is not None:
             valid = opt.choices()
             for x in xs:
