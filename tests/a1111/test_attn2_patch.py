@@ -268,3 +268,32 @@ def test_progress_from_cfg_params():
     assert a1111.progress_from_cfg_params(Params()) == 0.25
     Params.denoiser = None
     assert a1111.progress_from_cfg_params(Params()) == 0.2
+
+
+def test_models_pladis_cannot_change_are_left_alone_with_one_warning(host, monkeypatch, caplog):
+    # SD3-like (a UNet with no attn2) and a model with no UNet: one warning each, nothing patched.
+    import importlib
+
+    mmdit = nn.Module()
+    mmdit.model = nn.Module()
+    mmdit.model.diffusion_model = nn.Sequential(nn.Linear(4, 4))
+    bare = nn.Module()
+    with caplog.at_level("WARNING", logger=a1111.__name__):
+        patcher = a1111.Attn2Patcher()
+        patcher.begin(PladisParams(enabled=True))
+        for _ in range(2):
+            assert patcher.patch_model(mmdit) == 0
+            assert patcher.patch_model(bare) == 0
+        # TensorRT & co. (modules.sd_unet.current_unet) bypass the UNet's attention modules.
+        monkeypatch.setattr(importlib.import_module("modules.sd_unet"), "current_unet", object())
+        module = _module(host, "ldm")
+        assert patcher.patch_model(_Model(module)) == 1
+        assert patcher.patch_model(_Model(module)) == 1
+        patcher.end()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "PLADIS: no cross-attention (attn2) layers in this model (e.g. SD3); PLADIS is inactive.",
+        "PLADIS: this model has no UNet diffusion_model; PLADIS is inactive.",
+        "PLADIS: an alternative UNet (e.g. TensorRT) is active; it bypasses attention patches.",
+    ]
+    assert not any(a1111.is_patched(m) for m in mmdit.modules()) and "forward" not in module.__dict__

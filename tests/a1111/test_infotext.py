@@ -28,6 +28,9 @@ def test_infotext_round_trip_restores_every_control(webui, values):
     kit.use_models(kit.sd15())
     _, res = kit.run(kit.txt2img(webui.runner, kit.script_args(webui.runner, *values)))
     text = res.infotexts[0]
+    start, end = values[4:]
+    written = {0.0: "0", 1.0: "1", 0.00005: "0.00005", 0.99995: "0.99995"}
+    assert f"PLADIS range: {written.get(start, start)}-{written.get(end, end)}" in text  # positional
     pasted, fields = _paste(webui, text)
     assert pasted == list(values)
     assert [type(v) for v in pasted] == [bool, float, float, list, float, float]

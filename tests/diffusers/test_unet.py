@@ -59,6 +59,28 @@ def test_enabled_output_matches_independent_oracle(kit, kind, alpha, lam, layers
     torch.testing.assert_close(ours, expected, **TOL)
 
 
+def test_set_changes_alpha_and_lambda_of_the_installed_processors(kit):
+    unet = kit.make_unet("sd")
+    inputs = kit.make_inputs("sd")
+    with apply_pladis(unet, alpha=1.5, lam=2.0) as handle:
+        before = kit.run_unet(unet, *inputs)
+        handle.set(alpha=2.0)
+        sparsemax = kit.run_unet(unet, *inputs)
+        handle.set(alpha=1.75, lam=3.0)
+        both = kit.run_unet(unet, *inputs)
+        with pytest.raises(ValueError, match="alpha"):
+            handle.set(alpha=2.5)
+        assert (handle.params.alpha, handle.params.lam) == (1.75, 3.0)
+        torch.testing.assert_close(kit.run_unet(unet, *inputs), both, rtol=0, atol=0)
+    expected = {}
+    for alpha, lam in ((2.0, 2.0), (1.75, 3.0)):
+        kit.install_oracle(unet, ("down", "up"), alpha, lam)
+        expected[alpha] = kit.run_unet(unet, *inputs)
+    _assert_differs(sparsemax, before)
+    torch.testing.assert_close(sparsemax, expected[2.0], **TOL)
+    torch.testing.assert_close(both, expected[1.75], **TOL)
+
+
 def test_sdxl_down_up_excludes_mid_and_self_attention(kit):
     unet = kit.make_unet("sdxl")
     before = _processors(unet)

@@ -20,33 +20,6 @@ def inputs(seed=0, batch=2, tokens=6, cond_len=4, uncond_len=4):
     return x, cond, uncond
 
 
-def oracle_site(tk, alpha, lam, prior=None):
-    """A test-side attn2 replacement computing PLADIS with the float64 oracle."""
-
-    def fn(q, k, v, extra_options):
-        heads = extra_options["n_heads"]
-        if prior is None:
-            return tk.oracle_attn2(q, k, v, heads, alpha, lam).to(q.dtype)
-        delta = tk.oracle_attn2(q, k, v, heads, alpha, lam) - tk.oracle_dense(q, k, v, heads)
-        return (prior(q, k, v, extra_options).double() + delta).to(q.dtype)
-
-    return fn
-
-
-def with_oracle(tk, patcher, sites, alpha, lam, priors=None):
-    patched = patcher.clone()
-    for site in sites:
-        prior = (priors or {}).get(site)
-        patched.set_model_attn2_replace(oracle_site(tk, alpha, lam, prior), *site)
-    return patched
-
-
-def sites_of(tk, *groups):
-    from backend.nn.unet import EXPECTED_SITES
-
-    return [site for group in groups for site in EXPECTED_SITES[group]]
-
-
 @pytest.mark.parametrize("layers", [("down", "up"), ("down", "mid", "up"), ("mid",), ("up",)])
 def test_installs_one_replacement_per_attn2_site_of_the_selected_groups(forge_host, layers):
     from pladis.hosts.forge import apply, installed_sites
@@ -57,8 +30,8 @@ def test_installs_one_replacement_per_attn2_site_of_the_selected_groups(forge_ho
     apply(p, params(layers=layers))
     clone = p.sd_model.forge_objects.unet
     assert clone is not original and clone.model is original.model
-    assert set(installed_sites(clone)) == set(sites_of(tk, *layers))
-    assert set(tk.attn2_table(clone)) == set(sites_of(tk, *layers))
+    assert set(installed_sites(clone)) == set(tk.sites_of(*layers))
+    assert set(tk.attn2_table(clone)) == set(tk.sites_of(*layers))
     assert original.model_options == {"transformer_options": {}}
 
 
@@ -88,7 +61,7 @@ def test_generation_equals_the_pladis_oracle_on_the_selected_sites(forge_host, a
     p = tk.processing(original)
     apply(p, params(alpha=alpha, lam=lam, layers=layers))
     got = tk.denoise(p.sd_model.forge_objects.unet, x, 3.0, cond, uncond)
-    expected = tk.denoise(with_oracle(tk, original, sites_of(tk, *layers), alpha, lam), x, 3.0, cond, uncond)
+    expected = tk.denoise(tk.with_oracle(original, tk.sites_of(*layers), alpha, lam), x, 3.0, cond, uncond)
     stock = tk.denoise(original, x, 3.0, cond, uncond)
     for g, e, s in zip(got, expected, stock, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
@@ -123,13 +96,13 @@ def test_window_uses_the_hosts_percent_to_sigma_and_passes_through_bit_identical
         got = tk.denoise(patched, x, sigma, cond, uncond)
         stock = tk.denoise(original, x, sigma, cond, uncond)
         assert all(torch.equal(g, s) for g, s in zip(got, stock, strict=True))
-        assert len(calls) == len(sites_of(tk, "down", "up"))  # one batched call, one per patched site
+        assert len(calls) == len(tk.sites_of("down", "up"))  # one batched call, one per patched site
 
     for sigma in (sigma_hi, (sigma_hi + sigma_lo) / 2):  # inside
         calls.clear()
         got = tk.denoise(patched, x, sigma, cond, uncond)
         expected = tk.denoise(
-            with_oracle(tk, original, sites_of(tk, "down", "up"), 1.5, 2.0), x, sigma, cond, uncond
+            tk.with_oracle(original, tk.sites_of("down", "up"), 1.5, 2.0), x, sigma, cond, uncond
         )
         assert calls == []
         for g, e in zip(got, expected, strict=True):
@@ -172,7 +145,7 @@ def test_reapply_with_new_settings_replaces_ours(forge_host):
     apply(p, params(lam=2.0))
     apply(p, params(lam=4.0, layers=("down", "mid", "up")))
     sites = installed_sites(p.sd_model.forge_objects.unet)
-    assert set(sites) == set(sites_of(tk, "down", "mid", "up"))
+    assert set(sites) == set(tk.sites_of("down", "mid", "up"))
     assert {fn.pladis_settings["lam"] for fn in sites.values()} == {4.0}
 
 
@@ -216,7 +189,7 @@ def test_existing_replacements_are_chained_and_still_applied(forge_host):
     assert sorted(calls) == sorted([("input", 2), ("input", 2), ("output", 0), ("middle", 0)])
     priors = {("input", 2, 0): two_tuple, ("input", 2, 1): two_tuple, ("output", 0, 1): three_tuple}
     expected = tk.denoise(
-        with_oracle(tk, base, sites_of(tk, "down", "up"), 1.5, 2.0, priors), x, 3.0, cond, uncond
+        tk.with_oracle(base, tk.sites_of("down", "up"), 1.5, 2.0, priors), x, 3.0, cond, uncond
     )
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)

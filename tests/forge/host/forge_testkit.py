@@ -111,6 +111,35 @@ def oracle_dense(q, k, v, heads):
     return merge(torch.softmax(qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1) @ vh)
 
 
+def oracle_site(alpha, lam, prior=None):
+    """A test-side attn2 replacement computing PLADIS with the float64 oracle (on top of ``prior``)."""
+
+    def fn(q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        if prior is None:
+            return oracle_attn2(q, k, v, heads, alpha, lam).to(q.dtype)
+        delta = oracle_attn2(q, k, v, heads, alpha, lam) - oracle_dense(q, k, v, heads)
+        return (prior(q, k, v, extra_options).double() + delta).to(q.dtype)
+
+    return fn
+
+
+def with_oracle(patcher, sites, alpha, lam, priors=None):
+    """A clone of ``patcher`` with :func:`oracle_site` on ``sites`` (chained on ``priors[site]``)."""
+    patched = patcher.clone()
+    for site in sites:
+        prior = (priors or {}).get(site)
+        patched.set_model_attn2_replace(oracle_site(alpha, lam, prior), *site)
+    return patched
+
+
+def sites_of(*groups):
+    """The attn2 sites of the stand-in UNet's block groups, in order."""
+    from backend.nn.unet import EXPECTED_SITES
+
+    return [site for group in groups for site in EXPECTED_SITES[group]]
+
+
 def oracle_joint_weights(q, k, pe, text_len, alpha, lam):
     """Full joint attention weights ``(B, H, L, L)`` with the official Flux PLADIS text block, float64.
 
