@@ -15,6 +15,7 @@ block and sum differently for another number of rows).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 from collections.abc import Iterator
@@ -51,9 +52,18 @@ FORCE_TORCH_ENV = "PLADIS_FORCE_TORCH"
 """Set to 1 to bypass the fused GPU kernel and use the torch path (debugging, comparisons)."""
 
 
+LAM_MAX = 1e30
+"""Largest λ the maths takes: beyond float32's range (3.4e38) the blend overflows to inf/NaN."""
+
+
 def check_lam(lam: float) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"PLADIS lambda: {lam!r} is outside the allowed range [0, inf)")
+    """Validate λ: any real number (numpy scalars included) in [0, ``LAM_MAX``]."""
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise ValueError(
+            f"PLADIS lambda: expected a number in [0, {LAM_MAX:g}], got {lam!r} of type {type(lam).__name__}"
+        )
+    if not (math.isfinite(lam) and 0 <= lam <= LAM_MAX):
+        raise ValueError(f"PLADIS lambda: {lam!r} is outside the allowed range [0, {LAM_MAX:g}]")
     return float(lam)
 
 

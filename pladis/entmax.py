@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -109,12 +110,11 @@ _MAX_WHOLE_EXPONENT = 32
 
 def check_alpha(alpha: float) -> float:
     """Validate α: the mapping is defined here for 1 ≤ α ≤ 2."""
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not math.isfinite(alpha)
-        or not 1.0 <= float(alpha) <= 2.0
-    ):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise ValueError(
+            f"entmax alpha: expected a number in [1, 2], got {alpha!r} of type {type(alpha).__name__}"
+        )
+    if not (math.isfinite(alpha) and 1.0 <= float(alpha) <= 2.0):
         raise ValueError(f"entmax alpha: {alpha!r} is outside the allowed range [1, 2]")
     return float(alpha)
 

@@ -157,12 +157,28 @@ def test_broadcast_batch_dimensions() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "kwargs"), [("alpha", {"alpha": 2.5, "lam": 1.0}), ("lambda", {"alpha": 1.5, "lam": -1.0})]
+    ("message", "kwargs"),
+    [
+        (r"alpha: 2\.5 is outside the allowed range \[1, 2\]", {"alpha": 2.5, "lam": 1.0}),
+        (r"lambda: -1\.0 is outside the allowed range \[0, 1e\+30\]", {"alpha": 1.5, "lam": -1.0}),
+        (r"lambda: 1e\+39 is outside the allowed range", {"alpha": 1.5, "lam": 1e39}),  # float32 overflow
+        (r"alpha: expected a number in \[1, 2\], got '1\.5' of type str", {"alpha": "1.5", "lam": 1.0}),
+        (r"lambda: expected a number .* of type Tensor", {"alpha": 1.5, "lam": torch.tensor(2.0)}),
+    ],
 )
-def test_invalid_blend_parameters_are_rejected(name: str, kwargs: dict) -> None:
+def test_invalid_blend_parameters_are_rejected(message: str, kwargs: dict) -> None:
     q, k, v = qkv(1, 1, 2, 3, 4)
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=message):
         pladis_attention(q, k, v, **kwargs)
+
+
+def test_numpy_scalars_are_numbers_too() -> None:
+    import numpy as np
+
+    q, k, v = qkv(1, 2, 5, 77, 8, seed=2)
+    want = pladis_attention(q, k, v, alpha=1.5, lam=2.0)
+    for alpha, lam in ((np.float32(1.5), np.float64(2.0)), (np.float64(1.5), np.int64(2))):
+        torch.testing.assert_close(pladis_attention(q, k, v, alpha=alpha, lam=lam), want, rtol=0, atol=0)
 
 
 def test_fused_kernel_dispatch_respects_device_support_and_force_env(monkeypatch: pytest.MonkeyPatch) -> None:
