@@ -90,6 +90,7 @@ CANDIDATE_FRACTION = 0.25
 this fraction of all keys (measured on the benchmark shapes: 6–13 % at α 1.55–1.9, σ = 1)."""
 _CANDIDATE_ROUNDS = 30  # evaluations per row: 3 for most, 4–5 for a few; the bound is never reached
 _FIRST_CHECK = 2  # gathered rows are checked from the 3rd evaluation on (see _newton_on_segments)
+_FLOAT32_ROW_KEYS = 96  # up to this many keys a row's float32 index_add_ sum is within ROW_SUM_TOL
 _FINISH_SHARE = 1 / 16
 """Unsettled rows are gathered and finished alone once they are at most this share of the rows.
 
@@ -312,7 +313,8 @@ def _solve_on_candidates(x: Tensor, tau: Tensor, beta: float, ws: Workspace) -> 
     values = x.view(-1).index_select(0, index)
     row = _row_of(index, keys, x.numel())
     start = _equal_keys_start(tau.view(-1), beta)
-    return SparseRows(index, _newton_on_segments(values, row, start, rows, beta))
+    long_rows = keys > _FLOAT32_ROW_KEYS
+    return SparseRows(index, _newton_on_segments(values, row, start, rows, beta, long_rows=long_rows))
 
 
 def _equal_keys_start(tau: Tensor, beta: float) -> Tensor:
@@ -345,7 +347,13 @@ def _row_of(index: Tensor, keys: int, numel: int) -> Tensor:
 
 
 def _newton_on_segments(
-    values: Tensor, row: Tensor, tau: Tensor, rows: int, beta: float, first_check: int = _FIRST_CHECK
+    values: Tensor,
+    row: Tensor,
+    tau: Tensor,
+    rows: int,
+    beta: float,
+    first_check: int = _FIRST_CHECK,
+    long_rows: bool = False,
 ) -> Tensor:
     """Normalised weights of gathered keys (``values``, their ``row``) by Newton from ``tau``.
 
@@ -360,8 +368,8 @@ def _newton_on_segments(
     two more evaluations a few need.
     """
     n = values.numel()
-    parts = torch.empty(2, n, dtype=torch.float32, device=values.device)  # t^(β−1), t^β
-    sums = torch.empty(2, rows, dtype=torch.float32, device=values.device)
+    parts = torch.empty(2, n, dtype=values.dtype, device=values.device)  # t^(β−1), t^β
+    sums = torch.empty(2, rows, dtype=values.dtype, device=values.device)
     shifted, gathered = torch.empty_like(values), torch.empty_like(values)
     exponent = 1.0 - 1.0 / beta  # 2 − α
     for step_number in range(_CANDIDATE_ROUNDS):
@@ -380,10 +388,25 @@ def _newton_on_segments(
             if unsettled == 0:
                 break
             if first_check > 0 and unsettled <= _FINISH_SHARE * rows and step_number + 1 < _CANDIDATE_ROUNDS:
+                total = _normalising_totals(parts[1], row, total, long_rows)
                 return _finish_unsettled(values, row, tau.add_(step), done, parts[1], total, beta)
             step.masked_fill_(done, 0.0)
         tau.add_(step)
+    total = _normalising_totals(parts[1], row, total, long_rows)
     return parts[1].div_(torch.index_select(total, 0, row, out=gathered))
+
+
+def _normalising_totals(weights: Tensor, row: Tensor, total: Tensor, long_rows: bool) -> Tensor:
+    """The row sums to normalise by: ``total`` as the float32 ``index_add_`` gave it, or in float64.
+
+    ``index_add_`` sums each row sequentially, off by up to ~n·6e-8 relative for n similar terms
+    (measured, n tied keys: 77 → 6.7e-7, 231 → 3.4e-6, 3500 → 5e-5), so rows of more than
+    ``_FLOAT32_ROW_KEYS`` keys are summed again in float64 (one conversion of the gathered weights).
+    """
+    if not long_rows or total.dtype != torch.float32:
+        return total
+    exact = torch.zeros(total.shape, dtype=torch.float64, device=total.device)
+    return exact.index_add_(0, row, weights.double()).to(torch.float32)
 
 
 def _finish_unsettled(
@@ -404,15 +427,15 @@ def _finish_unsettled(
     shift = first.sub_(counts.cumsum(0).sub_(counts))
     keys = torch.arange(sub_row.numel(), device=row.device).add_(shift.index_select(0, sub_row))
     sub_weights = _newton_on_segments(
-        values.index_select(0, keys),
+        values.index_select(0, keys).double(),  # float64, as in _settle_rows (tied keys at the edge)
         sub_row,
-        tau.index_select(0, pending_rows),
+        tau.index_select(0, pending_rows).double(),
         pending_rows.numel(),
         beta,
         0,
     )
     weights = powered.div_(torch.index_select(total, 0, row))
-    return weights.index_copy_(0, keys, sub_weights)
+    return weights.index_copy_(0, keys, sub_weights.to(weights.dtype))
 
 
 def _halley_solve(
@@ -887,13 +910,17 @@ def _is_whole(exponent: float) -> bool:
 
 
 def _settle_rows(x: Tensor, tau: Tensor, beta: float, weights: Tensor, total: Tensor, rows: Tensor) -> None:
-    """Finish the few rows whose support had not settled: more Newton + exact steps.
+    """Finish the few rows whose support had not settled: more Newton + exact steps, in float64.
 
     Writes the finished rows of ``weights`` and ``total`` in place (``tau`` is only read). Uses
-    ``index_select``/``index_copy_`` (fast, parallel) rather than advanced indexing.
+    ``index_select``/``index_copy_`` (fast, parallel) rather than advanced indexing. Why float64:
+    a large group of tied keys just inside the support edge can carry weights below what float32
+    resolves in ``x − τ`` (ulp 6e-8 at |τ| = 0.65): float32 steps then flip the whole group in and
+    out of the support, and renormalising the flipped total moved the largest weight by up to 2.5e-2
+    (sparsemax, 4094 tied keys 1e-5 inside the edge). The rows here are few.
     """
     index = rows.nonzero().squeeze(-1)
-    xs, taus = x.index_select(0, index), tau.index_select(0, index)
+    xs, taus = x.index_select(0, index).double(), tau.index_select(0, index).double()
     ws, totals = torch.empty_like(xs), torch.empty_like(taus)
     pending = torch.arange(index.shape[0], device=x.device)
     for _ in range(_FALLBACK_ROUNDS):
@@ -909,5 +936,5 @@ def _settle_rows(x: Tensor, tau: Tensor, beta: float, weights: Tensor, total: Te
         pending = pending[((tot_p - 1.0).abs_().squeeze(-1) > ROW_SUM_TOL) & moving]
         if pending.numel() == 0:
             break
-    weights.index_copy_(0, index, ws)
-    total.index_copy_(0, index, totals)
+    weights.index_copy_(0, index, ws.to(weights.dtype))
+    total.index_copy_(0, index, totals.to(total.dtype))

@@ -314,9 +314,9 @@ def test_unsettled_rows_are_finished_on_their_own(alpha: float, monkeypatch: pyt
     module = _entmax_module()
     solve, calls = module._newton_on_segments, []
 
-    def spy(values, row, tau, rows, beta, first_check=module._FIRST_CHECK):
+    def spy(values, row, tau, rows, beta, first_check=module._FIRST_CHECK, **options):
         calls.append((rows, values.numel(), first_check))
-        return solve(values, row, tau, rows, beta, first_check)
+        return solve(values, row, tau, rows, beta, first_check, **options)
 
     monkeypatch.setattr(module, "_newton_on_segments", spy)
     x = random_rows(29, 4096, 77, 1.0)
@@ -460,3 +460,33 @@ def test_integer_valued_scores_next_to_alpha_one_and_a_half(
     # Tighter than the issue's 1e-5: rows that end on Newton's step instead of Halley's are ~8e-6 off.
     assert (got - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
     assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("gpu_variant", [False, True])
+@pytest.mark.parametrize("alpha", [2.0, 1.9, 1.75])
+@pytest.mark.parametrize(("keys", "inside"), [(77, 1e-6), (231, 1e-6), (1024, 1e-5), (4096, 1e-5)])
+def test_a_tie_group_just_inside_the_support_edge(
+    alpha: float, keys: int, inside: float, gpu_variant: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two keys and keys − 2 tied ones `inside` above where the two alone would put the threshold: the
+    # group's true weights (~5e-9 each) are below float32's resolution of x − τ at |τ| = 0.65, and
+    # float32 steps flipped the group in and out (sparsemax: the largest weight 2.5e-2 off at 4096).
+    if gpu_variant:
+        monkeypatch.setattr(_entmax_module(), "cpu_variant", lambda t: False)
+    x = random_rows(42, 16, keys, 10.0)  # wide ordinary rows: few candidates, so α < 2 is gathered on CPU
+    x[0] = -0.65 + inside
+    x[0, 0], x[0, 1] = 0.0, -0.3
+    got = entmax(x, alpha).double()
+    assert (got - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
+
+
+def test_thousands_of_tied_candidates_sum_to_one() -> None:
+    # 3500 keys tied at the maximum (1/3500 each) among ordinary rows, solved on the gathered keys: a
+    # float32 index_add_ over the row's keys was 3.6e-5 off, and the weights were normalised by it.
+    x = random_rows(43, 16, 4096, 10.0)
+    x[0] = 0.0
+    x[0, 3500:] = -4.0
+    got = entmax(x, 1.75).double()
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
+    assert (got - reference_entmax(x, 1.75)).abs().max().item() <= 1e-6
