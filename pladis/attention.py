@@ -60,9 +60,10 @@ def check_lam(lam: float) -> float:
     """Validate λ: any real number (numpy scalars included) in [0, ``LAM_MAX``]."""
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
         raise ValueError(
-            f"PLADIS lambda: expected a number in [0, {LAM_MAX:g}], got {lam!r} of type {type(lam).__name__}"
+            f"PLADIS lambda: expected a real number (int, float, numpy scalar) in [0, {LAM_MAX:g}], "
+            f"got {lam!r} of type {type(lam).__name__}"
         )
-    if not (math.isfinite(lam) and 0 <= lam <= LAM_MAX):
+    if not (0 <= lam <= LAM_MAX):  # compared before float(): huge ints overflow there; NaN fails
         raise ValueError(f"PLADIS lambda: {lam!r} is outside the allowed range [0, {LAM_MAX:g}]")
     return float(lam)
 

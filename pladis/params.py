@@ -54,7 +54,12 @@ def _check_real(name: str, value: Any, bounds: tuple[float, float]) -> float:
             f"PLADIS {name}: expected a number in {_range_text(bounds)}, "
             f"got {value!r} of type {type(value).__name__}"
         )
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int or Fraction beyond float's range: outside any of ours
+        raise ValueError(
+            f"PLADIS {name}: {value!r} is outside the allowed range {_range_text(bounds)}"
+        ) from None
     for bound in bounds:  # X/Y/Z's "1-2 (+0.1)" ends at 2.000000000000001 (np.arange rounding)
         if abs(number - bound) <= _BOUND_SLACK * max(1.0, abs(bound)):
             number = bound
@@ -187,7 +192,10 @@ def parse_number(name: str, value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"PLADIS {name}: expected {expected}, got the boolean {value!r}")
     if isinstance(value, numbers.Real):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float's range: ±inf, which the range check rejects by name
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         try:
             return float(value.strip())

@@ -27,16 +27,17 @@ def _number(value: float) -> float:
 def range_text(params: PladisParams) -> str:
     """``start-end`` as fractions of the sampling steps, e.g. ``0-1`` or ``0.2-0.8``.
 
-    Positional notation, up to 12 decimals: ``{:g}`` would write 0.00005 as ``5e-05``,
+    Positional notation, 15 significant digits: ``{:g}`` would write 0.00005 as ``5e-05``,
     whose own minus sign breaks the ``start-end`` split.
     """
     return f"{_fraction_text(params.start)}-{_fraction_text(params.end)}"
 
 
 def _fraction_text(value: float) -> str:
-    # Rounded to 12 decimals: X/Y/Z's np.arange writes 0.3 as 0.30000000000000004 (the window
-    # treats the two alike, see PladisParams.active_at), and the infotext should say 0.3.
-    return np.format_float_positional(round(float(value), 12), trim="-")
+    # 15 significant digits: X/Y/Z's np.arange writes 0.3 as 0.30000000000000004 (the window
+    # treats the two alike, see PladisParams.active_at), and the infotext should say 0.3; small
+    # values such as 1e-13 keep their digits.
+    return np.format_float_positional(float(f"{float(value):.15g}"), trim="-")
 
 
 def write(extra: MutableMapping[str, Any], params: PladisParams) -> None:

@@ -43,6 +43,16 @@ def test_paste_without_pladis_turns_it_off_and_leaves_the_rest(webui):
     assert infotext.params_from_infotext(fields) == PladisParams(enabled=False)
 
 
+@pytest.mark.parametrize(
+    ("start", "text"),
+    [(0.1 + 0.2, "0.3-1"), (3e-8, "0.00000003-1"), (0.123456789012345, "0.123456789012345-1")],
+)
+def test_range_text_drops_float_noise_but_keeps_real_digits(start, text):
+    # X/Y/Z's np.arange noise (0.30000000000000004) goes; a value the API was given keeps its digits.
+    assert infotext.range_text(PladisParams(True, start=start)) == text
+    assert infotext.parse_range(text)[0] == pytest.approx(start, rel=1e-14, abs=0)
+
+
 def test_keys_are_removed_when_disabled_because_xyz_shares_the_dict():
     extra = {"Other": 1}
     infotext.write(extra, PladisParams(True, 2.0, 1.0, ("up",), 0.25, 0.5))

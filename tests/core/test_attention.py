@@ -162,8 +162,13 @@ def test_broadcast_batch_dimensions() -> None:
         (r"alpha: 2\.5 is outside the allowed range \[1, 2\]", {"alpha": 2.5, "lam": 1.0}),
         (r"lambda: -1\.0 is outside the allowed range \[0, 1e\+30\]", {"alpha": 1.5, "lam": -1.0}),
         (r"lambda: 1e\+39 is outside the allowed range", {"alpha": 1.5, "lam": 1e39}),  # float32 overflow
-        (r"alpha: expected a number in \[1, 2\], got '1\.5' of type str", {"alpha": "1.5", "lam": 1.0}),
-        (r"lambda: expected a number .* of type Tensor", {"alpha": 1.5, "lam": torch.tensor(2.0)}),
+        (
+            r"alpha: expected a real number .* in \[1, 2\], got '1\.5' of type str",
+            {"alpha": "1.5", "lam": 1.0},
+        ),
+        (r"lambda: expected a real number .* of type Tensor", {"alpha": 1.5, "lam": torch.tensor(2.0)}),
+        (r"lambda: 1000+ is outside the allowed range", {"alpha": 1.5, "lam": 10**400}),  # no OverflowError
+        (r"alpha: 1000+ is outside the allowed range \[1, 2\]", {"alpha": 10**400, "lam": 1.0}),
     ],
 )
 def test_invalid_blend_parameters_are_rejected(message: str, kwargs: dict) -> None:

@@ -490,3 +490,11 @@ def test_thousands_of_tied_candidates_sum_to_one() -> None:
     got = entmax(x, 1.75).double()
     assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
     assert (got - reference_entmax(x, 1.75)).abs().max().item() <= 1e-6
+
+
+def test_the_float64_finish_runs_on_cpu_for_devices_without_float64() -> None:
+    float64_device = _entmax_module()._float64_device
+    assert float64_device(torch.device("mps")) == torch.device("cpu")
+    assert float64_device(torch.device("privateuseone", 0)) == torch.device("cpu")  # DirectML
+    assert float64_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert float64_device(torch.device("cpu")) == torch.device("cpu")

@@ -76,6 +76,7 @@ BAD_CASES = {
     "alpha above range": ({"alpha": 2.5}, r"alpha: 2\.5 is outside the allowed range \[1, 2\]"),
     "alpha nan": ({"alpha": math.nan}, r"alpha: nan is outside the allowed range \[1, 2\]"),
     "alpha inf": ({"alpha": math.inf}, r"alpha: inf is outside the allowed range \[1, 2\]"),
+    "alpha beyond float": ({"alpha": 10**400}, r"alpha: inf is outside the allowed range \[1, 2\]"),
     "alpha wrong type": ({"alpha": [1.5]}, r"alpha: expected a number in \[1, 2\], got \[1\.5\]"),
     "alpha not a number string": ({"alpha": "high"}, r"alpha: expected a number in \[1, 2\], got 'high'"),
     "alpha boolean": ({"alpha": True}, r"alpha: expected a number in \[1, 2\], got the boolean True"),
