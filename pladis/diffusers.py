@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,6 +49,24 @@ _CHAINED_PREFIX = "IPAdapter"
 """Processors kept under ours: PLADIS adds its change to their output (see :func:`pladis_change`)."""
 
 _PREVIOUS_CHILD = "pladis_previous_processor"
+
+
+def _not_traced(function):
+    """Keep ``function`` out of torch.compile graphs (it runs eagerly inside a compiled UNet).
+
+    Why: the entmax solvers use numpy, ``.item()`` and data-dependent shapes, which Dynamo cannot
+    trace; a compiled UNet otherwise failed on its first call with PLADIS. ``functools.wraps`` keeps
+    the signature diffusers inspects for the keyword arguments it passes (``ip_adapter_masks``).
+    """
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    if disable is None:  # torch < 2.1
+        try:
+            from torch._dynamo import disable
+        except ImportError:
+            return function
+    return disable(function)
+
+
 """Name under which a processor that is an ``nn.Module`` (IP-Adapter's, with weights) stays registered
 on its ``Attention`` module while ours is installed: diffusers' ``set_processor`` unregisters it when
 a non-module processor replaces it, and ``.to()`` or model offloading would then leave its weights
@@ -91,6 +110,7 @@ class PladisAttnProcessor:
     def lam(self) -> float:
         return self.settings.lam
 
+    @_not_traced
     def __call__(
         self,
         attn: nn.Module,
@@ -371,6 +391,10 @@ class PladisHandle:
                 above.replaced = ours.replaced  # splice ours out of a stack of PLADIS installs
             else:
                 skipped.append(name)
+                if not isinstance(module.processor, PladisAttnProcessor):
+                    # Nothing of ours delegates to the kept processor any more (e.g. after
+                    # unload_ip_adapter): its weights must not stay registered under our name.
+                    module._modules.pop(_PREVIOUS_CHILD, None)
         self.active = False
         if skipped:
             warnings.warn(

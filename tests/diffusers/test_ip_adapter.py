@@ -131,3 +131,18 @@ def test_unet_with_ip_adapter_runs_and_comes_back_whole(kit):
     unet.to(torch.float32)
     assert sorted(unet.state_dict()) == keys
     assert torch.equal(kit.run_unet(unet, sample, context, kwargs), stock)
+
+
+def test_ip_adapter_weights_do_not_stay_under_our_name_after_an_unload(kit):
+    # unload_ip_adapter / set_default_attn_processor replace the processors while PLADIS is on:
+    # remove() leaves those layers alone (with a warning) and drops its reference to IP-Adapter's.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = _unet_with_ip_adapter(kit)
+    handle = apply_pladis(unet)
+    assert any(".pladis_previous_processor." in key for key in unet.state_dict())
+    unet.set_attn_processor(AttnProcessor2_0())
+    with pytest.warns(RuntimeWarning, match="replaced by someone else"):
+        handle.remove()
+    assert not any("pladis_previous_processor" in key for key in unet.state_dict())
+    assert not any("pladis_previous_processor" in name for name, _ in unet.named_modules())

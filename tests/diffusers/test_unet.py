@@ -289,3 +289,26 @@ def test_gpu_half_precision_unet_matches_oracle(kit, dtype):
     assert ours.dtype == dtype and torch.isfinite(ours).all()
     err = (ours.float() - expected.float()).abs().max().item()
     assert err < 0.05 * (expected.float() - stock.float()).abs().max().item()
+
+
+def test_compiled_unet_runs_pladis_eagerly_inside_the_graph(kit):
+    # torch.compile traced into the entmax solvers (numpy, .item(), data-dependent shapes) and
+    # failed on the first call; the processor is now kept out of the graph.
+    import torch._dynamo
+
+    unet = kit.make_unet("sd")
+    inputs = kit.make_inputs("sd", batch=2)  # CFG-sized batch: the packed q is not a plain view then
+    stock = kit.run_unet(unet, *inputs)
+    with apply_pladis(unet, lam=2.0):
+        eager = kit.run_unet(unet, *inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend="eager")
+    try:
+        assert torch.equal(kit.run_unet(compiled, *inputs), stock)  # compiled before PLADIS comes in
+        with apply_pladis(compiled, lam=2.0) as handle:
+            torch.testing.assert_close(kit.run_unet(compiled, *inputs), eager, rtol=0, atol=0)
+            handle.set(lam=0.0)
+            assert torch.equal(kit.run_unet(compiled, *inputs), stock)
+        assert torch.equal(kit.run_unet(compiled, *inputs), stock)
+    finally:
+        torch._dynamo.reset()
