@@ -89,15 +89,16 @@ def is_full_window(sigma_hi: float, sigma_lo: float) -> bool:
 
 
 def row_groups(batch: int, cond_or_uncond: Sequence[int] | None) -> list[tuple[int, int]]:
-    """Row ranges of the batched chunks: chunk ``i`` of ``cond_or_uncond`` holds rows ``[i·b, (i+1)·b)``.
+    """Row ranges whose keys are checked for a repeat together: one range for a single chunk, else rows.
 
-    Without ``cond_or_uncond`` (or when it does not divide the batch) each row is its own group.
+    A single chunk (``cond_or_uncond`` of length 1) was never concatenated with another, so Forge
+    cannot have repeated its context. Otherwise each row is checked on its own: the chunks' rows are
+    not always contiguous (Forge's MultiDiffusion stacks tiles as ``[uncond, cond | uncond, cond]``),
+    and rows are independent anyway.
     """
-    chunks = len(cond_or_uncond) if cond_or_uncond else 0
-    if chunks <= 0 or batch % chunks != 0:
-        return [(row, row + 1) for row in range(batch)]
-    size = batch // chunks
-    return [(i * size, (i + 1) * size) for i in range(chunks)]
+    if cond_or_uncond is not None and len(cond_or_uncond) == 1:
+        return [(0, batch)]
+    return [(row, row + 1) for row in range(batch)]
 
 
 REPEAT_TOLERANCE_EPS = 8.0

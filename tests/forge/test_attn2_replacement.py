@@ -251,3 +251,27 @@ def test_a_lone_chunk_is_never_cut(forge_host):
     out = make_attn2_replacement(alpha=1.5, lam=2.0)(q, k2, v2, options(2, cond_or_uncond=(0,)))
     expected = forge_host.oracle_attn2(q, k2, v2, HEADS, 1.5, 2.0)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_repeats_are_found_per_row_when_tiles_interleave_cond_and_uncond(forge_host):
+    # Forge's MultiDiffusion stacks tiles as [uncond, cond | uncond, cond] under cond_or_uncond
+    # [1, 0]: a chunk's rows are not contiguous, so a repeat must be found row by row.
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(4, 5, 8, generator=g) * 2
+    k_unc, v_unc = torch.randn(2, 3, 8, generator=g) * 2, torch.randn(2, 3, 8, generator=g)
+    k_cond, v_cond = torch.randn(2, 6, 8, generator=g) * 2, torch.randn(2, 6, 8, generator=g)
+    # (keys, values, Forge's repeat factor) of each row: uncond keys are repeated ×2 to length 6
+    order = [(k_unc[i : i + 1], v_unc[i : i + 1], 2) for i in range(2)]
+    order = [order[0], (k_cond[0:1], v_cond[0:1], 1), order[1], (k_cond[1:2], v_cond[1:2], 1)]
+    k = torch.cat([tiled(kk, r) for kk, _, r in order])
+    v = torch.cat([tiled(vv, r) for _, vv, r in order])
+    out = make_attn2_replacement(alpha=1.5, lam=2.0)(q, k, v, options(4, cond_or_uncond=(1, 0)))
+    expected = torch.cat(
+        [
+            forge_host.oracle_attn2(q[i : i + 1], kk, vv, HEADS, 1.5, 2.0)
+            for i, (kk, vv, _) in enumerate(order)
+        ]
+    )
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
