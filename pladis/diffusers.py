@@ -49,14 +49,19 @@ _CHAINED_PREFIX = "IPAdapter"
 """Processors kept under ours: PLADIS adds its change to their output (see :func:`pladis_change`)."""
 
 _PREVIOUS_CHILD = "pladis_previous_processor"
+"""Name under which a processor that is an ``nn.Module`` (IP-Adapter's, with weights) stays registered
+on its ``Attention`` module while ours is installed: diffusers' ``set_processor`` unregisters it when
+a non-module processor replaces it, and ``.to()`` or model offloading would then leave its weights
+behind (mixed devices or dtypes)."""
 
 
 def _not_traced(function):
     """Keep ``function`` out of torch.compile graphs (it runs eagerly inside a compiled UNet).
 
     Why: the entmax solvers use numpy, ``.item()`` and data-dependent shapes, which Dynamo cannot
-    trace; a compiled UNet otherwise failed on its first call with PLADIS. ``functools.wraps`` keeps
-    the signature diffusers inspects for the keyword arguments it passes (``ip_adapter_masks``).
+    trace; a compiled UNet otherwise failed on its first call with PLADIS. Only the attention itself
+    is excluded: the projections and the λ = 0 delegation stay in the graph (one graph break per
+    PLADIS layer; ``fullgraph=True`` cannot hold PLADIS).
     """
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     if disable is None:  # torch < 2.1
@@ -67,10 +72,7 @@ def _not_traced(function):
     return disable(function)
 
 
-"""Name under which a processor that is an ``nn.Module`` (IP-Adapter's, with weights) stays registered
-on its ``Attention`` module while ours is installed: diffusers' ``set_processor`` unregisters it when
-a non-module processor replaces it, and ``.to()`` or model offloading would then leave its weights
-behind (mixed devices or dtypes)."""
+_eager_pladis_attention = _not_traced(pladis_attention)
 
 
 class _Settings:
@@ -110,7 +112,6 @@ class PladisAttnProcessor:
     def lam(self) -> float:
         return self.settings.lam
 
-    @_not_traced
     def __call__(
         self,
         attn: nn.Module,
@@ -169,7 +170,7 @@ def pladis_attention_forward(
     )
     # attn.scale is head_dim**-0.5 unless the module was built with scale_qk=False (then 1.0, which the
     # stock AttnProcessor honours too).
-    out = pladis_attention(query, key, value, alpha=alpha, lam=lam, scale=attn.scale, mask=mask)
+    out = _eager_pladis_attention(query, key, value, alpha=alpha, lam=lam, scale=attn.scale, mask=mask)
     hidden_states = _packed(out).to(query.dtype)
     hidden_states = attn.to_out[0](hidden_states)  # output projection
     hidden_states = attn.to_out[1](hidden_states)  # dropout
@@ -200,7 +201,7 @@ def pladis_change(
     query, key, value = query.float(), key.float(), value.float()
     if mask is not None and mask.is_floating_point():
         mask = mask.float()
-    blended = pladis_attention(query, key, value, alpha=alpha, lam=lam, scale=attn.scale, mask=mask)
+    blended = _eager_pladis_attention(query, key, value, alpha=alpha, lam=lam, scale=attn.scale, mask=mask)
     dense = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
     change = _linear_part(attn.to_out[0], _packed(blended - dense))
     return _to_input_layout(change, layout) / attn.rescale_output_factor
@@ -391,9 +392,12 @@ class PladisHandle:
                 above.replaced = ours.replaced  # splice ours out of a stack of PLADIS installs
             else:
                 skipped.append(name)
-                if not isinstance(module.processor, PladisAttnProcessor):
-                    # Nothing of ours delegates to the kept processor any more (e.g. after
-                    # unload_ip_adapter): its weights must not stay registered under our name.
+                current = module.processor
+                if type(current).__name__ in _PLAIN_PROCESSORS or isinstance(current, nn.Module):
+                    # A plain or module processor replaced ours (unload_ip_adapter,
+                    # set_default_attn_processor, a new IP-Adapter): nothing delegates to the kept
+                    # one any more, so its weights must not stay registered under our name. A
+                    # foreign wrapper may still call through ours: then they stay.
                     module._modules.pop(_PREVIOUS_CHILD, None)
         self.active = False
         if skipped:
@@ -445,8 +449,8 @@ def apply_pladis(
             foreign[kind] = foreign.get(kind, 0) + 1
         ours = PladisAttnProcessor(delegate, settings=settings, replaced=current)
         module.set_processor(ours)
-        if isinstance(delegate, nn.Module) and _PREVIOUS_CHILD not in module._modules:
-            module.add_module(_PREVIOUS_CHILD, delegate)
+        if isinstance(delegate, nn.Module) and module._modules.get(_PREVIOUS_CHILD) is not delegate:
+            module.add_module(_PREVIOUS_CHILD, delegate)  # replaces a stale one (an unloaded adapter)
         handle._installed.append((name, group, module, ours))
     if foreign:
         kinds = ", ".join(f"{kind} ×{count}" for kind, count in sorted(foreign.items()))

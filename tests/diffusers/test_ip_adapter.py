@@ -87,11 +87,22 @@ def test_ip_adapter_masks_reach_the_ip_processor_at_lambda_zero():
 
 def _unet_with_ip_adapter(kit):
     """A tiny SD UNet set up the way ``load_ip_adapter`` leaves it (IP processors on every attn2)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 
     unet = kit.make_unet("sd")
-    torch.manual_seed(3)
+    _load_ip_processors(unet, seed=3)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(
+        [ImageProjection(image_embed_dim=16, cross_attention_dim=CROSS, num_image_text_embeds=4)]
+    )
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    return unet.eval()
+
+
+def _load_ip_processors(unet, seed):
+    """IP-Adapter processors on every attn2 (new weights), stock ones on attn1, as load_ip_adapter does."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+    torch.manual_seed(seed)
     processors = {}
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
@@ -102,11 +113,6 @@ def _unet_with_ip_adapter(kit):
                 hidden_size=module.to_q.out_features, cross_attention_dim=CROSS, scale=1.0, num_tokens=4
             )
     unet.set_attn_processor(processors)
-    unet.encoder_hid_proj = MultiIPAdapterImageProjection(
-        [ImageProjection(image_embed_dim=16, cross_attention_dim=CROSS, num_image_text_embeds=4)]
-    )
-    unet.config.encoder_hid_dim_type = "ip_image_proj"
-    return unet.eval()
 
 
 def test_unet_with_ip_adapter_runs_and_comes_back_whole(kit):
@@ -146,3 +152,60 @@ def test_ip_adapter_weights_do_not_stay_under_our_name_after_an_unload(kit):
         handle.remove()
     assert not any("pladis_previous_processor" in key for key in unet.state_dict())
     assert not any("pladis_previous_processor" in name for name, _ in unet.named_modules())
+
+
+def _ip_inputs(kit):
+    sample, context, kwargs = kit.make_inputs("sd")
+    kwargs["added_cond_kwargs"] = {
+        "image_embeds": [torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(4))]
+    }
+    return sample, context, kwargs
+
+
+def test_a_foreign_wrapper_over_ours_keeps_ip_adapter_weights_registered(kit):
+    # A hook processor wrapped around ours still calls through it to IP-Adapter's: after remove()
+    # skips those layers, IP-Adapter's weights must still move with the UNet.
+    class Hook:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return self.inner(attn, hidden_states, *args, **kwargs)
+
+    unet = _unet_with_ip_adapter(kit)
+    handle = apply_pladis(unet, lam=0.0)
+    for module in unet.modules():
+        if isinstance(getattr(module, "processor", None), PladisAttnProcessor):
+            module.set_processor(Hook(module.processor))
+    with pytest.warns(RuntimeWarning, match="replaced by someone else"):
+        handle.remove()
+    unet.to(torch.float64)
+    assert {p.dtype for p in unet.parameters()} == {torch.float64}
+    sample, context, kwargs = _ip_inputs(kit)
+    kwargs["added_cond_kwargs"]["image_embeds"][0] = kwargs["added_cond_kwargs"]["image_embeds"][0].double()
+    assert torch.isfinite(kit.run_unet(unet, sample.double(), context.double(), kwargs)).all()
+
+
+def test_a_reloaded_ip_adapter_is_the_one_kept_registered(kit):
+    # PLADIS on, IP-Adapter unloaded and another loaded, PLADIS applied again: the new adapter's
+    # weights (not the unloaded one's) are registered and move with the UNet.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = _unet_with_ip_adapter(kit)
+    first = apply_pladis(unet)
+    unet.set_attn_processor(AttnProcessor2_0())
+    _load_ip_processors(unet, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = apply_pladis(unet)
+    for module in unet.modules():
+        ours = getattr(module, "processor", None)
+        if isinstance(ours, PladisAttnProcessor):  # the new adapter is the one registered under ours
+            assert module.pladis_previous_processor is ours.previous
+    unet.to(torch.float64)
+    assert {p.dtype for p in unet.parameters()} == {torch.float64}
+    unet.to(torch.float32)
+    with pytest.warns(RuntimeWarning, match="replaced by someone else"):
+        first.remove()
+    second.remove()
+    assert not any("pladis_previous_processor" in key for key in unet.state_dict())
