@@ -110,45 +110,54 @@ at their token positions, far above it.
 """
 
 
-def _shift_equal(t: Tensor, period: int) -> bool:
-    """Whether ``t[:, j] == t[:, j + period]`` for all ``j`` (up to a few ulps of ``t``'s dtype)."""
+def _rows_shift_equal(t: Tensor, period: int) -> Tensor:
+    """Per row (bool ``(B,)``): whether ``t[b, j] == t[b, j + period]`` for all ``j``, up to a few ulps.
+
+    One batched comparison for all rows, so the caller syncs once per period, not once per row.
+    """
     ahead, behind = t[:, period:], t[:, :-period]
-    if torch.equal(ahead, behind):
-        return True
     if not t.is_floating_point():
-        return False
-    tol = REPEAT_TOLERANCE_EPS * torch.finfo(t.dtype).eps * float(t.abs().amax())
-    return float((ahead - behind).abs().amax()) <= tol
+        return (ahead == behind).flatten(1).all(1)
+    diff = (ahead.float() - behind.float()).abs().flatten(1).amax(1)  # float32: fp16 could overflow
+    tol = REPEAT_TOLERANCE_EPS * torch.finfo(t.dtype).eps * t.float().abs().flatten(1).amax(1)
+    return diff <= tol  # NaN compares False: not a repeat
 
 
-def untiled_length(k: Tensor, v: Tensor) -> int:
-    """The shortest length the keys/values are an exact repeat of (``K`` when not repeated).
+def untiled_lengths(k: Tensor, v: Tensor) -> list[int]:
+    """Per row, the shortest length its keys/values are an exact repeat of (``K`` when not repeated).
 
     Only repeat factors Forge can produce (2..4) are considered. A context that is genuinely made of
     identical chunks is indistinguishable from a repeated one and is treated as repeated.
     """
-    length = k.shape[1]
-    for repeat in range(MAX_TILE_REPEAT, 1, -1):
+    rows, length = k.shape[0], k.shape[1]
+    found = [length] * rows
+    for repeat in range(MAX_TILE_REPEAT, 1, -1):  # largest repeat first: the shortest period wins
         if length % repeat:
             continue
         period = length // repeat
-        if _shift_equal(k, period) and _shift_equal(v, period):
-            return period
-    return length
+        same = (_rows_shift_equal(k, period) & _rows_shift_equal(v, period)).tolist()
+        found = [period if flag and now == length else now for flag, now in zip(same, found, strict=True)]
+    return found
+
+
+def untiled_length(k: Tensor, v: Tensor) -> int:
+    """The un-repeated length shared by all rows of ``k``/``v`` (``K`` unless every row has the same)."""
+    lengths = set(untiled_lengths(k, v))
+    return lengths.pop() if len(lengths) == 1 else k.shape[1]
 
 
 def _rows_by_length(k: Tensor, v: Tensor, groups: list[tuple[int, int]]) -> dict[int, list[int]]:
     """Map each un-repeated key length to the batch rows that have it.
 
     A single chunk was never concatenated with another one, so Forge cannot have repeated it.
+    Otherwise rows are checked one by one (in one batched comparison per repeat factor).
     """
     if len(groups) == 1:
         start, stop = groups[0]
         return {k.shape[1]: list(range(start, stop))}
     by_length: dict[int, list[int]] = {}
-    for start, stop in groups:
-        length = untiled_length(k[start:stop], v[start:stop])
-        by_length.setdefault(length, []).extend(range(start, stop))
+    for row, length in enumerate(untiled_lengths(k, v)):
+        by_length.setdefault(length, []).append(row)
     return by_length
 
 

@@ -230,7 +230,7 @@ def test_batched_tiled_contexts_match_separate_untiled_calls(forge_host, monkeyp
         torch.testing.assert_close(b, s, atol=1e-5, rtol=1e-5)
 
     # Control: without cutting the repeat back, the batched uncond result differs.
-    monkeypatch.setattr(forge_attn2, "untiled_length", lambda k, v: k.shape[1])
+    monkeypatch.setattr(forge_attn2, "untiled_lengths", lambda k, v: [k.shape[1]] * k.shape[0])
     naive = tk.denoise(patched, x, 3.0, cond, uncond)
     assert (naive[1] - separate[1]).abs().max() > 1e-4
     torch.testing.assert_close(naive[0], separate[0], atol=1e-5, rtol=1e-5)  # cond was never repeated

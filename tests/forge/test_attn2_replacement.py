@@ -275,3 +275,19 @@ def test_repeats_are_found_per_row_when_tiles_interleave_cond_and_uncond(forge_h
         ]
     )
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_repeat_checks_are_batched_over_rows(forge_host, monkeypatch):
+    # One comparison of k and one of v per repeat factor for all rows (one GPU sync each), and each
+    # row gets its own answer.
+    from pladis.hosts import forge_attn2
+
+    g = torch.Generator().manual_seed(7)
+    k = torch.cat((torch.randn(4, 77, 8, generator=g).repeat(1, 2, 1), torch.randn(4, 154, 8, generator=g)))
+    v = torch.cat((torch.randn(4, 77, 8, generator=g).repeat(1, 2, 1), torch.randn(4, 154, 8, generator=g)))
+    calls, real = [], forge_attn2._rows_shift_equal
+    monkeypatch.setattr(
+        forge_attn2, "_rows_shift_equal", lambda t, period: calls.append(t.shape[0]) or real(t, period)
+    )
+    assert forge_attn2.untiled_lengths(k, v) == [77] * 4 + [154] * 4
+    assert calls == [8, 8]  # 154 = 2 × 77: only the repeat factor 2 divides it
