@@ -10,9 +10,8 @@ SDXL 1024² and long prompts it prints the median time of
 * ``ours``: :func:`pladis.attention.pladis_attention` for each requested α;
 
 their ratios, and the extra peak memory of ours over SDPA. Variants are interleaved round by round, in
-an order shuffled each round (seeded), and every ratio is the median of per-round ratios, so a machine
-shared
-with other work still gives comparable figures. Timings belong here, never in a pass/fail test.
+an order shuffled each round (seeded), and every ratio is the median of per-round ratios, so a
+machine shared with other work still gives comparable figures. Timings belong here, never in a pass/fail test.
 """
 
 from __future__ import annotations
