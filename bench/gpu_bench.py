@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -174,12 +175,17 @@ class Timer:
 def interleaved(
     timer: Timer, fns: dict[str, Callable[[], object]], rounds: int, inner: int
 ) -> dict[str, float]:
-    """Median seconds per call of each variant, the variants interleaved and rotated every round."""
+    """Median seconds per call of each variant, interleaved in an order shuffled every round (seeded).
+
+    A rotation would keep each variant's neighbours (e.g. always right after the memory-hungry
+    reference), which biased the CPU benchmark by 15-30 %.
+    """
     names = list(fns)
     samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for n in order:
+    shuffler = random.Random(0)
+    for _ in range(rounds):
+        shuffler.shuffle(names)
+        for n in names:
             samples[n].append(timer.time(fns[n], inner))
     return {n: statistics.median(v) for n, v in samples.items()}
 
