@@ -15,7 +15,6 @@ block and sum differently for another number of rows).
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import threading
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from .entmax import (
     Workspace,
     check_alpha,
     check_no_grad,
+    check_real,
     entmax_rows,
     is_softmax,
     row_max,
@@ -58,14 +58,7 @@ LAM_MAX = 1e30
 
 def check_lam(lam: float) -> float:
     """Validate λ: any real number (numpy scalars included) in [0, ``LAM_MAX``]."""
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise ValueError(
-            f"PLADIS lambda: expected a real number (int, float, numpy scalar) in [0, {LAM_MAX:g}], "
-            f"got {lam!r} of type {type(lam).__name__}"
-        )
-    if not (0 <= lam <= LAM_MAX):  # compared before float(): huge ints overflow there; NaN fails
-        raise ValueError(f"PLADIS lambda: {lam!r} is outside the allowed range [0, {LAM_MAX:g}]")
-    return float(lam)
+    return check_real("PLADIS lambda", lam, 0, LAM_MAX)
 
 
 def pladis_weights(scores: Tensor, alpha: float, lam: float) -> Tensor:

@@ -111,14 +111,23 @@ _MAX_WHOLE_EXPONENT = 32
 
 def check_alpha(alpha: float) -> float:
     """Validate α: the mapping is defined here for 1 ≤ α ≤ 2."""
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+    return check_real("entmax alpha", alpha, 1, 2)
+
+
+def check_real(label: str, value: float, low: float, high: float) -> float:
+    """``value`` as a float if it is a real number (int, float, numpy scalar) in [low, high], else raise.
+
+    The range is compared before ``float()``: huge ints and Fractions overflow there; NaN fails it.
+    """
+    bounds = f"[{low:g}, {high:g}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(
-            f"entmax alpha: expected a real number (int, float, numpy scalar) in [1, 2], "
-            f"got {alpha!r} of type {type(alpha).__name__}"
+            f"{label}: expected a real number (int, float, numpy scalar) in {bounds}, "
+            f"got {value!r} of type {type(value).__name__}"
         )
-    if not (1 <= alpha <= 2):  # compared before float(): huge ints and Fractions overflow there; NaN fails
-        raise ValueError(f"entmax alpha: {alpha!r} is outside the allowed range [1, 2]")
-    return float(alpha)
+    if not (low <= value <= high):
+        raise ValueError(f"{label}: {value!r} is outside the allowed range {bounds}")
+    return float(value)
 
 
 def check_no_grad(function: str, **tensors: Tensor | None) -> None:

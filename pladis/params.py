@@ -128,8 +128,7 @@ class PladisParams:
     def replace(self, **changes: Any) -> PladisParams:
         """A copy with some fields changed (loose values accepted, validated again)."""
         merged = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key, value in changes.items():
-            merged[_canonical_key(key)] = value
+        merged.update(loose_mapping(changes))
         return parse_params(**merged)
 
     def layers_text(self) -> str:

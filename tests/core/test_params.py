@@ -54,6 +54,8 @@ def test_replace_revalidates() -> None:
     assert p.replace(alpha="2").alpha == 2.0
     with pytest.raises(ValueError, match="alpha"):
         p.replace(alpha=3)
+    with pytest.raises(ValueError, match=r"'lam' and 'scale' both set lam"):  # as in API dicts
+        p.replace(lam=1, scale=2)
 
 
 def test_window_semantics() -> None:
