@@ -26,7 +26,7 @@ from torch import Tensor
 from pladis.attention import pladis_weights
 from pladis.params import PladisParams
 
-from .forge_attn2 import first_sigma, in_window, is_full_window
+from .forge_attn2 import first_sigma, in_window, is_full_window, untiled_lengths
 
 log = logging.getLogger("pladis")
 
@@ -152,21 +152,51 @@ def text_block_correction(q: Tensor, k: Tensor, v: Tensor, text_len: int, alpha:
     ``q``/``k``/``v`` are ``(B, H, L, D)`` with RoPE already applied to ``q`` and ``k``; tokens
     ``[0, text_len)`` are text. ``m = Σ_text softmax(S)`` over all keys, computed per chunk of image
     queries so the ``N_img × L`` logits never exist at once.
+
+    A row whose text is a repeat of a shorter text (Forge batches a Chroma prompt with a negative of
+    another length by repeating the shorter one, as for SD; text tokens carry no RoPE position, so
+    the copies stay identical through the blocks) gets its change from the un-repeated text keys,
+    with ``m`` from all keys as the host computed it: α-entmax, unlike softmax, is changed by the
+    repeat (the keys look sharper), and the prompt alone would not have it.
     """
+    b, h, length, dim = q.shape
+    periods = untiled_lengths(_packed(k[:, :, :text_len]), _packed(v[:, :, :text_len]))
+    by_period: dict[int, list[int]] = {}
+    for row, period in enumerate(periods):
+        by_period.setdefault(period, []).append(row)
+    if len(by_period) == 1:
+        correction = _text_change(q, k, v, text_len, periods[0] if periods else text_len, alpha, lam)
+    else:
+        correction = torch.empty(b, h, length - text_len, dim, dtype=torch.float32, device=q.device)
+        for period, rows in by_period.items():
+            index = torch.tensor(rows, device=q.device)
+            correction[index] = _text_change(q[index], k[index], v[index], text_len, period, alpha, lam)
+    return correction.transpose(1, 2).reshape(b, length - text_len, h * dim)
+
+
+def _packed(t: Tensor) -> Tensor:
+    """``(B, H, L, D)`` as ``(B, L, H·D)``: the layout :func:`untiled_lengths` compares."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], t.shape[1] * t.shape[3])
+
+
+def _text_change(
+    q: Tensor, k: Tensor, v: Tensor, text_len: int, period: int, alpha: float, lam: float
+) -> Tensor:
+    """``m · (W_pladis − softmax)`` over the first ``period`` text keys, ``@ V``: ``(B, H, N_img, D)``."""
     b, h, length, dim = q.shape
     scale = dim**-0.5
     keys = k.float()
-    text_values = v[:, :, :text_len].float()
+    text_values = v[:, :, :period].float()
     queries = q[:, :, text_len:]
     step = max(1, CHUNK_ELEMENTS // max(1, b * h * length))
     parts = []
     for start in range(0, queries.shape[2], step):
         logits = (queries[:, :, start : start + step].float() @ keys.transpose(-1, -2)) * scale
-        text_logits = logits[..., :text_len]
         mass = torch.exp(
-            torch.logsumexp(text_logits, -1, keepdim=True) - torch.logsumexp(logits, -1, keepdim=True)
+            torch.logsumexp(logits[..., :text_len], -1, keepdim=True)
+            - torch.logsumexp(logits, -1, keepdim=True)
         )
+        text_logits = logits[..., :period]
         change = pladis_weights(text_logits, alpha, lam) - torch.softmax(text_logits, dim=-1)
         parts.append((mass * change) @ text_values)
-    correction = torch.cat(parts, dim=2)
-    return correction.transpose(1, 2).reshape(b, length - text_len, h * dim)
+    return torch.cat(parts, dim=2)

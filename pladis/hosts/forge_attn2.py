@@ -40,8 +40,8 @@ _HOST_ATTENTION: dict[str, tuple[str, str]] = {
     REFORGE_HOST: ("ldm_patched.ldm.modules.attention", "optimized_attention"),
 }
 
-MAX_TILE_REPEAT = 4
-"""Forge/ComfyUI only batch contexts whose LCM is at most 4× the shorter one (``can_concat``)."""
+CLIP_CHUNK = 77
+"""Tokens per CLIP chunk: SD/SDXL contexts are multiples of it, and so is any period of a repeat."""
 
 AttnReplacement = Callable[[Tensor, Tensor, Tensor, dict], Tensor]
 
@@ -89,15 +89,14 @@ def is_full_window(sigma_hi: float, sigma_lo: float) -> bool:
 
 
 def row_groups(batch: int, cond_or_uncond: Sequence[int] | None) -> list[tuple[int, int]]:
-    """Row ranges whose keys are checked for a repeat together: one range for a single chunk, else rows.
+    """Row ranges whose keys are checked for a repeat together: each row on its own.
 
-    A single chunk (``cond_or_uncond`` of length 1) was never concatenated with another, so Forge
-    cannot have repeated its context. Otherwise each row is checked on its own: the chunks' rows are
-    not always contiguous (Forge's MultiDiffusion stacks tiles as ``[uncond, cond | uncond, cond]``),
-    and rows are independent anyway.
+    Rows are independent, and a chunk's rows are not always contiguous (Forge's MultiDiffusion
+    stacks tiles as ``[uncond, cond | uncond, cond]``). A lone chunk is checked too: besides Forge's
+    batching, an ``attn2_patch`` before ours can repeat keys (Forge Couple tiles each region's
+    context to the LCM of their lengths), also with CFG 1, where nothing is batched.
     """
-    if cond_or_uncond is not None and len(cond_or_uncond) == 1:
-        return [(0, batch)]
+    del cond_or_uncond  # kept for callers: every row is checked whatever the chunks
     return [(row, row + 1) for row in range(batch)]
 
 
@@ -123,21 +122,34 @@ def _rows_shift_equal(t: Tensor, period: int) -> Tensor:
     return diff <= tol  # NaN compares False: not a repeat
 
 
+def repeat_periods(length: int) -> list[int]:
+    """Candidate periods of a repeated context of ``length`` keys, shortest first.
+
+    Forge repeats whole contexts (factor ``LCM/length``: up to 4 when it batches cond and uncond, any
+    factor when Forge Couple tiles its regions), so a period divides the length. An SD/SDXL context
+    is made of 77-token CLIP chunks, so when the length is a multiple of 77 only multiples of 77 are
+    candidates: a 77-key context has none, and costs no check (nor a GPU sync).
+    """
+    unit = CLIP_CHUNK if length % CLIP_CHUNK == 0 else 1
+    chunks = length // unit
+    return [unit * d for d in range(1, chunks) if chunks % d == 0]
+
+
 def untiled_lengths(k: Tensor, v: Tensor) -> list[int]:
     """Per row, the shortest length its keys/values are an exact repeat of (``K`` when not repeated).
 
-    Only repeat factors Forge can produce (2..4) are considered. A context that is genuinely made of
-    identical chunks is indistinguishable from a repeated one and is treated as repeated.
+    All candidate periods are compared on the device first, then read back at once (one GPU sync
+    per call). A context that is genuinely made of identical chunks is indistinguishable from a
+    repeated one and is treated as repeated: PLADIS of ``[c, c]`` is PLADIS of ``c``, as softmax is.
     """
     rows, length = k.shape[0], k.shape[1]
-    found = [length] * rows
-    for repeat in range(MAX_TILE_REPEAT, 1, -1):  # largest repeat first: the shortest period wins
-        if length % repeat:
-            continue
-        period = length // repeat
-        same = (_rows_shift_equal(k, period) & _rows_shift_equal(v, period)).tolist()
-        found = [period if flag and now == length else now for flag, now in zip(same, found, strict=True)]
-    return found
+    periods = repeat_periods(length)
+    if not periods or rows == 0:
+        return [length] * rows
+    flags = torch.stack([_rows_shift_equal(k, p) & _rows_shift_equal(v, p) for p in periods]).tolist()
+    return [
+        next((p for p, same in zip(periods, flags, strict=True) if same[row]), length) for row in range(rows)
+    ]
 
 
 def untiled_length(k: Tensor, v: Tensor) -> int:
@@ -147,14 +159,9 @@ def untiled_length(k: Tensor, v: Tensor) -> int:
 
 
 def _rows_by_length(k: Tensor, v: Tensor, groups: list[tuple[int, int]]) -> dict[int, list[int]]:
-    """Map each un-repeated key length to the batch rows that have it.
-
-    A single chunk was never concatenated with another one, so Forge cannot have repeated it.
-    Otherwise rows are checked one by one (in one batched comparison per repeat factor).
-    """
-    if len(groups) == 1:
-        start, stop = groups[0]
-        return {k.shape[1]: list(range(start, stop))}
+    """Map each un-repeated key length to the batch rows that have it (rows checked one by one, in
+    one batched comparison per candidate period)."""
+    del groups  # every row is its own group (see row_groups)
     by_length: dict[int, list[int]] = {}
     for row, length in enumerate(untiled_lengths(k, v)):
         by_length.setdefault(length, []).append(row)

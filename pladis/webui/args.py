@@ -32,14 +32,19 @@ def params_for(p: Any, args: Sequence[Any]) -> PladisParams:
     """Params for one generation: the script args, then any X/Y/Z overrides stored on ``p``.
 
     The overrides are merged before anything is validated, so a cell's value may repair the
-    accordion's (a Start above the accordion's End, with an End axis above both). When PLADIS ends up
-    off, invalid other values are dropped instead of failing: sliders left at start > end must not
-    fail a generation that does not use them.
+    accordion's (a Start above the accordion's End, with an End axis above both). An axis other
+    than Enabled turns PLADIS on, as other extensions' value axes do: a "[PLADIS] Lambda" grid with
+    the accordion left off gave identical cells. An Enabled axis, on any axis, has the last word.
+    When PLADIS ends up off, invalid other values are dropped instead of failing: sliders left at
+    start > end must not fail a generation that does not use them.
     """
     values = _loose_values(args)
     overrides = getattr(p, XYZ_ATTR, None)
     if overrides:
-        values.update(loose_mapping(dict(overrides)))
+        cell = loose_mapping(dict(overrides))
+        if "enabled" not in cell:
+            cell["enabled"] = True
+        values.update(cell)
     return _params(values)
 
 
@@ -61,7 +66,8 @@ def _loose_values(args: Sequence[Any]) -> dict[str, Any]:
 
 def _params(values: dict[str, Any]) -> PladisParams:
     enabled = values.get("enabled")
-    if enabled is not None and not parse_bool("enabled", enabled):
+    # None is the default, off (the dict form has already made it true).
+    if enabled is None or not parse_bool("enabled", enabled):
         try:  # off: the values are kept when they are valid, and dropped when not (they are unused)
             return parse_params(**values)
         except ValueError:

@@ -21,7 +21,9 @@ KEYS: tuple[str, ...] = (ALPHA_KEY, LAMBDA_KEY, LAYERS_KEY, RANGE_KEY)
 
 
 def _number(value: float) -> float:
-    return round(float(value), 4)
+    """α or λ as written: 15 significant digits, so a paste gives the value back (``round(x, 4)``
+    wrote an API λ of 4e-5 as 0.0, which pastes as PLADIS off, and X/Y/Z's α 1.3333… as 1.3333)."""
+    return float(f"{float(value):.15g}")
 
 
 def range_text(params: PladisParams) -> str:
@@ -135,3 +137,15 @@ def paste_fields(
         (start, paste_start),
         (end, paste_end),
     ]
+
+
+def send_to_names() -> list[Any]:
+    """``Script.paste_field_names``: the infotext targets "Send to img2img/inpaint" copies.
+
+    The WebUI copies a control from tab to tab when its target (the key string, or the callable)
+    is in this list: it tests ``name in paste_field_names`` (``infotext_utils.py:168-174``), so the
+    paste callables are listed too. Without them only α and λ went across, and the img2img accordion
+    stayed off or kept stale layers and window. They are module-level functions, the same objects in
+    both tabs' paste fields.
+    """
+    return [ALPHA_KEY, LAMBDA_KEY, paste_enabled, paste_layers, paste_start, paste_end]

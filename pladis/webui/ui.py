@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pladis.params import DEFAULT_LAYERS, LAYER_GROUPS, PladisParams
+from pladis.params import DEFAULT_LAYERS, LAM_RANGE, LAYER_GROUPS, PladisParams
 from pladis.webui import infotext
 
 DEFAULTS = PladisParams()
@@ -70,7 +70,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
             )
             lam = gr.Slider(
                 minimum=0.0,
-                maximum=5.0,
+                maximum=LAM_RANGE[1],  # the API, X/Y/Z and infotext take up to 10: a paste must fit
                 step=0.05,
                 value=DEFAULTS.lam,
                 label="λ (PLADIS scale)",
@@ -108,5 +108,5 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 elem_classes=["pladis-control"],
             )
     script.infotext_fields = infotext.paste_fields(enabled, alpha, lam, layers, start, end)
-    script.paste_field_names = [infotext.ALPHA_KEY, infotext.LAMBDA_KEY]
+    script.paste_field_names = infotext.send_to_names()
     return [enabled, alpha, lam, layers, start, end]

@@ -32,6 +32,8 @@ from pladis.webui.args import params_from_args
         ),
         (({"alpha": 1.5},), PladisParams(True)),  # dict form: enabled defaults to true
         (({"enabled": False, "lam": 4},), PladisParams(False, lam=4.0)),
+        ((None, 5.0), PladisParams()),  # enabled null is off, as false: its bad values are unused
+        ((False, 5.0), PladisParams()),
         (
             ({"lambda": 2.5, "start": 0.2, "end": 0.8}, False, 1.0),
             PladisParams(True, lam=2.5, start=0.2, end=0.8),

@@ -21,6 +21,8 @@ def _paste(webui, text):
         (True, 2.0, 0.75, ["mid"], 0.2, 0.8),
         (True, 1.35, 4.95, ["down", "mid", "up"], 0.05, 0.55),
         (True, 1.5, 2.0, ["down", "up"], 0.00005, 0.99995),  # the API takes any fraction: no "5e-05"
+        (True, 1.23456789012345, 4e-05, ["down", "up"], 0.0, 1.0),  # 4 decimals lost both (λ → off)
+        (True, 4 / 3, 2.0, ["up"], 0.0, 1.0),  # X/Y/Z's "1-2 [4]"
     ],
 )
 def test_infotext_round_trip_restores_every_control(webui, values):
@@ -32,9 +34,12 @@ def test_infotext_round_trip_restores_every_control(webui, values):
     written = {0.0: "0", 1.0: "1", 0.00005: "0.00005", 0.99995: "0.99995"}
     assert f"PLADIS range: {written.get(start, start)}-{written.get(end, end)}" in text  # positional
     pasted, fields = _paste(webui, text)
-    assert pasted == list(values)
+    numbers = [0, 1, 2, 4, 5]  # 15 significant digits: 4/3 comes back as 1.33333333333333
+    assert [pasted[i] for i in numbers] == pytest.approx([values[i] for i in numbers], rel=1e-14, abs=0)
+    assert pasted[3] == values[3]
     assert [type(v) for v in pasted] == [bool, float, float, list, float, float]
-    assert infotext.params_from_infotext(fields) == PladisParams(*values[:3], tuple(values[3]), *values[4:])
+    params = infotext.params_from_infotext(fields)
+    assert params == PladisParams(*pasted[:3], tuple(values[3]), *pasted[4:])
 
 
 def test_paste_without_pladis_turns_it_off_and_leaves_the_rest(webui):
@@ -97,3 +102,19 @@ def test_bad_pasted_values_are_ignored_for_derived_fields(webui):
         webui, "x\nSteps: 3, PLADIS alpha: 1.5, PLADIS lambda: 2, PLADIS layers: sideways, PLADIS range: soon"
     )
     assert pasted == [True, 1.5, 2.0, None, None, None]
+
+
+def test_send_to_img2img_copies_every_control(webui):
+    # "Send to img2img" copies the controls whose infotext target is in paste_field_names; with only
+    # the α and λ keys listed, the img2img accordion stayed off (or kept stale layers and window).
+    source = webui.runner
+    target = webui.kit.make_runner(is_img2img=True)
+    pairs = webui.infotext_utils.send_to_pairs(
+        source.infotext_fields, target.infotext_fields, target.paste_field_names
+    )
+    controls = [
+        runner.inputs[script.args_from : script.args_to]
+        for runner in (source, target)
+        for script in [webui.kit.pladis_script(runner)]
+    ]
+    assert pairs == list(zip(*controls, strict=True))

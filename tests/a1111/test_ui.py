@@ -47,7 +47,7 @@ def test_controls_ranges_defaults_and_ids(webui, is_img2img):
     assert type(enabled).__name__ == "InputAccordion" and enabled.value is False
     assert enabled.accordion.label == "PLADIS"
     assert (alpha.minimum, alpha.maximum, alpha.step, alpha.value) == (1.0, 2.0, 0.05, 1.5)
-    assert (lam.minimum, lam.maximum, lam.step, lam.value) == (0.0, 5.0, 0.05, 2.0)
+    assert (lam.minimum, lam.maximum, lam.step, lam.value) == (0.0, 10.0, 0.05, 2.0)  # as the API
     assert isinstance(layers, gr.CheckboxGroup) and layers.choices and layers.value == ["down", "up"]
     assert [c if isinstance(c, str) else c[0] for c in layers.choices] == ["down", "mid", "up"]
     assert (start.minimum, start.maximum, start.value) == (0.0, 1.0, 0.0)

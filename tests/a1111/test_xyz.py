@@ -145,3 +145,31 @@ def test_float_range_cells_keep_the_step_at_their_start(webui):
     torch.testing.assert_close(torch.cat(cells[1].images), expected, atol=1e-5, rtol=1e-4)
     assert cells[1].extra_generation_params["PLADIS range"] == "0.3-1"
     assert kit.instance_forwards(model) == []
+
+
+def test_a_value_axis_turns_pladis_on_unless_an_enabled_axis_says_otherwise(webui):
+    # With the accordion left off, a "[PLADIS] Lambda" grid gave identical stock cells. A value axis
+    # now turns PLADIS on; an Enabled axis still decides, whichever axis it is on.
+    webui.script_callbacks.before_ui_callback()
+    kit = webui.kit
+    model, data = kit.sd15(), kit.inputs()
+    kit.use_models(kit.install_oracle(kit.baseline_copy(model), 1.5, 3.0, layers=("down", "up")))
+    expected, _ = kit.run(kit.txt2img(None, (), data=data))
+    kit.use_models(kit.baseline_copy(model))
+    baseline, _ = kit.run(kit.txt2img(None, (), data=data))
+
+    kit.use_models(model)
+    script = _xyz(webui).script_class()
+    args = kit.script_args(webui.runner, False, 1.5, 2.0, ["down", "up"])
+    zero, three = script.run_axis(kit.txt2img(webui.runner, args, data=data), "[PLADIS] Lambda", "0, 3")
+    assert torch.equal(torch.cat(zero.images), baseline)  # λ = 0 is the stock model
+    torch.testing.assert_close(torch.cat(three.images), expected, atol=1e-5, rtol=1e-4)
+    assert three.extra_generation_params["PLADIS lambda"] == 3.0
+
+    p = kit.txt2img(webui.runner, args, data=data)
+    p._pladis_xyz = {"enabled": "False"}  # as an Enabled axis applied before the Lambda axis
+    (cell,) = script.run_axis(p, "[PLADIS] Lambda", "3")
+    assert (
+        torch.equal(torch.cat(cell.images), baseline) and "PLADIS lambda" not in cell.extra_generation_params
+    )
+    assert kit.instance_forwards(model) == []

@@ -282,3 +282,28 @@ def test_patched_options_survive_forge_deep_copies(forge_host):
             tk.denoise(later, x, 3.0, cond, uncond), tk.denoise(clone, x, 3.0, cond, uncond), strict=True
         )
     )
+
+
+def test_keys_repeated_by_an_earlier_attn2_patch_at_cfg_1(forge_host):
+    """Forge Couple-like attn2_patch tiling the context ×3 before the projections, with CFG 1 (one
+    chunk, nothing batched): PLADIS gives the answer of the un-repeated context, as stock does."""
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    x, cond, _ = inputs()
+
+    def tile(n, context, value, extra_options):
+        return n, context.repeat(1, 3, 1), value.repeat(1, 3, 1)
+
+    tiling = tk.unet_patcher()
+    tiling.set_model_attn2_patch(tile)
+    plain = tk.unet_patcher()
+    stock = [tk.denoise(patcher, x, 3.0, cond)[0] for patcher in (tiling, plain)]
+    torch.testing.assert_close(stock[0], stock[1], atol=1e-5, rtol=1e-5)  # softmax ignores the repeat
+    got = []
+    for patcher in (tiling, plain):
+        p = tk.processing(patcher)
+        apply(p, params())
+        got.append(tk.denoise(p.sd_model.forge_objects.unet, x, 3.0, cond)[0])
+    torch.testing.assert_close(got[0], got[1], atol=1e-5, rtol=1e-5)
+    assert (got[1] - stock[1]).abs().max() > 1e-3  # PLADIS did act

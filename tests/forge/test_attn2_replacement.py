@@ -170,21 +170,28 @@ def test_tiled_context_gives_the_untiled_answer(forge_host):
     assert (naive - untiled).abs().max() > 1e-2
 
 
-def test_three_chunks_with_different_repeat_factors(forge_host):
-    """Lengths 3 and 4 batched: LCM 12, repeats ×4 and ×3; a third chunk of 12 is not repeated."""
+def _tiled_rows_give_their_untiled_answers(forge_host, lengths, alpha, cond_or_uncond, seed):
+    """One row per context length, each tiled to the longest; the answer must be per-row untiled."""
     from pladis.hosts.forge_attn2 import make_attn2_replacement
 
-    g = torch.Generator().manual_seed(4)
-    q = torch.randn(3, 5, 8, generator=g) * 2
-    ks = [torch.randn(1, n, 8, generator=g) * 2 for n in (3, 4, 12)]
-    vs = [torch.randn(1, n, 8, generator=g) for n in (3, 4, 12)]
-    k = torch.cat([tiled(t, 12 // t.shape[1]) for t in ks])
-    v = torch.cat([tiled(t, 12 // t.shape[1]) for t in vs])
-    out = make_attn2_replacement(alpha=2.0, lam=2.0)(q, k, v, options(3, cond_or_uncond=(1, 0, 0)))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(len(lengths), 5, 8, generator=g) * 2
+    ks = [torch.randn(1, n, 8, generator=g) * 2 for n in lengths]
+    vs = [torch.randn(1, n, 8, generator=g) for n in lengths]
+    k = torch.cat([tiled(t, max(lengths) // t.shape[1]) for t in ks])
+    v = torch.cat([tiled(t, max(lengths) // t.shape[1]) for t in vs])
+    out = make_attn2_replacement(alpha=alpha, lam=2.0)(
+        q, k, v, options(len(lengths), cond_or_uncond=cond_or_uncond)
+    )
     expected = torch.cat(
-        [forge_host.oracle_attn2(q[i : i + 1], ks[i], vs[i], HEADS, 2.0, 2.0) for i in range(3)]
+        [forge_host.oracle_attn2(q[i : i + 1], ks[i], vs[i], HEADS, alpha, 2.0) for i in range(len(lengths))]
     )
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_three_chunks_with_different_repeat_factors(forge_host):
+    """Lengths 3 and 4 batched: LCM 12, repeats ×4 and ×3; a third chunk of 12 is not repeated."""
+    _tiled_rows_give_their_untiled_answers(forge_host, (3, 4, 12), 2.0, (1, 0, 0), seed=4)
 
 
 def test_chained_delta_also_uses_untiled_keys(forge_host):
@@ -242,15 +249,30 @@ def test_repeat_detection_tolerates_rounding_but_not_a_different_token(forge_hos
     assert untiled_length(torch.randn(2, 154, 8, generator=g).to(dtype), v) == 154
 
 
-def test_a_lone_chunk_is_never_cut(forge_host):
-    """Only batched chunks can have been repeated; a prompt of two identical chunks alone stays whole."""
+def test_a_lone_chunk_repeated_by_another_patch_is_untiled(forge_host):
+    """CFG 1 (nothing batched), but an attn2_patch before ours (Forge Couple) tiled the keys ×2: the
+    answer is that of the un-repeated keys, as softmax's is."""
     from pladis.hosts.forge_attn2 import make_attn2_replacement
 
     q, k, v = qkv(batch=2, keys=3)
-    k2, v2 = tiled(k, 2), tiled(v, 2)
-    out = make_attn2_replacement(alpha=1.5, lam=2.0)(q, k2, v2, options(2, cond_or_uncond=(0,)))
-    expected = forge_host.oracle_attn2(q, k2, v2, HEADS, 1.5, 2.0)
+    out = make_attn2_replacement(alpha=1.5, lam=2.0)(
+        q, tiled(k, 2), tiled(v, 2), options(2, cond_or_uncond=(0,))
+    )
+    expected = forge_host.oracle_attn2(q, k, v, HEADS, 1.5, 2.0)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+    assert (
+        forge_host.oracle_attn2(q, tiled(k, 2), tiled(v, 2), HEADS, 1.5, 2.0) - expected
+    ).abs().max() > 1e-2
+
+
+def test_repeat_factors_beyond_forges_batching_limit(forge_host):
+    """Forge Couple tiles each region's context to the LCM of all: factors above 4 occur (here 6 and
+    3 in 77-token chunks), and rows of one batch differ."""
+    from pladis.hosts.forge_attn2 import repeat_periods
+
+    assert repeat_periods(77) == [] and repeat_periods(154) == [77]
+    assert repeat_periods(462) == [77, 154, 231] and repeat_periods(12) == [1, 2, 3, 4, 6]
+    _tiled_rows_give_their_untiled_answers(forge_host, (77, 154, 462), 1.5, (0,), seed=8)
 
 
 def test_repeats_are_found_per_row_when_tiles_interleave_cond_and_uncond(forge_host):

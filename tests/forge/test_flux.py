@@ -216,3 +216,30 @@ def test_joint_model_outside_forge_backend_is_left_alone(forge_host):
     apply(p, PladisParams(enabled=True))
     assert p.sd_model.forge_objects.unet is patcher
     assert patcher.model_options == {"transformer_options": {}}
+
+
+def test_text_repeated_by_forges_batching_gives_the_prompt_alone(forge_host):
+    """Chroma: a 3-token negative batched with a 6-token prompt is repeated ×2 by Forge. The change
+    comes from the un-repeated text keys (α-entmax is not invariant to the repeat), with the text
+    mass m over all keys as the host computes it; the other row is left as it is."""
+    from pladis.hosts.flux import text_block_correction
+
+    g = torch.Generator().manual_seed(0)
+    b, h, d, n = 2, 2, 8, 5
+    text = [torch.randn(1, h, 3, d, generator=g) * 2, torch.randn(1, h, 6, d, generator=g) * 2]
+    values = [torch.randn(1, h, 3, d, generator=g), torch.randn(1, h, 6, d, generator=g)]
+    kt = torch.cat((text[0].repeat(1, 1, 2, 1), text[1]))
+    vt = torch.cat((values[0].repeat(1, 1, 2, 1), values[1]))
+    ki, vi = torch.randn(b, h, n, d, generator=g) * 2, torch.randn(b, h, n, d, generator=g)
+    q = torch.randn(b, h, 6 + n, d, generator=g) * 2
+    k, v = torch.cat((kt, ki), 2), torch.cat((vt, vi), 2)
+    got = text_block_correction(q, k, v, 6, 1.5, 2.0)
+    want = []
+    for row, (keys, vals) in enumerate(zip(text, values, strict=True)):
+        logits = (q[row : row + 1, :, 6:] @ k[row : row + 1].transpose(-1, -2)).double() * d**-0.5
+        mass = torch.softmax(logits, -1)[..., :6].sum(-1, keepdim=True)
+        s = (q[row : row + 1, :, 6:] @ keys.transpose(-1, -2)) * d**-0.5
+        change = forge_host.oracle_weights(s, 1.5, 2.0) - torch.softmax(s.double(), -1)
+        want.append((mass * change) @ vals.double())
+    want = torch.cat(want).transpose(1, 2).reshape(b, n, h * d)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

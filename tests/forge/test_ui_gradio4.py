@@ -94,7 +94,7 @@ def test_controls_are_the_six_args_with_documented_defaults_and_ranges(script_cl
     assert enabled.accordion.label == "PLADIS" and enabled.accordion.open is False
     assert all(isinstance(c, gr.Slider) for c in (alpha, lam, start, end))
     assert (alpha.minimum, alpha.maximum, alpha.step, alpha.value) == (1.0, 2.0, 0.05, 1.5)
-    assert (lam.minimum, lam.maximum, lam.step, lam.value) == (0.0, 5.0, 0.05, 2.0)
+    assert (lam.minimum, lam.maximum, lam.step, lam.value) == (0.0, 10.0, 0.05, 2.0)  # as the API
     assert (start.minimum, start.maximum, start.step, start.value) == (0.0, 1.0, 0.01, 0.0)
     assert (end.minimum, end.maximum, end.step, end.value) == (0.0, 1.0, 0.01, 1.0)
     assert isinstance(layers, gr.CheckboxGroup) and layers.value == ["down", "up"]
@@ -105,7 +105,11 @@ def test_controls_are_the_six_args_with_documented_defaults_and_ranges(script_cl
     assert enabled.elem_id == f"script_{tab}_pladis_enable-checkbox"
     assert infotext_keys(script) == INFOTEXT_KEYS
     assert [component for component, _ in script.infotext_fields] == controls
-    assert script.paste_field_names == ["PLADIS alpha", "PLADIS lambda"]
+    assert script.paste_field_names == [
+        "PLADIS alpha",
+        "PLADIS lambda",
+        *(name for _, name in script.infotext_fields if callable(name)),
+    ]
 
 
 def test_api_arg_info_as_forge_derives_it(script_class):

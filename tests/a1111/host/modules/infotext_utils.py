@@ -66,3 +66,17 @@ def paste_values(paste_fields, params):
             except Exception:
                 res.append(None)
     return res
+
+
+BUILTIN_SEND_NAMES = ["Prompt", "Negative prompt", "Steps", "Face restoration"]
+
+
+def send_to_pairs(source_fields, target_fields, script_paste_field_names):
+    """The components "Send to img2img" copies, as ``connect_paste_params_buttons`` wires them
+    (:168-174): source and target fields whose target (string or callable) is ``in`` the names,
+    paired in order. A callable only matches when the list holds that very object."""
+    names = BUILTIN_SEND_NAMES + list(script_paste_field_names)
+    inputs = [field for field, name in source_fields if name in names]
+    outputs = [field for field, name in target_fields if name in names]
+    assert len(inputs) == len(outputs), "gradio would fail: inputs and outputs differ in length"
+    return list(zip(inputs, outputs, strict=True))

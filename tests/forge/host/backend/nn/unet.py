@@ -5,7 +5,8 @@ Module paths match Forge (``input_blocks.{id}.1.transformer_blocks.{k}``,
 ``BasicTransformerBlock`` follows Forge's attn2 path: look up ``patches_replace["attn2"]`` with the
 3-tuple ``(block, number, block_index)`` first, then the 2-tuple ``block``; if found, project q/k/v
 and call ``patch(q, k, v, extra_options)``, then ``to_out``; else run ``attn2`` (which calls the
-``attention_function`` imported *by name*, as Forge does). Tokens stand in for feature maps.
+``attention_function`` imported *by name*, as Forge does). ``patches["attn2_patch"]`` run before
+and ``patches["attn2_output_patch"]`` after, as in Forge. Tokens stand in for feature maps.
 """
 
 import torch
@@ -52,7 +53,7 @@ class BasicTransformerBlock(nn.Module):
         self.d_head = d_head
 
     def extra_options(self, transformer_options):
-        extra = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
+        extra = dict(transformer_options)  # every key, "patches" and "patches_replace" included
         extra["n_heads"] = self.n_heads
         extra["dim_head"] = self.d_head
         return extra
@@ -67,15 +68,27 @@ class BasicTransformerBlock(nn.Module):
         x = x + self.attn1(self.norm1(x))
 
         n = self.norm2(x)
+        # As Forge's _forward: pre-projection attn2_patch (ControlLLLite, Forge Couple), then the
+        # replacement on to_q/to_k/to_v of its outputs (value_attn2 for v), then attn2_output_patch.
+        patches = transformer_options.get("patches", {})
+        context_attn2, value_attn2 = context, None
+        if "attn2_patch" in patches:
+            value_attn2 = context_attn2
+            for patch in patches["attn2_patch"]:
+                n, context_attn2, value_attn2 = patch(n, context_attn2, value_attn2, extra_options)
         attn2_replace = replace.get("attn2", {})
         key = transformer_block if transformer_block in attn2_replace else block
         if key in attn2_replace:
+            if value_attn2 is None:
+                value_attn2 = context_attn2
             q = self.attn2.to_q(n)
-            k = self.attn2.to_k(context)
-            v = self.attn2.to_v(context)
+            k = self.attn2.to_k(context_attn2)
+            v = self.attn2.to_v(value_attn2)
             n = self.attn2.to_out(attn2_replace[key](q, k, v, extra_options))
         else:
-            n = self.attn2(n, context=context, transformer_options=extra_options)
+            n = self.attn2(n, context=context_attn2, value=value_attn2, transformer_options=extra_options)
+        for patch in patches.get("attn2_output_patch", []):
+            n = patch(n, extra_options)
         x = x + n
         return x + self.ff(self.norm3(x))
 

@@ -40,6 +40,18 @@ class ModelPatcher:
             self.model_options, patch, name, block_name, number, transformer_index=transformer_index
         )
 
+    def set_model_patch(self, patch, name):
+        to = self.model_options["transformer_options"]
+        if "patches" not in to:
+            to["patches"] = {}
+        to["patches"][name] = to["patches"].get(name, []) + [patch]  # noqa: RUF005 - as upstream
+
+    def set_model_attn2_patch(self, patch):
+        self.set_model_patch(patch, "attn2_patch")
+
+    def set_model_attn2_output_patch(self, patch):
+        self.set_model_patch(patch, "attn2_output_patch")
+
     def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
         self.set_model_patch_replace(patch, "attn1", block_name, number, transformer_index)
 
