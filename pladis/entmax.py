@@ -102,6 +102,7 @@ _FALLBACK_ROUNDS = 50  # bound for the rare unsettled rows (2 Newton steps a rou
 _HALLEY_ROUNDS = 12  # evaluations per row for fractional β > 2: 2 for most, 3 for a few; never reached
 _L2_START_MAX_BETA = 2.35  # below it (α > 1.4255) _halley_solve starts from the mapped ℓ2 bound
 _TINY = 1e-30
+_LEAVING_MASS = 1e-9  # weight a row may keep on keys a last Taylor step takes out (see _taylor_weights)
 _LOG2_E = 1.0 / math.log(2.0)
 _LOG_FLOOR = 2.0**-126  # smallest normal float32: log₂ of it is exactly −126
 NUMPY_LOG2_ENV = "PLADIS_NUMPY_LOG2"
@@ -340,7 +341,7 @@ def _equal_keys_start(tau: Tensor, beta: float) -> Tensor:
     For 2 < β < ``_L2_START_MAX_BETA`` (:func:`_halley_start`) the ℓ2 root lies above the β root and
     the map lowers it.
     """
-    return tau.neg().pow_(2.0 / beta).neg_()
+    return _row_power(tau.neg(), 2.0 / beta).neg_()
 
 
 def _row_of(index: Tensor, keys: int, numel: int) -> Tensor:
@@ -364,6 +365,7 @@ def _newton_on_segments(
     beta: float,
     first_check: int = _FIRST_CHECK,
     long_rows: bool = False,
+    nested: bool = False,
 ) -> Tensor:
     """Normalised weights of gathered keys (``values``, their ``row``) by Newton from ``tau``.
 
@@ -376,12 +378,18 @@ def _newton_on_segments(
     3rd evaluation: 0–24 % at α 1.55–1.9, σ 1–3; after a 4th, 0–0.2 %), those rows are gathered
     and go on alone (:func:`_finish_unsettled`, once), instead of every row paying for the one or
     two more evaluations a few need.
+
+    A row that stops with a wrong sum (τ no longer moves in float32) is finished in float64 too,
+    whatever the share. ``long_rows`` (more than ``_FLOAT32_ROW_KEYS`` keys): the final sums are
+    taken again in float64, and rows they show unsettled are finished in float64 as well.
+    ``nested`` marks that float64 finish itself (it does not finish again).
     """
     n = values.numel()
     parts = torch.empty(2, n, dtype=values.dtype, device=values.device)  # t^(β−1), t^β
     sums = torch.empty(2, rows, dtype=values.dtype, device=values.device)
     shifted, gathered = torch.empty_like(values), torch.empty_like(values)
     exponent = 1.0 - 1.0 / beta  # 2 − α
+    settled = None
     for step_number in range(_CANDIDATE_ROUNDS):
         # Keys off the support sit at 2^-126 instead of 0: their power is exactly 0 (see _moments).
         _shifted(values, torch.index_select(tau, 0, row, out=gathered), shifted, _LOG_FLOOR)
@@ -392,31 +400,38 @@ def _newton_on_segments(
         # Newton on ‖t‖_β − 1 with F = Σt^β = ‖t‖_β^β and D = Σt^(β−1): δ = (F − F^(2−α))/D.
         step = total.log().mul_(exponent).exp_().neg_().add_(total).div_(slope.clamp_min(_TINY))
         if step_number >= first_check:
-            # A row with no finite key has no candidates: F = 0, δ = 0, done.
-            done = ((total - 1.0).abs_() <= ROW_SUM_TOL).logical_or_(step <= 0)
-            unsettled = rows - int(done.sum())
-            if unsettled == 0:
+            settled = _settled(total)
+            # A step ≤ 0 means τ no longer moves at this precision: the row stops either way.
+            done = settled | (step <= 0)
+            unsettled, wrong = rows - int(done.sum()), rows - int(settled.sum())
+            # Rows that stopped with a wrong sum are finished in float64 too, whatever their share
+            # (float32 τ steps can move a large tie group's mass by more than ROW_SUM_TOL).
+            if unsettled == 0 or (not nested and 0 < wrong <= _FINISH_SHARE * rows):
                 break
-            if first_check > 0 and unsettled <= _FINISH_SHARE * rows and step_number + 1 < _CANDIDATE_ROUNDS:
-                total = _normalising_totals(parts[1], row, total, long_rows)
-                return _finish_unsettled(values, row, tau.add_(step), done, parts[1], total, beta)
             step.masked_fill_(done, 0.0)
         tau.add_(step)
-    total = _normalising_totals(parts[1], row, total, long_rows)
+    if long_rows and values.dtype == torch.float32:
+        # float64 row sums: index_add_ adds a row's terms one after the other, and in float32 terms
+        # below half an ulp of the running sum vanish (a weight ~1 then 2047 tied keys of 4e-8 summed
+        # to the first alone: the row looked settled, and was 8e-5 off once normalised).
+        exact = torch.zeros(rows, dtype=torch.float64, device=values.device).index_add_(
+            0, row, parts[1].double()
+        )
+        settled = _settled(exact) if settled is None else settled.logical_and_(_settled(exact))
+        total = exact.to(values.dtype)
+    if not nested and settled is not None and not bool(settled.all()):
+        start = tau.double().add_(step)  # not rounded to float32, where it could lie above the root
+        return _finish_unsettled(values, row, start, settled, parts[1], total, beta)
     return parts[1].div_(torch.index_select(total, 0, row, out=gathered))
 
 
-def _normalising_totals(weights: Tensor, row: Tensor, total: Tensor, long_rows: bool) -> Tensor:
-    """The row sums to normalise by: ``total`` as the float32 ``index_add_`` gave it, or in float64.
+def _settled(total: Tensor) -> Tensor:
+    """Rows whose sum is within ``ROW_SUM_TOL`` of 1.
 
-    ``index_add_`` sums each row sequentially, off by up to ~n·6e-8 relative for n similar terms
-    (measured, n tied keys: 77 → 6.7e-7, 231 → 3.4e-6, 3500 → 5e-5), so rows of more than
-    ``_FLOAT32_ROW_KEYS`` keys are summed again in float64 (one conversion of the gathered weights).
+    A row with no finite key (F = 0, δ = 0) counts as unsettled: it goes to the float64 finish,
+    where it has no keys to solve. Such rows are rare (masks), and one comparison fewer per check.
     """
-    if not long_rows or total.dtype != torch.float32:
-        return total
-    exact = torch.zeros(total.shape, dtype=torch.float64, device=total.device)
-    return exact.index_add_(0, row, weights.double()).to(torch.float32)
+    return (total - 1.0).abs_() <= ROW_SUM_TOL
 
 
 def _finish_unsettled(
@@ -426,7 +441,8 @@ def _finish_unsettled(
 
     ``row`` is sorted (the keys come from a row-major ``nonzero``), so each pending row's keys are
     one contiguous run, found by binary search instead of a pass over all the keys (the pending
-    rows are at most ``_FINISH_SHARE`` of the rows).
+    rows are few: at most ``_FINISH_SHARE`` of the rows, or rows float32 could not settle). ``tau``
+    is the float64 start of the pending rows' float64 Newton.
     """
     pending_rows = done.logical_not().nonzero().squeeze(1)
     first = torch.searchsorted(row, pending_rows)
@@ -442,7 +458,8 @@ def _finish_unsettled(
         tau.index_select(0, pending_rows).double(),
         pending_rows.numel(),
         beta,
-        0,
+        1,  # one step from any start lands below the root (h is convex); checks from the next one
+        nested=True,
     )
     weights = powered.div_(torch.index_select(total, 0, row))
     return weights.index_copy_(0, keys, sub_weights.to(weights.dtype))
@@ -680,12 +697,16 @@ def _halley_step(total: Tensor, first: Tensor, second: Tensor, beta: float) -> T
 def _halley_and_newton_steps(
     total: Tensor, first: Tensor, second: Tensor, beta: float
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_halley_step` and the Newton step it corrects (new tensors)."""
+    """:func:`_halley_step` and the Newton step it corrects (new tensors).
+
+    Written with ``F^(−1/β)`` (one :func:`_row_power`) and ``ε = (M2/M1 − M1/F)·δ·(β − 1)/2``;
+    F is clamped in the power only, so rows with F = 0 get 0.
+    """
     slope = first.clamp_min(_TINY)
-    norm = total.pow(1.0 / beta)
-    newton = total.div(norm.clamp_min(_TINY)).mul_(norm.sub_(1.0)).div_(slope)  # F^(1−1/β) = F/h
-    curvature = torch.mul(first, first).div_(total.clamp_min(_TINY)).neg_().add_(second)
-    eps = curvature.mul_(newton).mul_((beta - 1.0) / 2.0).div_(slope)
+    clamped = total.clamp_min(_TINY)
+    # δ = (h − 1)·F^(1−1/β)/M1 = (1 − F^(−1/β))·F/M1.
+    newton = _row_power(clamped, -1.0 / beta).neg_().add_(1.0).mul_(total).div_(slope)
+    eps = torch.div(second, slope).sub_(first.div(clamped)).mul_(newton).mul_((beta - 1.0) / 2.0)
     return newton.div(eps.clamp_(-1.0, 0.5).neg_().add_(1.0)), newton
 
 
@@ -718,9 +739,16 @@ def _taylor_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, out: 
 
     ``(t − δ)^β ≈ t^(β−2)·(t² − βδt + β(β−1)δ²/2)`` for the keys that stay in the support (t > δ);
     keys leaving it get exactly 0. Keys outside the evaluated support (``t^(β−2) = 0``, whatever
-    ``t`` holds there) stay at 0: for δ < 0 their true weight is < |δ|^β. Five passes over the keys.
+    ``t`` holds there) stay at 0: for δ < 0 their true weight is < |δ|^β. Five passes over the keys,
+    three when no key can leave by more than ``_LEAVING_MASS``: unmasked, a key with ``0 < t ≤ δ``
+    gets at most ``(1 + β(β−1)/2)·δ^β`` (the quadratic is positive for β > 2 and at most
+    ``(1 + β(β−1)/2)·δ²`` there), so when ``K`` times that is below ``_LEAVING_MASS`` for the
+    largest δ the mask changes nothing a float32 sum resolves. The final steps are usually ~1e-6.
     """
-    powered.mul_(torch.gt(t, step, out=out))
+    largest = float(step.max()) if step.numel() else 0.0
+    keys = t.shape[-1]
+    if largest > 0.0 and keys * (1.0 + beta * (beta - 1.0) / 2.0) * largest**beta > _LEAVING_MASS:
+        powered.mul_(torch.gt(t, step, out=out))
     linear = torch.sub(t, step * beta, out=out)  # t − βδ
     quadratic = step.square().mul_(beta * (beta - 1.0) / 2.0)
     return torch.addcmul(quadratic, linear, t, out=out).mul_(powered)
@@ -855,6 +883,23 @@ def _power(t: Tensor, exponent: float, out: Tensor) -> Tensor:
         if bit == "1":
             out.mul_(t)
     return out
+
+
+def _row_power(values: Tensor, exponent: float) -> Tensor:
+    """``values^exponent`` (values ≥ 0) as a new tensor: for the small per-row tensors of the steps.
+
+    Why: torch's CPU ``pow`` with a fractional exponent costs ~40 µs per 13616 rows (a 2^20-score
+    chunk), as much as a whole-chunk multiplication; numpy's ``log₂`` and torch's ``exp2`` take
+    half of that. 0 gives 0 (∞ for e < 0), as ``pow`` does. Relative error about ``|e·log₂ v|·2^-24``:
+    these feed steps, which the solvers check, and are near 1 at the root.
+    """
+    out = torch.empty_like(values)
+    numpy_log2 = values.dtype == torch.float32 and _numpy_viewable(values, out) and cpu_variant(values)
+    if numpy_log2 and numpy_log2_is_faster():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.log2(values.numpy(), out=out.numpy())
+        return out.mul_(exponent).exp2_()
+    return torch.pow(values, exponent, out=out)
 
 
 def _exp2_scaled_(logs: Tensor, exponent: float) -> Tensor:
