@@ -8,8 +8,8 @@
         alpha: "Entmax exponent: 1 = softmax (no effect) · 1.5 = entmax15 (paper) · 2 = sparsemax (paper)",
         lambda: "Blend (1-λ)·softmax + λ·entmax: 0 = off, 1 = pure sparse, 2 = paper default, higher = stronger",
         layers: "UNet cross-attention groups to change; the paper's default is down + up (mid excluded)",
-        start: "Fraction of the sampling steps at which PLADIS starts",
-        end: "Fraction of the sampling steps at which PLADIS stops (1 = until the last step)",
+        start: "Where PLADIS starts: fraction of the steps (A1111) or of the noise schedule (Forge)",
+        end: "Where PLADIS stops: fraction of the steps (A1111) or of the noise schedule (Forge); 1 = to the end",
     };
 
     function pladisApplyTooltips() {

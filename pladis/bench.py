@@ -114,7 +114,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _cpu_peak_child(shape: Shape, variant: str, alpha: float, lam: float) -> int:
+def _cpu_peak_child(shape: Shape, variant: str, alpha: float, lam: float, dtype: str = "float32") -> int:
     """In a fresh process: peak resident memory (bytes) during one call of ``variant``, above before.
 
     torch's CPU allocator is invisible to tracemalloc and the profiler's memory view double-counts
@@ -122,7 +122,10 @@ def _cpu_peak_child(shape: Shape, variant: str, alpha: float, lam: float) -> int
     """
     batch, heads, n_queries, n_keys, dim = shape
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen) for n in (n_queries, n_keys, n_keys))
+    q, k, v = (
+        torch.randn(batch, heads, n, dim, generator=gen).to(getattr(torch, dtype))
+        for n in (n_queries, n_keys, n_keys)
+    )
     with torch.inference_mode():
         small = [t[..., :8, :] for t in (q, k, v)]  # load kernels and libraries, not memory
         F.scaled_dot_product_attention(*small)
@@ -138,14 +141,15 @@ def _cpu_peak_child(shape: Shape, variant: str, alpha: float, lam: float) -> int
     return (peak - before) * 1024
 
 
-def _cpu_peak_bytes(shape: Shape, variant: str, alpha: float, lam: float) -> int:
+def _cpu_peak_bytes(shape: Shape, variant: str, alpha: float, lam: float, dtype: torch.dtype) -> int:
     import subprocess
     import sys
 
+    dtype_name = str(dtype).removeprefix("torch.")
     code = (
         f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
         "from pladis.bench import _cpu_peak_child; "
-        f"print(_cpu_peak_child({tuple(shape)!r}, {variant!r}, {alpha!r}, {lam!r}))"
+        f"print(_cpu_peak_child({tuple(shape)!r}, {variant!r}, {alpha!r}, {lam!r}, {dtype_name!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -190,8 +194,8 @@ def bench_shape(
             peak_sdpa = cuda_peak_bytes(variants["sdpa"], device)
             peak_ours = cuda_peak_bytes(variants[f"ours {alphas[0]:g}"], device)
         else:
-            peak_sdpa = _cpu_peak_bytes(shape, "sdpa", alphas[0], lam)
-            peak_ours = _cpu_peak_bytes(shape, "ours", alphas[0], lam)
+            peak_sdpa = _cpu_peak_bytes(shape, "sdpa", alphas[0], lam, dtype)
+            peak_ours = _cpu_peak_bytes(shape, "ours", alphas[0], lam, dtype)
 
     first = times[f"ours {alphas[0]:g}"]
     ref = statistics.median(times["ref"]) if "ref" in times else None

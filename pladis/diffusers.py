@@ -93,6 +93,20 @@ class PladisAttnProcessor:
     ``attn.set_processor(PladisAttnProcessor(attn.processor, alpha=1.5, lam=2.0))``.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Called with no arguments, a stock processor: what diffusers' ``unload_ip_adapter`` rebuilds.
+
+        It rebuilds every processor that is not IP-Adapter's as ``value.__class__()``; without this
+        it failed on ours halfway through, leaving the image projection gone but IP-Adapter's
+        processors in place. Those layers now get the stock processor a stock layer gets there, so
+        PLADIS is off on them (``remove()`` warns; apply it again after an unload).
+        """
+        if not args and not kwargs:
+            from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+            return AttnProcessor2_0() if hasattr(F, "scaled_dot_product_attention") else AttnProcessor()
+        return super().__new__(cls)
+
     def __init__(
         self, previous: Any, alpha: Any = 1.5, lam: Any = 2.0, *, settings: Any = None, replaced: Any = None
     ) -> None:
@@ -169,7 +183,7 @@ def pladis_attention_forward(
         attn, hidden_states, encoder_hidden_states, attention_mask, temb
     )
     # attn.scale is head_dim**-0.5 unless the module was built with scale_qk=False (then 1.0, which the
-    # stock AttnProcessor honours too).
+    # stock AttnProcessor honours too; AttnProcessor2_0 leaves it to SDPA, the same for SD UNets).
     out = _eager_pladis_attention(query, key, value, alpha=alpha, lam=lam, scale=attn.scale, mask=mask)
     hidden_states = _packed(out).to(query.dtype)
     hidden_states = attn.to_out[0](hidden_states)  # output projection

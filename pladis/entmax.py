@@ -410,6 +410,8 @@ def _newton_on_segments(
                 break
             step.masked_fill_(done, 0.0)
         tau.add_(step)
+    else:  # never reached (see _CANDIDATE_ROUNDS); the last step is already in tau
+        step.zero_()
     if long_rows and values.dtype == torch.float32:
         # float64 row sums: index_add_ adds a row's terms one after the other, and in float32 terms
         # below half an ulp of the running sum vanish (a weight ~1 then 2047 tied keys of 4e-8 summed
@@ -426,12 +428,8 @@ def _newton_on_segments(
 
 
 def _settled(total: Tensor) -> Tensor:
-    """Rows whose sum is within ``ROW_SUM_TOL`` of 1.
-
-    A row with no finite key (F = 0, δ = 0) counts as unsettled: it goes to the float64 finish,
-    where it has no keys to solve. Such rows are rare (masks), and one comparison fewer per check.
-    """
-    return (total - 1.0).abs_() <= ROW_SUM_TOL
+    """Rows whose sum is within ``ROW_SUM_TOL`` of 1, or 0 (no finite key: nothing to settle)."""
+    return ((total - 1.0).abs_() <= ROW_SUM_TOL).logical_or_(total == 0)
 
 
 def _finish_unsettled(
@@ -745,13 +743,19 @@ def _taylor_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, out: 
     ``(1 + β(β−1)/2)·δ²`` there), so when ``K`` times that is below ``_LEAVING_MASS`` for the
     largest δ the mask changes nothing a float32 sum resolves. The final steps are usually ~1e-6.
     """
-    largest = float(step.max()) if step.numel() else 0.0
-    keys = t.shape[-1]
-    if largest > 0.0 and keys * (1.0 + beta * (beta - 1.0) / 2.0) * largest**beta > _LEAVING_MASS:
+    if not cpu_variant(t) or _keys_may_leave(step, beta, t.shape[-1]):  # GPUs: no sync for the test
         powered.mul_(torch.gt(t, step, out=out))
     linear = torch.sub(t, step * beta, out=out)  # t − βδ
     quadratic = step.square().mul_(beta * (beta - 1.0) / 2.0)
     return torch.addcmul(quadratic, linear, t, out=out).mul_(powered)
+
+
+def _keys_may_leave(step: Tensor, beta: float, keys: int) -> bool:
+    """Whether keys leaving the support could weigh ``_LEAVING_MASS`` in some row (NaN steps: yes)."""
+    largest = float(step.max()) if step.numel() else 0.0
+    return (
+        not largest <= 0.0 and not keys * (1.0 + beta * (beta - 1.0) / 2.0) * largest**beta <= _LEAVING_MASS
+    )
 
 
 def _support(t: Tensor, out: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -138,6 +139,11 @@ class PladisParams:
 
 def _check_layers(value: Any) -> tuple[str, ...]:
     allowed = ", ".join(LAYER_GROUPS)
+    if isinstance(value, Mapping):  # {"mid": false} would select mid: iterating gives the keys
+        raise ValueError(
+            f"PLADIS layers: expected a list such as ['down', 'up'] or a string such as 'down+up', "
+            f"got the mapping {dict(value)!r}"
+        )
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise ValueError(
             f"PLADIS layers: expected a collection of layer groups from ({allowed}), got {value!r}"
@@ -159,14 +165,23 @@ def _canonical_key(key: str) -> str:
     return canonical
 
 
+def _scalar(name: str, value: Any) -> Any:
+    """A numpy / torch scalar as a Python one; an array of several values is a ValueError naming ``name``."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):  # numpy: ValueError, torch: RuntimeError
+            raise ValueError(f"PLADIS {name}: expected a single value, got {value!r}") from None
+    return value
+
+
 def parse_bool(name: str, value: Any) -> bool:
     """Loose boolean: bools, 0/1 numbers, and words such as "true"/"off"."""
     if isinstance(value, bool):
         return value
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy / torch scalars
-        value = value.item()
-        if isinstance(value, bool):
-            return value
+    value = _scalar(name, value)
+    if isinstance(value, bool):
+        return value
     if isinstance(value, numbers.Real) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
@@ -186,8 +201,7 @@ def parse_number(name: str, value: Any) -> float:
     """Loose real number: ints, floats, numpy scalars and numeric strings. Range is checked later."""
     bounds = _NUMBER_RANGES.get(name)
     expected = "a number" if bounds is None else f"a number in {_range_text(bounds)}"
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
+    value = _scalar(name, value)
     if isinstance(value, bool):
         raise ValueError(f"PLADIS {name}: expected {expected}, got the boolean {value!r}")
     if isinstance(value, numbers.Real):
@@ -195,12 +209,17 @@ def parse_number(name: str, value: Any) -> float:
             return float(value)
         except OverflowError:  # an int beyond float's range: ±inf, which the range check rejects by name
             return math.inf if value > 0 else -math.inf
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
+    if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
+        number = float(value.strip())
+        if math.isinf(number) and "inf" not in value.lower():  # "1e400": say what was sent
+            allowed = "" if bounds is None else f" {_range_text(bounds)}"
+            raise ValueError(f"PLADIS {name}: {value!r} is outside the allowed range{allowed}")
+        return number
     raise ValueError(f"PLADIS {name}: expected {expected}, got {value!r}")
+
+
+_NUMBER_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+"""Decimal text: Python's ``float`` also takes "1_0" (as 10), which is no way to write 1.0."""
 
 
 def parse_layers(value: Any) -> tuple[str, ...]:
@@ -212,7 +231,7 @@ def parse_layers(value: Any) -> tuple[str, ...]:
         if text == "all":
             return LAYER_GROUPS
         value = [part.strip() for part in text.replace("+", ",").replace(" ", ",").split(",") if part.strip()]
-    elif isinstance(value, Iterable) and not isinstance(value, bytes):
+    elif isinstance(value, Iterable) and not isinstance(value, Mapping) and not isinstance(value, bytes):
         value = [item.strip().lower() if isinstance(item, str) else item for item in value]
     return _check_layers(value)
 

@@ -18,8 +18,10 @@ DEFAULTS = PladisParams()
 ALPHA_INFO = "Entmax exponent: 1 = softmax (no effect) · 1.5 = entmax15 (paper) · 2 = sparsemax (paper)"
 LAMBDA_INFO = "Blend (1-λ)·softmax + λ·entmax: 0 = off, 1 = pure sparse, 2 = paper default, higher = stronger"
 LAYERS_INFO = "UNet cross-attention groups to change; the paper's default is down + up (mid excluded)"
-START_INFO = "Fraction of the sampling steps at which PLADIS starts"
-END_INFO = "Fraction of the sampling steps at which PLADIS stops (1 = until the last step)"
+START_INFO = "Where PLADIS starts: fraction of the steps (A1111) or of the noise schedule (Forge)"
+END_INFO = (
+    "Where PLADIS stops: fraction of the steps (A1111) or of the noise schedule (Forge); 1 = to the end"
+)
 
 TOOLTIPS: dict[str, str] = {
     "enable": "PLADIS: sparse (α-entmax) cross-attention blend, no extra model calls",
@@ -92,7 +94,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 maximum=1.0,
                 step=0.01,
                 value=DEFAULTS.start,
-                label="Start (fraction of steps)",
+                label="Start (fraction of schedule)",
                 info=START_INFO,
                 elem_id=script.elem_id("start"),
                 elem_classes=["pladis-control"],
@@ -102,7 +104,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 maximum=1.0,
                 step=0.01,
                 value=DEFAULTS.end,
-                label="End (fraction of steps)",
+                label="End (fraction of schedule)",
                 info=END_INFO,
                 elem_id=script.elem_id("end"),
                 elem_classes=["pladis-control"],

@@ -37,3 +37,13 @@ def test_reference_attention_is_the_official_recipe() -> None:
         rtol=0,
         atol=1e-5,
     )
+
+
+def test_cpu_peak_memory_is_measured_in_the_timed_dtype() -> None:
+    # The peak-memory child used to build float32 inputs whatever --dtype said.
+    from pladis.bench import _cpu_peak_bytes
+
+    shape = (2, 8, 4096, 77, 64)  # SDPA's output: 16 MiB in float32, 8 in bfloat16
+    sdpa32 = _cpu_peak_bytes(shape, "sdpa", 1.5, 2.0, torch.float32)
+    sdpa16 = _cpu_peak_bytes(shape, "sdpa", 1.5, 2.0, torch.bfloat16)
+    assert 0 < sdpa16 < sdpa32

@@ -526,3 +526,15 @@ def test_the_float64_finish_runs_on_cpu_for_devices_without_float64() -> None:
     assert float64_device(torch.device("privateuseone", 0)) == torch.device("cpu")  # DirectML
     assert float64_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert float64_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_taylor_finish_keeps_the_mask_on_gpus_without_a_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Skipping the leaving-key mask needs the largest step on the host: a sync, which costs a GPU
+    # more than the two passes it saves. The GPU variant always masks (exact zeros).
+    module = _entmax_module()
+    monkeypatch.setattr(module, "cpu_variant", lambda t: False)
+    monkeypatch.setattr(module, "_keys_may_leave", lambda *a: pytest.fail("synced on a GPU path"))
+    t = torch.tensor([[0.5, 5e-5, 0.0]])
+    powered = t.double().pow(2.5).float()
+    got = module._taylor_weights(t, powered, torch.full((1, 1), 1e-4), 4.5, torch.empty_like(t))
+    assert got[0, 1] == 0 and got[0, 2] == 0 and got[0, 0] > 0

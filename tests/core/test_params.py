@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from pladis.params import DEFAULT_LAYERS, LAYER_GROUPS, PladisParams, params_from_mapping, parse_params
 
@@ -102,6 +103,17 @@ BAD_CASES = {
     ),
     "layers wrong type": ({"layers": 3}, r"layers: expected a collection of layer groups"),
     "layers as bytes": ({"layers": b"down"}, r"layers: expected a collection of layer groups .* got b'down'"),
+    "lambda with a digit separator": ({"lam": "1_0"}, r"lambda: expected a number in \[0, 10\], got '1_0'"),
+    "alpha text beyond float": ({"alpha": "1e400"}, r"alpha: '1e400' is outside the allowed range \[1, 2\]"),
+    "alpha array": ({"alpha": np.array([1.5, 2.0])}, r"alpha: expected a single value, got array"),
+    "enabled tensor": (
+        {"enabled": torch.tensor([True, False])},
+        r"enabled: expected a single value, got tensor",
+    ),
+    "layers as a mapping": (
+        {"layers": {"down": True, "mid": False}},
+        r"layers: expected a list such as \['down', 'up'\] .* got the mapping",
+    ),
     "enabled not a boolean": ({"enabled": "maybe"}, r"enabled: expected true or false, got 'maybe'"),
     "enabled number other than 0/1": ({"enabled": 2}, r"enabled: expected true or false, got 2"),
 }
@@ -122,6 +134,7 @@ def test_each_invalid_parameter_raises_value_error_naming_it(case: str) -> None:
         ({"enabled": "yes"}, r"enabled: expected true or false"),
         ({"layers": "down"}, r"layers: expected a collection"),
         ({"layers": ("down", "top")}, r"layers: unknown layer group 'top'"),
+        ({"layers": {"up": False}}, r"layers: expected a list"),
         ({"start": 0.9, "end": 0.1}, r"start/end"),
     ],
 )

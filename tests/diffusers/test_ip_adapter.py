@@ -154,6 +154,29 @@ def test_ip_adapter_weights_do_not_stay_under_our_name_after_an_unload(kit):
     assert not any("pladis_previous_processor" in name for name, _ in unet.named_modules())
 
 
+def test_diffusers_unload_ip_adapter_works_while_pladis_is_on(kit):
+    # diffusers rebuilds every processor that is not IP-Adapter's as value.__class__(): ours used to
+    # fail there halfway, leaving the image projection gone and IP-Adapter's processors in place.
+    from types import SimpleNamespace
+
+    from diffusers.loaders.ip_adapter import IPAdapterMixin
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = _unet_with_ip_adapter(kit)
+    stock = kit.make_unet("sd").eval()  # same seed: the same weights, never given IP-Adapter
+    handle = apply_pladis(unet)
+    IPAdapterMixin.unload_ip_adapter(SimpleNamespace(unet=unet))
+    assert unet.encoder_hid_proj is None
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
+    with pytest.warns(RuntimeWarning, match="replaced by someone else"):
+        handle.remove()
+    assert sorted(unet.state_dict()) == sorted(stock.state_dict())
+    sample, context, kwargs = kit.make_inputs("sd")
+    assert torch.equal(
+        kit.run_unet(unet, sample, context, kwargs), kit.run_unet(stock, sample, context, kwargs)
+    )
+
+
 def _ip_inputs(kit):
     sample, context, kwargs = kit.make_inputs("sd")
     kwargs["added_cond_kwargs"] = {

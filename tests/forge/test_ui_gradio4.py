@@ -131,8 +131,8 @@ def test_api_arg_info_as_forge_derives_it(script_class):
         "α (entmax exponent)",
         "λ (PLADIS scale)",
         "Layer groups",
-        "Start (fraction of steps)",
-        "End (fraction of steps)",
+        "Start (fraction of schedule)",
+        "End (fraction of schedule)",
     ]
     assert [a["value"] for a in info] == [False, 1.5, 2.0, ["down", "up"], 0.0, 1.0]
     assert info[3]["choices"] == ["down", "mid", "up"]
