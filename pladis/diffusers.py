@@ -107,6 +107,10 @@ class PladisAttnProcessor:
             return AttnProcessor2_0() if hasattr(F, "scaled_dot_product_attention") else AttnProcessor()
         return super().__new__(cls)
 
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        """Arguments for ``__new__`` when copied or pickled, so that a copy stays a PLADIS processor."""
+        return (self.previous,)
+
     def __init__(
         self, previous: Any, alpha: Any = 1.5, lam: Any = 2.0, *, settings: Any = None, replaced: Any = None
     ) -> None:

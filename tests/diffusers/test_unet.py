@@ -312,3 +312,19 @@ def test_compiled_unet_runs_pladis_eagerly_inside_the_graph(kit):
         assert torch.equal(kit.run_unet(compiled, *inputs), stock)
     finally:
         torch._dynamo.reset()
+
+
+def test_a_copied_or_pickled_unet_keeps_pladis(kit):
+    # Called with no arguments the processor class gives a stock processor (diffusers'
+    # unload_ip_adapter rebuilds processors that way); copy and pickle must not take that path.
+    import copy
+    import pickle
+
+    unet = kit.make_unet("sd").eval()
+    sample, context, kwargs = kit.make_inputs("sd")
+    handle = apply_pladis(unet, alpha=1.75, lam=3.0)
+    expected = kit.run_unet(unet, sample, context, kwargs)
+    for twin in (copy.deepcopy(unet), pickle.loads(pickle.dumps(unet))):
+        ours = [p for p in twin.attn_processors.values() if isinstance(p, PladisAttnProcessor)]
+        assert len(ours) == len(handle) and {(p.alpha, p.lam) for p in ours} == {(1.75, 3.0)}
+        assert torch.equal(kit.run_unet(twin, sample, context, kwargs), expected)
