@@ -300,7 +300,7 @@ def _dense_solve(x: Tensor, beta: float, ws: Workspace | None, tau: Tensor | Non
     )
     weights, total = _exact_step(x, tau, beta, out, scratch)
     # A total of 0 means a row with no finite key: nothing to settle, its weights stay 0.
-    unsettled = ((total - 1.0).abs_() > ROW_SUM_TOL) & (total > 0)
+    unsettled = _settled(total).logical_not_()
     if bool(unsettled.any()):
         _settle_rows(x, tau, beta, weights, total, unsettled.squeeze(-1))
     return weights.div_(total.clamp_min_(_TINY))
@@ -893,16 +893,14 @@ def _row_power(values: Tensor, exponent: float) -> Tensor:
     """``values^exponent`` (values ≥ 0) as a new tensor: for the small per-row tensors of the steps.
 
     Why: torch's CPU ``pow`` with a fractional exponent costs ~40 µs per 13616 rows (a 2^20-score
-    chunk), as much as a whole-chunk multiplication; numpy's ``log₂`` and torch's ``exp2`` take
-    half of that. 0 gives 0 (∞ for e < 0), as ``pow`` does. Relative error about ``|e·log₂ v|·2^-24``:
-    these feed steps, which the solvers check, and are near 1 at the root.
+    chunk), as much as a whole-chunk multiplication; ``log₂`` (:func:`_log2`: numpy's where faster)
+    and torch's ``exp2`` take half of that. 0 gives 0 (∞ for e < 0), as ``pow`` does. Relative error
+    about ``|e·log₂ v|·2^-24``: these feed steps, which the solvers check, and are near 1 at the root.
     """
     out = torch.empty_like(values)
-    numpy_log2 = values.dtype == torch.float32 and _numpy_viewable(values, out) and cpu_variant(values)
-    if numpy_log2 and numpy_log2_is_faster():
-        with np.errstate(divide="ignore", invalid="ignore"):
-            np.log2(values.numpy(), out=out.numpy())
-        return out.mul_(exponent).exp2_()
+    if values.dtype == torch.float32 and cpu_variant(values):
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0 → −∞, as intended
+            return _log2(values, out).mul_(exponent).exp2_()
     return torch.pow(values, exponent, out=out)
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from pladis.attention import pladis_weights
 from pladis.params import PladisParams
 
-from .forge_attn2 import first_sigma, in_window, is_full_window, untiled_lengths
+from .forge_attn2 import first_sigma, in_window, is_full_window, per_untiled_length, rows_of
 
 log = logging.getLogger("pladis")
 
@@ -160,17 +160,12 @@ def text_block_correction(q: Tensor, k: Tensor, v: Tensor, text_len: int, alpha:
     repeat (the keys look sharper), and the prompt alone would not have it.
     """
     b, h, length, dim = q.shape
-    periods = untiled_lengths(_packed(k[:, :, :text_len]), _packed(v[:, :, :text_len]))
-    by_period: dict[int, list[int]] = {}
-    for row, period in enumerate(periods):
-        by_period.setdefault(period, []).append(row)
-    if len(by_period) == 1:
-        correction = _text_change(q, k, v, text_len, periods[0] if periods else text_len, alpha, lam)
-    else:
-        correction = torch.empty(b, h, length - text_len, dim, dtype=torch.float32, device=q.device)
-        for period, rows in by_period.items():
-            index = torch.tensor(rows, device=q.device)
-            correction[index] = _text_change(q[index], k[index], v[index], text_len, period, alpha, lam)
+
+    def compute(index: Tensor | None, period: int) -> Tensor:
+        q_rows, k_rows, v_rows = (rows_of(t, index) for t in (q, k, v))
+        return _text_change(q_rows, k_rows, v_rows, text_len, period, alpha, lam)
+
+    correction = per_untiled_length(_packed(k[:, :, :text_len]), _packed(v[:, :, :text_len]), compute)
     return correction.transpose(1, 2).reshape(b, length - text_len, h * dim)
 
 

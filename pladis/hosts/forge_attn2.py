@@ -6,7 +6,7 @@ expects ``(B, N, heads·dim_head)`` back. Everything here is a plain closure ove
 other functions, because Forge deep-copies ``model_options`` on every ``clone()`` (closures are
 copied by reference; bound methods and objects would be duplicated with their tensors).
 
-Why the row groups: Forge batches cond and uncond chunks and, when their contexts differ in length,
+Why the per-row key lengths: Forge batches cond and uncond chunks and, when their contexts differ in length,
 repeats the shorter one up to the LCM (``ConditionCrossAttn.concat``). Softmax does not notice the
 repeat; α-entmax does (m-fold repetition sharpens it like scaling the logits). Each chunk's keys are
 therefore cut back to their un-repeated length before PLADIS is computed, so that a batched run
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -88,18 +88,6 @@ def is_full_window(sigma_hi: float, sigma_lo: float) -> bool:
     return sigma_hi == math.inf and sigma_lo == -math.inf
 
 
-def row_groups(batch: int, cond_or_uncond: Sequence[int] | None) -> list[tuple[int, int]]:
-    """Row ranges whose keys are checked for a repeat together: each row on its own.
-
-    Rows are independent, and a chunk's rows are not always contiguous (Forge's MultiDiffusion
-    stacks tiles as ``[uncond, cond | uncond, cond]``). A lone chunk is checked too: besides Forge's
-    batching, an ``attn2_patch`` before ours can repeat keys (Forge Couple tiles each region's
-    context to the LCM of their lengths), also with CFG 1, where nothing is batched.
-    """
-    del cond_or_uncond  # kept for callers: every row is checked whatever the chunks
-    return [(row, row + 1) for row in range(batch)]
-
-
 REPEAT_TOLERANCE_EPS = 8.0
 """Keys count as repeated when they match within this many ulps (of the dtype) of the largest key.
 
@@ -158,14 +146,43 @@ def untiled_length(k: Tensor, v: Tensor) -> int:
     return lengths.pop() if len(lengths) == 1 else k.shape[1]
 
 
-def _rows_by_length(k: Tensor, v: Tensor, groups: list[tuple[int, int]]) -> dict[int, list[int]]:
-    """Map each un-repeated key length to the batch rows that have it (rows checked one by one, in
-    one batched comparison per candidate period)."""
-    del groups  # every row is its own group (see row_groups)
+def rows_by_untiled_length(k: Tensor, v: Tensor) -> dict[int, list[int]]:
+    """Map each un-repeated key length to the batch rows that have it.
+
+    Every row is checked on its own: rows are independent, a chunk's rows are not always contiguous
+    (Forge's MultiDiffusion stacks tiles as ``[uncond, cond | uncond, cond]``), and a lone chunk can
+    be repeated too (an ``attn2_patch`` before ours: Forge Couple tiles each region's context to the
+    LCM of their lengths, also with CFG 1, where nothing is batched).
+    """
     by_length: dict[int, list[int]] = {}
     for row, length in enumerate(untiled_lengths(k, v)):
         by_length.setdefault(length, []).append(row)
     return by_length
+
+
+def per_untiled_length(k: Tensor, v: Tensor, compute: Callable[[Tensor | None, int], Tensor]) -> Tensor:
+    """``compute(index, length)`` for each set of rows sharing an un-repeated length, in row order.
+
+    ``index`` selects the rows (:func:`rows_of`); it is None when all rows share one length, so the
+    common case gathers nothing.
+    """
+    by_length = rows_by_untiled_length(k, v)
+    if len(by_length) <= 1:
+        return compute(None, next(iter(by_length), k.shape[1]))
+    out: Tensor | None = None
+    for length, rows in by_length.items():
+        index = torch.tensor(rows, device=k.device)
+        part = compute(index, length)
+        if out is None:
+            out = part.new_empty((k.shape[0], *part.shape[1:]))
+        out[index] = part
+    assert out is not None
+    return out
+
+
+def rows_of(t: Tensor, index: Tensor | None) -> Tensor:
+    """The rows of ``t`` selected by ``index`` (all of them for None)."""
+    return t if index is None else t[index]
 
 
 def _scores(q: Tensor, k: Tensor, heads: int) -> tuple[Tensor, int]:
@@ -190,34 +207,24 @@ def pladis_delta_packed(q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: floa
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], heads * dim)
 
 
-def pladis_untiled(
-    q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: float, lam: float, groups: list[tuple[int, int]]
-) -> Tensor:
-    """PLADIS cross-attention with each row group's keys cut back to their un-repeated length."""
-    by_length = _rows_by_length(k, v, groups)
-    if len(by_length) == 1 and k.shape[1] in by_length:
-        return pladis_attention_packed(q, k, v, heads, alpha=alpha, lam=lam)
-    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
-    for length, rows in by_length.items():
-        index = torch.tensor(rows, device=q.device)
-        out[index] = pladis_attention_packed(
-            q[index], k[index, :length], v[index, :length], heads, alpha=alpha, lam=lam
-        ).to(q.dtype)
-    return out
+def pladis_untiled(q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: float, lam: float) -> Tensor:
+    """PLADIS cross-attention with each row's keys cut back to their un-repeated length."""
+
+    def compute(index: Tensor | None, length: int) -> Tensor:
+        keys, values = rows_of(k, index)[:, :length], rows_of(v, index)[:, :length]
+        return pladis_attention_packed(rows_of(q, index), keys, values, heads, alpha=alpha, lam=lam)
+
+    return per_untiled_length(k, v, compute)
 
 
-def delta_untiled(
-    q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: float, lam: float, groups: list[tuple[int, int]]
-) -> Tensor:
-    """:func:`pladis_delta_packed` with each row group's keys cut back to their un-repeated length."""
-    by_length = _rows_by_length(k, v, groups)
-    if len(by_length) == 1 and k.shape[1] in by_length:
-        return pladis_delta_packed(q, k, v, heads, alpha, lam)
-    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float32, device=q.device)
-    for length, rows in by_length.items():
-        index = torch.tensor(rows, device=q.device)
-        out[index] = pladis_delta_packed(q[index], k[index, :length], v[index, :length], heads, alpha, lam)
-    return out
+def delta_untiled(q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: float, lam: float) -> Tensor:
+    """:func:`pladis_delta_packed` with each row's keys cut back to their un-repeated length."""
+
+    def compute(index: Tensor | None, length: int) -> Tensor:
+        keys, values = rows_of(k, index)[:, :length], rows_of(v, index)[:, :length]
+        return pladis_delta_packed(rows_of(q, index), keys, values, heads, alpha, lam)
+
+    return per_untiled_length(k, v, compute)
 
 
 def make_attn2_replacement(
@@ -250,11 +257,10 @@ def make_attn2_replacement(
                 return prior(q, k, v, extra_options)
             return host_attention(host, q, k, v, extra_options)
         heads = int(extra_options["n_heads"])
-        groups = row_groups(q.shape[0], extra_options.get("cond_or_uncond"))
         if prior is None:
-            return pladis_untiled(q, k, v, heads, alpha, lam, groups)
+            return pladis_untiled(q, k, v, heads, alpha, lam)
         base = prior(q, k, v, extra_options)
-        delta = delta_untiled(q, k, v, heads, alpha, lam, groups)
+        delta = delta_untiled(q, k, v, heads, alpha, lam)
         return (base.float() + delta).to(base.dtype)
 
     setattr(pladis_attn2, MARK, True)

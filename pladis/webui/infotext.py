@@ -39,7 +39,7 @@ def _fraction_text(value: float) -> str:
     # 15 significant digits: X/Y/Z's np.arange writes 0.3 as 0.30000000000000004 (the window
     # treats the two alike, see PladisParams.active_at), and the infotext should say 0.3; small
     # values such as 1e-13 keep their digits.
-    return np.format_float_positional(float(f"{float(value):.15g}"), trim="-")
+    return np.format_float_positional(_number(value), trim="-")
 
 
 def write(extra: MutableMapping[str, Any], params: PladisParams) -> None:
@@ -125,18 +125,15 @@ def paste_end(fields: Mapping[str, Any]) -> float | None:
     return _paste_range_part(fields, 1)
 
 
+PASTE_TARGETS: tuple[Any, ...] = (paste_enabled, ALPHA_KEY, LAMBDA_KEY, paste_layers, paste_start, paste_end)
+"""The infotext target of each control, in control order: a key string, or a callable of the fields."""
+
+
 def paste_fields(
     enabled: Any, alpha: Any, lam: Any, layers: Any, start: Any, end: Any
 ) -> list[tuple[Any, Any]]:
     """``Script.infotext_fields`` entries for the six controls."""
-    return [
-        (enabled, paste_enabled),
-        (alpha, ALPHA_KEY),
-        (lam, LAMBDA_KEY),
-        (layers, paste_layers),
-        (start, paste_start),
-        (end, paste_end),
-    ]
+    return list(zip((enabled, alpha, lam, layers, start, end), PASTE_TARGETS, strict=True))
 
 
 def send_to_names() -> list[Any]:
@@ -148,4 +145,4 @@ def send_to_names() -> list[Any]:
     stayed off or kept stale layers and window. They are module-level functions, the same objects in
     both tabs' paste fields.
     """
-    return [ALPHA_KEY, LAMBDA_KEY, paste_enabled, paste_layers, paste_start, paste_end]
+    return [ALPHA_KEY, LAMBDA_KEY, *(target for target in PASTE_TARGETS if callable(target))]
