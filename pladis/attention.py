@@ -31,6 +31,7 @@ from .entmax import (
     check_no_grad,
     check_real,
     entmax_rows,
+    gathers_keys,
     is_softmax,
     row_max,
     softmax_centred_,
@@ -42,8 +43,12 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 _CACHE_FRIENDLY_ELEMENTS = 1 << 20
 """Preferred number of score elements per chunk on CPU (4 MiB of float32, in the L3 cache).
 
-Measured on the benchmark shapes: 2^19–2^20 is fastest for α = 1.5 (2^18: +10–20 %), and α in
-(1.5, 2), whose gathered keys make ~100 small ops per chunk, wants the fewer chunks of 2^20–2^21."""
+Measured on the benchmark shapes: 2^19–2^20 is fastest for α = 1.5 (2^18: +10–20 %), and for the
+whole-row solvers at other α (2^21: +10 % at α = 1.3)."""
+
+_GATHERING_CACHE_ELEMENTS = 1 << 21
+"""The same for 1.5 < α < 2, whose gathered keys make ~250 small ops per chunk (0.6 ms at 2^20):
+half as many chunks were 4–10 % faster on the benchmark's level-1 shapes, cache misses included."""
 
 _WORKING_COPIES = 6
 """float32 score-sized buffers alive at once while a chunk is processed (scores, weights, temporaries)."""
@@ -171,7 +176,10 @@ def _pladis_attention_torch(
     mask_full = None if mask is None else _expand_mask(mask, batch, n_queries, n_keys)
     out_view = out.view(groups, n_queries, d_v)
 
-    step = chunk_queries(groups, n_queries, n_keys, memory_budget, q.is_cuda, q_dim=dim, v_dim=d_v)
+    cache = _GATHERING_CACHE_ELEMENTS if gathers_keys(alpha) else _CACHE_FRIENDLY_ELEMENTS
+    step = chunk_queries(
+        groups, n_queries, n_keys, memory_budget, q.is_cuda, q_dim=dim, v_dim=d_v, cache_elements=cache
+    )
     with _workspace(q.device) as ws:
         for start in range(0, n_queries, step):
             stop = min(start + step, n_queries)
@@ -235,8 +243,9 @@ def chunk_queries(
     *,
     q_dim: int = 0,
     v_dim: int = 0,
+    cache_elements: int = _CACHE_FRIENDLY_ELEMENTS,
 ) -> int:
-    """Queries per chunk: within the memory budget and, on CPU, small enough to stay in cache.
+    """Queries per chunk: within the memory budget and, on CPU, about ``cache_elements`` scores.
 
     Per query: the float32 score-sized buffers, plus its float32 query and output rows.
     """
@@ -245,7 +254,7 @@ def chunk_queries(
     per_query = groups * 4 * (n_keys * _WORKING_COPIES + q_dim + v_dim)
     step = max(1, memory_budget // per_query)
     if not on_gpu:
-        step = min(step, max(1, _CACHE_FRIENDLY_ELEMENTS // (groups * n_keys)))
+        step = min(step, max(1, cache_elements // (groups * n_keys)))
     return min(step, n_queries)
 
 

@@ -80,6 +80,25 @@ def test_chunk_size_respects_the_memory_budget() -> None:
         chunk_queries(1, 1, 1, 0, on_gpu=False)
 
 
+@pytest.mark.parametrize(
+    ("alpha", "scores"), [(1.5, 1 << 20), (1.3, 1 << 20), (1.75, 1 << 21), (1.9, 1 << 21)]
+)
+def test_cpu_chunks_are_larger_where_keys_are_gathered(
+    alpha: float, scores: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The gathered solve (1.5 < α < 2) makes many small ops per chunk: it takes chunks of ~2^21
+    # scores on CPU, the other solvers ~2^20 (cache).
+    import pladis.attention as attention
+
+    rows = []
+    real = attention.blend_rows_
+    monkeypatch.setattr(attention, "blend_rows_", lambda s, *a: rows.append(s.shape[0]) or real(s, *a))
+    q, k, v = qkv(2, 4, 4096, 77, 8, seed=12)
+    pladis_attention(q, k, v, alpha=alpha, lam=2.0)
+    assert rows[0] == 8 * (scores // (8 * 77))
+    assert sum(rows) == 8 * 4096
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_give_the_float32_answer_of_the_rounded_inputs(dtype) -> None:
     q, k, v = qkv(2, 2, 50, 77, 40, seed=8, dtype=dtype)

@@ -251,9 +251,9 @@ def _with_fractional_powers_counted(monkeypatch: pytest.MonkeyPatch, run):
     module = _entmax_module()
     real_power, sizes = module._exp2_scaled_, []
 
-    def counting_power(logs, exponent):
+    def counting_power(logs, exponent, **options):
         sizes.append(logs.numel())
-        return real_power(logs, exponent)
+        return real_power(logs, exponent, **options)
 
     with monkeypatch.context() as patch:
         patch.setattr(module, "_exp2_scaled_", counting_power)
@@ -275,6 +275,51 @@ def test_fractional_beta_takes_two_fractional_powers_on_gaussian_scores(
     assert sum(sizes[2:]) <= (0 if alpha > 1.43 else x.numel() // 4)
     assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
     assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("beta", [2.05, 2.5, 1 / 0.3, 4.5, 15.5])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_linear_finish_is_within_the_row_tolerance_up_to_its_step_limit(beta: float, sign: float) -> None:
+    # The last Halley evaluation may finish with t^β − βδ·t^(β−1) when every step is within
+    # _linear_step_limit: each row's sum then stays within ROW_SUM_TOL/4 of the exact (t − δ)₊^β,
+    # no weight is negative, and keys outside the support stay exactly 0.
+    module = _entmax_module()
+    keys = 77
+    step = sign * module._linear_step_limit(beta, keys)
+    t = torch.rand(256, keys, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    t[:128, 2:40] = 1.0  # many keys at the top, where the remainder is largest
+    t[:, ::5] = 0.0
+    t = t / t.pow(beta).sum(-1, keepdim=True).pow(1 / beta)  # rows of weights summing to 1, as solved
+    t[:, 1] = abs(step) / 3  # leaves the support when the step is positive
+    top, lower = t.pow(beta), t.pow(beta - 1.0)  # float64: the linearisation alone is measured
+    got = module._linear_weights(top, lower, torch.full((256, 1), step, dtype=torch.float64), beta)
+    want = (t - step).clamp_min(0.0).pow(beta)
+    want[t == 0] = 0.0
+    assert ((got.sum(-1) - want.sum(-1)).abs() <= module.ROW_SUM_TOL / 4).all()
+    assert (got >= 0).all() and (got[t == 0] == 0).all()
+    if step > 0:
+        assert (got[:, 1] == 0).all()
+    # Twice the limit breaks the bound on the largest key alone: the limit is not loose by much.
+    far = (1.0 - 2 * step) ** beta - (1.0 - 2 * beta * step)
+    assert keys * far >= module.ROW_SUM_TOL / 4 or beta < 2.1
+
+
+def test_last_halley_evaluation_finishes_linearly_when_its_steps_are_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # At α = 1.3 on Gaussian scores the second evaluation's steps are ~1e-7–4e-6, far within the
+    # first-order limit (2.9e-5 at K = 77): it skips the curvature and the second-order finish. At
+    # α = 1.45 steps reach 2e-4 (limit 4.9e-5) and the second-order finish stays.
+    module = _entmax_module()
+    real, calls = module._linear_weights, []
+    monkeypatch.setattr(module, "_linear_weights", lambda *a: calls.append(a[2].numel()) or real(*a))
+    for alpha, expected in ((1.3, 1), (1.45, 0)):
+        calls.clear()
+        x = random_rows(31, 2048, 77, 1.0)
+        got = entmax(x, alpha)
+        assert len(calls) == expected, alpha
+        assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
+        assert (got.sum(-1) - 1).abs().max().item() <= 1e-6 and (got >= 0).all()
 
 
 @pytest.mark.parametrize("beta", [2.05, 2.5, 1 / 0.3, 4.5, 15.5])
@@ -313,6 +358,25 @@ def test_halley_step_is_exact_for_one_key_and_zero_for_fully_masked_rows() -> No
     # One key: Σ(t − δ)^β = 1 at δ = t − 1, which Newton on the norm finds in one step.
     assert step[0].item() == pytest.approx(0.7 - 1.0, abs=1e-12)
     assert step[1].item() == 0.0
+
+
+def test_gathered_solve_reuses_its_buffers_and_scales_only_the_gathered_keys() -> None:
+    # Chunk after chunk, the gathered keys live in the same workspace buffers (fresh arrays per chunk
+    # were 20 % slower), and the scores are never scaled by α − 1 as a whole (no "x" buffer).
+    module = _entmax_module()
+    ws = module.Workspace()
+    chunks = [random_rows(seed, 4096, 77, 1.0) for seed in (41, 42)]
+    results = []
+    for x in chunks:
+        centred = x - x.amax(-1, keepdim=True)
+        sparse = module.entmax_rows(centred, 1.75, ws)
+        assert isinstance(sparse, module.SparseRows)
+        storages = (sparse.values.untyped_storage(), sparse.index.untyped_storage())
+        results.append(tuple(storage.data_ptr() for storage in storages))
+        dense = sparse.to_dense(torch.empty_like(centred)).double()
+        assert (dense - reference_entmax(x, 1.75)).abs().max().item() <= 1e-6
+    assert results[0] == results[1]
+    assert "x" not in ws._buffers
 
 
 @pytest.mark.parametrize("alpha", [1.75, 1.9])
