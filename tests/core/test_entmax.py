@@ -304,20 +304,22 @@ def test_linear_finish_is_within_the_row_tolerance_up_to_its_step_limit(beta: fl
     assert keys * far >= module.ROW_SUM_TOL / 4 or beta < 2.1
 
 
-def test_last_halley_evaluation_finishes_linearly_when_its_steps_are_small(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # At α = 1.3 on Gaussian scores the second evaluation's steps are ~1e-7–4e-6, far within the
-    # first-order limit (2.9e-5 at K = 77): it skips the curvature and the second-order finish. At
-    # α = 1.45 steps reach 2e-4 (limit 4.9e-5) and the second-order finish stays.
+def test_last_halley_evaluation_skips_the_curvature(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The second evaluation's Newton steps are within the second-order finish's tolerance on
+    # Gaussian scores, so it needs no Σt^(β−2) and no Halley step (one _safeguarded_step in all). At
+    # α = 1.3 they are ~1e-7–4e-6, within the first-order limit (2.9e-5 at K = 77) too: the finish
+    # is first order. At α = 1.45 they reach 2e-4 (limit 4.9e-5): the second-order finish stays.
     module = _entmax_module()
     real, calls = module._linear_weights, []
     monkeypatch.setattr(module, "_linear_weights", lambda *a: calls.append(a[2].numel()) or real(*a))
+    real_step, steps = module._safeguarded_step, []
+    monkeypatch.setattr(module, "_safeguarded_step", lambda *a: steps.append(1) or real_step(*a))
     for alpha, expected in ((1.3, 1), (1.45, 0)):
         calls.clear()
+        steps.clear()
         x = random_rows(31, 2048, 77, 1.0)
         got = entmax(x, alpha)
-        assert len(calls) == expected, alpha
+        assert len(calls) == expected and len(steps) == 1, alpha
         assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
         assert (got.sum(-1) - 1).abs().max().item() <= 1e-6 and (got >= 0).all()
 
