@@ -362,6 +362,22 @@ def test_halley_step_is_exact_for_one_key_and_zero_for_fully_masked_rows() -> No
     assert step[1].item() == 0.0
 
 
+@pytest.mark.parametrize("alpha", [1.3, 1.45, 1.75])
+def test_cpu_fractional_solvers_never_scale_the_whole_block(alpha: float) -> None:
+    # X = (α − 1)·S is read as X − τ in one op (ScaledScores) or gathered: no score-sized pass or
+    # buffer for it, masked keys included.
+    module = _entmax_module()
+    ws = module.Workspace()
+    x = random_rows(43, 1024, 77, 1.0)
+    x[::9, 3:50] = -math.inf
+    centred = x - x.amax(-1, keepdim=True)
+    got = module.entmax_rows(centred, alpha, ws)
+    dense = got.to_dense(torch.empty_like(centred)) if isinstance(got, module.SparseRows) else got
+    assert "x" not in ws._buffers
+    assert (dense.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
+    assert (dense[x == -math.inf] == 0).all()
+
+
 def test_gathered_solve_reuses_its_buffers_and_scales_only_the_gathered_keys() -> None:
     # Chunk after chunk, the gathered keys live in the same workspace buffers (fresh arrays per chunk
     # were 20 % slower), and the scores are never scaled by α − 1 as a whole (no "x" buffer).
