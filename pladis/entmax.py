@@ -453,9 +453,7 @@ def _newton_on_segments(
     tau: Tensor,
     rows: int,
     beta: float,
-    first_check: int = _FIRST_CHECK,
     long_rows: bool = False,
-    nested: bool = False,
     buffers: _GatheredBuffers | None = None,
 ) -> Tensor:
     """Normalised weights of gathered keys (``values``, their ``row``) by Newton from ``tau``.
@@ -463,7 +461,7 @@ def _newton_on_segments(
     ``tau`` is at or below the root, or above it with the gathered keys chosen below it (then the
     first step lands below the root, ``h`` being convex). Each row is evaluated until its sum is
     within ``ROW_SUM_TOL`` (or τ stops moving); the weights of that evaluation are the result, so
-    no separate final pass is needed. Rows are checked from evaluation ``first_check + 1`` on (by
+    no separate final pass is needed. Rows are checked from evaluation ``_FIRST_CHECK + 1`` on (by
     then every row is below the root, so a step ≤ 0 means τ no longer moves). When a check leaves
     at most ``_FINISH_SHARE`` of the rows unsettled (measured from :func:`_equal_keys_start` at the
     3rd evaluation: 0–24 % at α 1.55–1.9, σ 1–3; after a 4th, 0–0.2 %), those rows are gathered
@@ -472,9 +470,8 @@ def _newton_on_segments(
 
     A row that stops with a wrong sum (τ no longer moves in float32) is finished in float64 too,
     whatever the share. ``long_rows`` (more than ``_FLOAT32_ROW_KEYS`` keys): the final sums are
-    taken again in float64, and rows they show unsettled are finished in float64 as well.
-    ``nested`` marks that float64 finish itself (it does not finish again). The key-sized arrays
-    come from ``buffers`` when given (the result is then one of them), else they are fresh.
+    taken again in float64, and rows they show unsettled are finished in float64 as well. The
+    key-sized arrays come from ``buffers`` when given (the result is then one of them), else fresh.
     """
     n = values.numel()
     sums = torch.empty(2, rows, dtype=values.dtype, device=values.device)
@@ -495,14 +492,14 @@ def _newton_on_segments(
         slope, total = sums[0], sums[1]
         # Newton on ‖t‖_β − 1 with F = Σt^β = ‖t‖_β^β and D = Σt^(β−1): δ = (F − F^(2−α))/D.
         step = total.log().mul_(exponent).exp_().neg_().add_(total).div_(slope.clamp_min(_TINY))
-        if step_number >= first_check:
+        if step_number >= _FIRST_CHECK:
             settled = _settled(total)
             # A step ≤ 0 means τ no longer moves at this precision: the row stops either way.
             done = settled | (step <= 0)
             unsettled, wrong = rows - int(done.sum()), rows - int(settled.sum())
             # Rows that stopped with a wrong sum are finished in float64 too, whatever their share
             # (float32 τ steps can move a large tie group's mass by more than ROW_SUM_TOL).
-            if unsettled == 0 or (not nested and 0 < wrong <= _FINISH_SHARE * rows):
+            if unsettled == 0 or 0 < wrong <= _FINISH_SHARE * rows:
                 break
             step.masked_fill_(done, 0.0)
         tau.add_(step)
@@ -517,9 +514,9 @@ def _newton_on_segments(
         )
         settled = _settled(exact) if settled is None else settled.logical_and_(_settled(exact))
         total = exact.to(values.dtype)
-    if not nested and settled is not None and not bool(settled.all()):
+    if settled is not None and not bool(settled.all()):
         start = tau.double().add_(step)  # not rounded to float32, where it could lie above the root
-        return _finish_unsettled(values, row, start, settled, parts[1], total, beta)
+        return _finish_unsettled(values, row, start, settled, parts[1], total, beta, gathered)
     return parts[1].div_(torch.index_select(total, 0, row, out=gathered))
 
 
@@ -529,34 +526,63 @@ def _settled(total: Tensor) -> Tensor:
 
 
 def _finish_unsettled(
-    values: Tensor, row: Tensor, tau: Tensor, done: Tensor, powered: Tensor, total: Tensor, beta: float
+    values: Tensor,
+    row: Tensor,
+    tau: Tensor,
+    done: Tensor,
+    powered: Tensor,
+    total: Tensor,
+    beta: float,
+    scratch: Tensor,
 ) -> Tensor:
     """The settled rows' weights from this evaluation; the unsettled rows' keys gathered and solved on.
 
     ``row`` is sorted (the keys come from a row-major ``nonzero``), so each pending row's keys are
     one contiguous run, found by binary search instead of a pass over all the keys (the pending
     rows are few: at most ``_FINISH_SHARE`` of the rows, or rows float32 could not settle). ``tau``
-    is the float64 start of the pending rows' float64 Newton.
+    is the float64 start of the pending rows' float64 Newton (:func:`_float64_segments`). The
+    gathered path runs on CPU only, so this is numpy: the pending keys number from a handful to a
+    few thousand, where torch's per-op overhead made a three-row finish cost 6 % of a chunk.
     """
-    pending_rows = done.logical_not().nonzero().squeeze(1)
-    first = torch.searchsorted(row, pending_rows)
-    counts = torch.searchsorted(row, pending_rows, right=True).sub_(first)
-    # The pending keys' rows, renumbered 0 … len(pending_rows) − 1, and their positions: the j-th
-    # pending key is key j − offset[r] of its row r's run, offset being the runs' exclusive sums.
-    sub_row = torch.repeat_interleave(torch.arange(pending_rows.numel(), device=row.device), counts)
-    shift = first.sub_(counts.cumsum(0).sub_(counts))
-    keys = torch.arange(sub_row.numel(), device=row.device).add_(shift.index_select(0, sub_row))
-    sub_weights = _newton_on_segments(
-        values.index_select(0, keys).double(),  # float64, as in _settle_rows (tied keys at the edge)
-        sub_row,
-        tau.index_select(0, pending_rows).double(),
-        pending_rows.numel(),
-        beta,
-        1,  # one step from any start lands below the root (h is convex); checks from the next one
-        nested=True,
+    rows = row.numpy()
+    pending = np.flatnonzero(~done.numpy())
+    first = np.searchsorted(rows, pending)
+    counts = np.searchsorted(rows, pending, side="right") - first
+    # The pending keys' rows, renumbered 0 … len(pending) − 1, and their positions: the j-th pending
+    # key is key j − offset[r] of its row r's run, offset being the runs' exclusive sums.
+    sub_row = np.repeat(np.arange(pending.size), counts)
+    keys = np.arange(sub_row.size) + np.repeat(first - (np.cumsum(counts) - counts), counts)
+    # float64, as in _settle_rows (tied keys at the edge)
+    sub_weights = _float64_segments(
+        values.numpy()[keys].astype(np.float64), sub_row, tau.numpy()[pending], beta
     )
-    weights = powered.div_(torch.index_select(total, 0, row))
-    return weights.index_copy_(0, keys, sub_weights.to(weights.dtype))
+    weights = powered.div_(torch.index_select(total, 0, row, out=scratch))  # scratch: key-sized
+    return weights.index_copy_(0, torch.from_numpy(keys), torch.from_numpy(sub_weights.astype(np.float32)))
+
+
+def _float64_segments(values: np.ndarray, row: np.ndarray, tau: np.ndarray, beta: float) -> np.ndarray:
+    """Normalised weights of a few gathered rows' keys by float64 Newton from ``tau`` (``row`` sorted).
+
+    One step from any start lands below the root (h is convex), so rows are checked from the second
+    evaluation on: settled when the sum is within ``ROW_SUM_TOL`` (or 0: no key), or when τ no
+    longer moves (step ≤ 0), within ``_FALLBACK_ROUNDS`` evaluations (never reached).
+    """
+    count, exponent = tau.size, 1.0 - 1.0 / beta
+    tau = tau.copy()
+    for evaluation in range(_FALLBACK_ROUNDS):
+        t = np.maximum(values - tau[row], 0.0)
+        lower = np.power(t, beta - 1.0)
+        powered = lower * t
+        total = np.bincount(row, powered, minlength=count)
+        slope = np.bincount(row, lower, minlength=count)
+        step = (total - np.power(total, exponent)) / np.maximum(slope, _TINY)
+        if evaluation > 0:
+            done = (np.abs(total - 1.0) <= ROW_SUM_TOL) | (total == 0.0) | (step <= 0.0)
+            if done.all():
+                break
+            step[done] = 0.0
+        tau += step
+    return powered / np.maximum(total, _TINY)[row]
 
 
 def _halley_solve(

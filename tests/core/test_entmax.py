@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -400,21 +401,27 @@ def test_gathered_solve_reuses_its_buffers_and_scales_only_the_gathered_keys() -
 @pytest.mark.parametrize("alpha", [1.75, 1.9])
 def test_unsettled_rows_are_finished_on_their_own(alpha: float, monkeypatch: pytest.MonkeyPatch) -> None:
     # Gaussian rows leave 0–24 % of rows unsettled after three evaluations and a few after four: once
-    # they are at most _FINISH_SHARE of the rows, those rows' keys alone go on (one gathered solve,
-    # never nested), and the result still matches the reference.
+    # they are at most _FINISH_SHARE of the rows, those rows' keys alone go on (one float64 solve of
+    # their runs of keys), and the result still matches the reference.
     module = _entmax_module()
     solve, calls = module._newton_on_segments, []
+    finish, finished = module._float64_segments, []
 
-    def spy(values, row, tau, rows, beta, first_check=module._FIRST_CHECK, **options):
-        calls.append((rows, values.numel(), first_check))
-        return solve(values, row, tau, rows, beta, first_check, **options)
+    def spy(values, row, tau, rows, beta, **options):
+        calls.append((rows, values.numel()))
+        return solve(values, row, tau, rows, beta, **options)
+
+    def finish_spy(values, row, tau, beta):
+        finished.append((tau.size, values.size, values.dtype, bool((row[1:] >= row[:-1]).all())))
+        return finish(values, row, tau, beta)
 
     monkeypatch.setattr(module, "_newton_on_segments", spy)
+    monkeypatch.setattr(module, "_float64_segments", finish_spy)
     x = random_rows(29, 4096, 77, 1.0)
     got = entmax(x, alpha)
-    assert len(calls) == 2, calls
-    (rows, keys, check), (sub_rows, sub_keys, sub_check) = calls
-    assert (rows, check, sub_check) == (4096, module._FIRST_CHECK, 1)
+    assert len(calls) == 1 and len(finished) == 1, (calls, finished)
+    (rows, keys), (sub_rows, sub_keys, dtype, ordered) = calls[0], finished[0]
+    assert rows == 4096 and dtype == np.float64 and ordered
     assert 0 < sub_rows <= rows * module._FINISH_SHARE and 0 < sub_keys < keys
     assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
     assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
