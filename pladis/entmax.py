@@ -19,13 +19,15 @@ dominates the cost of a cross-attention layer, and their float32 cumulative sums
 * A fractional power is ``2^(e·log₂ t)`` (:func:`_power`), still ~10× a multiplication: ``log₂`` comes
   from numpy where its vectorised float32 ``log2`` is faster than torch's (timed once per process).
 * For 1.5 < α < 2 on CPU, each step needs ``t^(β−1)`` with a fractional exponent, yet few keys can
-  be in the support: those keys are gathered once and Newton runs on them only, from a start
-  mapped from the ℓ2 bound, and the few rows still unsettled after three evaluations go on alone
-  (:func:`_solve_on_candidates`); the result is :class:`SparseRows`.
+  be in the support: those keys (above the ℓ2 bound, taken on the unscaled scores) are gathered
+  once into buffers kept from chunk to chunk, Newton runs on them only, from a start mapped from
+  that bound, and the few rows still unsettled after three or four evaluations are finished in
+  numpy float64 (:func:`_solve_on_candidates`); the result is :class:`SparseRows`.
 * For 1.05 ≤ α < 1.5 with a fractional β the support is too dense for gathering to pay, so the
   fractional powers themselves are the cost: Halley steps from a pow-free start, and the weights by
-  a second-order expansion in the last step, take two such powers per key instead of four
-  (:func:`_halley_solve`).
+  a second-order expansion in the last step, take two such powers per key instead of four; at
+  α ≤ 1.3 the last evaluation finishes to first order, with no curvature (:func:`_halley_solve`).
+  The scores are read as ``(α − 1)·S − τ`` in one op (:class:`ScaledScores`), never scaled first.
 * Just above α = 1 (α < 1.05), ``x − τ`` is close to 1 and float32 rounding raised to the power β
   would break the result: there the weights are written as ``exp(u + β·log1p(v))`` around the
   softmax and Halley steps find ``u`` (:func:`_near_softmax_solve`); within ``SOFTMAX_LIMIT`` of 1
@@ -284,7 +286,8 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
 
     This is the entry point of the attention blend, which already computed ``S − max S`` for the
     softmax. ``centred`` is not modified. For 1.5 < α < 2 the result is usually :class:`SparseRows`
-    (see :func:`_solve_on_candidates`); otherwise a dense tensor in a workspace buffer.
+    (see :func:`_solve_on_candidates`); otherwise a dense tensor. Either lives in workspace buffers:
+    valid until the next call with the same workspace.
     """
     if is_softmax(alpha):
         return softmax_centred_(ws.get("t", centred).copy_(centred))
@@ -382,7 +385,9 @@ def _solve_on_candidates(
     """
     rows, keys = centred.shape
     above = torch.gt(centred, bound, out=ws.get("p", centred))
-    count = float(above.sum())  # exact: a float32 sum of zeros and ones below 2^24
+    # Exact below 2^24 scores per chunk (the attention's chunks are 2^21); beyond, only a size hint:
+    # nonzero() grows its out buffer as needed.
+    count = float(above.sum())
     if count > CANDIDATE_FRACTION * centred.numel():  # counted before the costly nonzero
         return None
     # A float comparison copied into a bool buffer is ~3× faster on CPU than a bool-valued comparison.
@@ -605,10 +610,12 @@ def _halley_solve(
     :func:`_step_tolerance` (rows of wide scores: one). After each evaluation, while more than a
     quarter of the rows still step further, all rows go on; otherwise the few left go on alone.
     On CPU an evaluation after the first takes ``t^β`` and ``t^(β−1)`` first (:func:`_top_moments`):
-    when every Newton step from there is within the tolerance it is the last, and needs no
-    ``Σt^(β−2)`` nor Halley step; within :func:`_linear_step_limit` (measured: the second evaluation
-    at α ≤ 1.3) it is finished to first order (:func:`_linear_weights`), which also spares the pass
-    to ``t^(β−2)`` and a pass of the finish (~10 % of the solve at α = 1.3, ~3 % at α = 1.45).
+    when every Newton step from there is within :func:`_linear_step_limit` (measured: the second
+    evaluation at α ≤ 1.3) it is the last, finished to first order (:func:`_linear_weights`), which
+    spares the curvature's two passes and a pass of the finish (~10 % of the solve at α = 1.3).
+    Newton's own error there is at most ``(β−1)/2·K·δ² ≤ ROW_SUM_TOL/(4β)`` (``Σt^(β−2) ≤ K`` and
+    ``Σt^(β−1) ≥ Σt^β ≈ 1`` for β > 2). Not within ``_step_tolerance``: that bound is for Halley's
+    (cubically exact) step, and Newton's step there was up to 1e-5 off with many keys at the edge.
 
     Safeguards: iterates stay in the root's bracket ``[−1, −K^(−1/β)]`` (the maximum key alone gives
     Σ ≥ 1 at −1, and K keys ≤ 0 give Σ ≤ 1 at −K^(−1/β)); from the start, Halley's steps went past
@@ -642,12 +649,8 @@ def _halley_solve(
             total, first = _top_moments(x, tau, beta, t, powered, weights)
             if evaluation > 1:
                 newton = _halley_and_newton_steps(total, first, None, beta)[1]
-                largest = float(newton.abs().max())
-                if largest <= linear_limit:  # NaN: no
+                if float(newton.abs().max()) <= linear_limit:  # NaN: no
                     out = _linear_weights(weights, powered, newton, beta)
-                    return out.div_(out.sum(-1, keepdim=True).clamp_min_(_TINY))
-                if largest <= tolerance:  # the last evaluation: no curvature needed
-                    out = _taylor_weights(t, powered.div_(t), newton, beta, weights)
                     return out.div_(out.sum(-1, keepdim=True).clamp_min_(_TINY))
             moments = total, first, powered.div_(t).sum(-1, keepdim=True)
         step, halley = _safeguarded_step(flags, *moments, beta)
