@@ -384,7 +384,7 @@ def _solve_on_candidates(
     once makes each step cost a tenth. See :func:`_newton_on_segments` for the steps.
     """
     rows, keys = centred.shape
-    above = torch.gt(centred, bound, out=ws.get("p", centred))
+    above = torch.gt(centred, bound, out=ws.get("t", centred))  # "t" is free again after the bound
     # Exact below 2^24 scores per chunk (the attention's chunks are 2^21); beyond, only a size hint:
     # nonzero() grows its out buffer as needed.
     count = float(above.sum())
