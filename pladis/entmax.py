@@ -1004,7 +1004,9 @@ def _newton(
     For β = 2 the norm may be set to ``radius`` instead of 1 (the ℓ2 bound on unscaled scores).
     """
     t_buf = _empty_like(x) if ws is None else ws.get("t", x)
-    scratch = _empty_like(x) if ws is None else ws.get("p", x)
+    scratch = t_buf  # β = 2 takes norms and sums of t only: no second buffer (kept memory, cache)
+    if beta != 2.0:
+        scratch = _empty_like(x) if ws is None else ws.get("p", x)
     for _ in range(steps):
         t = _shifted(x, tau, t_buf)
         # Each branch gives the step (‖t‖_β − 1)/|d‖t‖_β/dτ| as numerator/denominator, for one addcdiv.
