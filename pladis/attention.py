@@ -74,7 +74,7 @@ def pladis_weights(scores: Tensor, alpha: float, lam: float) -> Tensor:
     alpha, lam = check_alpha(alpha), check_lam(lam)
     check_no_grad("PLADIS weights", scores=scores)
     shape = scores.shape
-    rows = scores.to(torch.float32).reshape(-1, shape[-1]).clone()
+    rows = scores.to(torch.float32).reshape(-1, shape[-1]).clone(memory_format=torch.contiguous_format)
     return blend_rows_(rows, alpha, lam, Workspace()).reshape(shape)
 
 

@@ -175,7 +175,7 @@ def entmax(scores: Tensor, alpha: float, dim: int = -1) -> Tensor:
     if x.numel() == 0:
         return x.clone().movedim(-1, dim)
     shape = x.shape
-    rows = x.reshape(-1, shape[-1]).clone()
+    rows = x.reshape(-1, shape[-1]).clone(memory_format=torch.contiguous_format)  # row-major blocks
     centred = rows.sub_(row_max(rows))
     out = softmax_centred_(centred) if is_softmax(alpha) else entmax_centred(centred, alpha)
     return out.reshape(shape).movedim(-1, dim)
@@ -277,7 +277,7 @@ def entmax_centred(centred: Tensor, alpha: float, workspace: Workspace | None = 
     ``centred`` is not modified. The result lives in a workspace buffer when one is given.
     """
     ws = workspace or Workspace()
-    weights = entmax_rows(centred, alpha, ws)
+    weights = entmax_rows(centred.contiguous(), alpha, ws)  # the solvers index a row-major block
     return weights.to_dense(ws.get("t", centred)) if isinstance(weights, SparseRows) else weights
 
 
@@ -613,9 +613,10 @@ def _halley_solve(
     when every Newton step from there is within :func:`_linear_step_limit` (measured: the second
     evaluation at α ≤ 1.3) it is the last, finished to first order (:func:`_linear_weights`), which
     spares the curvature's two passes and a pass of the finish (~10 % of the solve at α = 1.3).
-    Newton's own error there is at most ``(β−1)/2·K·δ² ≤ ROW_SUM_TOL/(4β)`` (``Σt^(β−2) ≤ K`` and
-    ``Σt^(β−1) ≥ Σt^β ≈ 1`` for β > 2). Not within ``_step_tolerance``: that bound is for Halley's
-    (cubically exact) step, and Newton's step there was up to 1e-5 off with many keys at the edge.
+    Newton's own error there moves the sum by at most ``β(β−1)/2·Σt^(β−2)·δ² ≤ ROW_SUM_TOL/4``
+    (``Σt^(β−2) ≤ K`` for β > 2, t ≤ 1), the same bound. Not within ``_step_tolerance``: that bound
+    is for Halley's (cubically exact) step; Newton's step there was up to 1e-5 off with many keys
+    at the edge.
 
     Safeguards: iterates stay in the root's bracket ``[−1, −K^(−1/β)]`` (the maximum key alone gives
     Σ ≥ 1 at −1, and K keys ≤ 0 give Σ ≤ 1 at −K^(−1/β)); from the start, Halley's steps went past

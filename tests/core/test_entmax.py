@@ -378,6 +378,23 @@ def test_halley_step_is_exact_for_one_key_and_zero_for_fully_masked_rows() -> No
     assert step[1].item() == 0.0
 
 
+@pytest.mark.parametrize("alpha", [1.3, 1.5, 1.75, 2.0])
+def test_keys_along_a_strided_dimension(alpha: float) -> None:
+    # Keys along dim 0 of a contiguous block give column-major rows once moved last; the gathered
+    # solver (1.5 < α < 2) indexes a row-major block and failed on them (a review found it).
+    from pladis.attention import pladis_weights
+
+    module = _entmax_module()
+    x = random_rows(44, 8, 77, 1.0)
+    want = entmax(x, alpha)
+    torch.testing.assert_close(entmax(x.t().contiguous(), alpha, dim=0), want.t(), rtol=0, atol=1e-7)
+    centred = x - x.amax(-1, keepdim=True)
+    strided = centred.t().contiguous().t()
+    torch.testing.assert_close(module.entmax_centred(strided, alpha), want, rtol=0, atol=1e-7)
+    blended = pladis_weights(x.t().contiguous().t(), alpha, 2.0)
+    torch.testing.assert_close(blended, pladis_weights(x, alpha, 2.0), rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("alpha", [1.3, 1.45, 1.75])
 def test_cpu_fractional_solvers_never_scale_the_whole_block(alpha: float) -> None:
     # X = (α − 1)·S is read as X − τ in one op (ScaledScores) or gathered: no score-sized pass or
