@@ -294,8 +294,9 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
     beta = 1.0 / (alpha - 1.0)
     if beta > FLOAT32_MAX_BETA:
         return _near_softmax_solve(centred, alpha, ws)
+    gathers, halley = gathers_keys(alpha), beta > 2.0 and not _is_whole(beta)
     tau = None
-    if 1.0 < beta < 2.0 and cpu_variant(centred):
+    if gathers and cpu_variant(centred):
         # On GPUs the dense passes are cheap and gathering would cost a host synchronisation. On
         # CPU the ℓ2 bound is taken on the centred scores themselves, sparing the pass that scales
         # them: ‖((α − 1)·S − τ)₊‖₂ = 1 where ‖(S − τ/(α − 1))₊‖₂ = 1/(α − 1).
@@ -304,16 +305,16 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
         if sparse is not None:
             return sparse
         tau = bound.mul_(alpha - 1.0)
-    if beta > 2.0 and not _is_whole(beta) and cpu_variant(centred):
+    if halley and cpu_variant(centred):
         return _halley_solve(ScaledScores(centred, alpha - 1.0), beta, ws)
     # X = (α − 1)·(S − max S); sparsemax (α = 2) uses the scores as they are.
     x = centred if alpha == 2.0 else torch.mul(centred, alpha - 1.0, out=ws.get("x", centred))
-    if 1.0 < beta < 2.0:
+    if gathers:
         # Whole rows (GPUs, or too many candidates to gather): Newton from the mapped start, which
         # also spares the unsettled-row finish (a GPU-variant chunk at α = 1.75: 87 ops, not 137).
         tau = _lower_bound(x, beta, ws) if tau is None else tau
         return _dense_solve(x, beta, ws, _equal_keys_start(tau, beta))
-    if beta > 2.0 and not _is_whole(beta):
+    if halley:
         return _halley_solve(x, beta, ws)
     return _dense_solve(x, beta, ws)
 
@@ -641,15 +642,15 @@ def _halley_solve(
     tau.clamp_(-1.0, upper)
     flags = torch.zeros((rows, 2), dtype=torch.bool, device=x.device) if robust else None
     pending = None
-    linear_limit = _linear_step_limit(beta, keys) if cpu_variant(x) else -1.0
+    on_cpu, linear_limit = cpu_variant(x), _linear_step_limit(beta, keys)
     for evaluation in range(1, _HALLEY_ROUNDS + 1):
-        if linear_limit < 0.0:
+        if not on_cpu:
             moments = _moments(x, tau, beta - 2.0, t, powered, weights)
         else:
             # The power first, its two sums, then (not in a last evaluation) the curvature's sum.
             total, first = _top_moments(x, tau, beta, t, powered, weights)
             if evaluation > 1:
-                newton = _halley_and_newton_steps(total, first, None, beta)[1]
+                newton = _newton_step(total, first, beta)
                 if float(newton.abs().max()) <= linear_limit:  # NaN: no
                     out = _linear_weights(weights, powered, newton, beta)
                     return out.div_(out.sum(-1, keepdim=True).clamp_min_(_TINY))
@@ -853,9 +854,8 @@ def _moments(
     """``Σt^(e+2), Σt^(e+1), Σt^e`` of ``t = (x − τ)₊`` with one power.
 
     ``t`` and ``t^e`` are kept (in ``t`` and ``powered``) and ``scratch`` is left holding ``t^(e+2)``.
-    For e = 0, ``t⁰`` is 1 on the support only, so ``Σt⁰`` counts the keys in it. For a fractional
-    e on CPU, keys off the support are kept in ``t`` at ``2^-126`` instead of 0, which saves a pass:
-    their ``t^e`` is exactly 0 (:func:`_power`), so every product and sum is the same as with 0.
+    For e = 0, ``t⁰`` is 1 on the support only, so ``Σt⁰`` counts the keys in it. A fractional e is
+    the GPU variant's (one ``pow`` launch): on CPU :func:`_halley_solve` takes :func:`_top_moments`.
     """
     if exponent == 0.0:  # t⁰ is 1 on the support: its sum counts the support, and t·t⁰ is t
         _shifted(x, tau, t)
@@ -864,8 +864,6 @@ def _moments(
     if _is_whole(exponent):
         _shifted(x, tau, t)
         powered = t if exponent == 1.0 else _power(t, exponent, powered)  # no copy for t¹
-    elif cpu_variant(x):
-        powered = _exp2_scaled_(_log2(_shifted(x, tau, t, _LOG_FLOOR), powered), exponent)
     else:  # one launch instead of four: GPUs are launch-bound here, not bound by pow
         powered = torch.pow(_shifted(x, tau, t), exponent, out=powered)
     product = torch.mul(powered, t, out=scratch)
@@ -883,21 +881,31 @@ def _halley_step(total: Tensor, first: Tensor, second: Tensor, beta: float) -> T
     return _halley_and_newton_steps(total, first, second, beta)[0]
 
 
-def _halley_and_newton_steps(
-    total: Tensor, first: Tensor, second: Tensor | None, beta: float
-) -> tuple[Tensor, Tensor]:
-    """:func:`_halley_step` and the Newton step it corrects (new tensors; Newton's twice without M2).
+def _newton_step(total: Tensor, first: Tensor, beta: float) -> Tensor:
+    """Newton's step on ``h(τ) = (Σt^β)^(1/β) − 1`` from ``F = Σt^β`` and ``M1 = Σt^(β−1)`` (new tensor).
 
-    Written with ``F^(−1/β)`` (one :func:`_row_power`) and ``ε = (M2/M1 − M1/F)·δ·(β − 1)/2``;
-    F is clamped in the power only, so rows with F = 0 get 0.
+    ``δ = (h − 1)·F^(1−1/β)/M1 = (1 − F^(−1/β))·F/M1``, with ``F^(−1/β)`` by one :func:`_row_power`;
+    F and M1 are clamped in the power and the division only, so rows with F = 0 get 0.
     """
-    slope = first.clamp_min(_TINY)
-    clamped = total.clamp_min(_TINY)
-    # δ = (h − 1)·F^(1−1/β)/M1 = (1 − F^(−1/β))·F/M1.
-    newton = _row_power(clamped, -1.0 / beta).neg_().add_(1.0).mul_(total).div_(slope)
-    if second is None:
-        return newton, newton
-    eps = torch.div(second, slope).sub_(first.div(clamped)).mul_(newton).mul_((beta - 1.0) / 2.0)
+    return (
+        _row_power(total.clamp_min(_TINY), -1.0 / beta)
+        .neg_()
+        .add_(1.0)
+        .mul_(total)
+        .div_(first.clamp_min(_TINY))
+    )
+
+
+def _halley_and_newton_steps(
+    total: Tensor, first: Tensor, second: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`_halley_step` and the Newton step it corrects (:func:`_newton_step`; new tensors).
+
+    Halley's is Newton's divided by ``1 − ε`` with ``ε = (M2/M1 − M1/F)·δ·(β − 1)/2``.
+    """
+    newton = _newton_step(total, first, beta)
+    eps = torch.div(second, first.clamp_min(_TINY)).sub_(first.div(total.clamp_min(_TINY)))
+    eps.mul_(newton).mul_((beta - 1.0) / 2.0)
     return newton.div(eps.clamp_(-1.0, 0.5).neg_().add_(1.0)), newton
 
 
