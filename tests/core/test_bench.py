@@ -23,9 +23,8 @@ def test_bench_shape_runs_and_formats(capsys) -> None:
 def test_peak_memory_is_reported_for_the_worst_alpha() -> None:
     # The solvers differ in chunk size and buffers, so the first α's peak is not every α's.
     times = {1.5: 1.0, 1.75: 1.0}
-    row = bench.Row(
-        "s", (1, 1, 1, 1, 1), 1.0, None, times, times, times, None, (10.0, 20.0), {1.5: 20.0, 1.75: 45.0}
-    )
+    row = bench.Row("s", (1, 1, 1, 1, 1), 1.0, None, times, times, times, None, 10.0, {1.5: 20.0, 1.75: 45.0})
+    assert row.peak_mib == (10.0, 20.0)  # sdpa, and ours at the first α
     assert row.extra_peak_mib == 10.0
     assert row.worst_extra_peak == (35.0, 1.75)
     assert "35.0 (a=1.75)" in bench.format_rows([row], [1.5, 1.75])
