@@ -1129,6 +1129,14 @@ def _log2(t: Tensor, out: Tensor) -> Tensor:
     Why: numpy's float32 ``log2`` is vectorised with SVML on AVX-512 CPUs, ~5× faster per thread
     than torch's (0.21 against 1.0 ms per 2^20 floats on this project's benchmark CPU); elsewhere
     it may be scalar. :func:`numpy_log2_is_faster` decides once per process, by timing both.
+
+    numpy works in place in ``out``, into which torch first copies ``t`` (both threads, each its
+    own half, as in every other pass). Why: numpy runs on the calling thread only; when it merely
+    *read* the half of ``t`` that torch's other thread had written, that thread's next write to
+    it became up to 10× slower in some time windows of the benchmark VM (the two vCPUs then
+    apparently far apart in the host: cache lines shared between them must be invalidated one by
+    one), and α = 1.3 ran 2.1–2.3× α = 1.5 instead of ~1.3×. Reading and writing the same lines
+    moves them whole; the copy costs ~0.04 ms per 2^20 floats.
     """
     if (
         t.device.type == "cpu"
@@ -1136,7 +1144,9 @@ def _log2(t: Tensor, out: Tensor) -> Tensor:
         and _numpy_viewable(t, out)
         and numpy_log2_is_faster()
     ):
-        np.log2(t.numpy(), out=out.numpy())
+        if out.data_ptr() != t.data_ptr():
+            out.copy_(t)
+        np.log2(out.numpy(), out=out.numpy())
         return out
     return torch.log2(t, out=out)
 
