@@ -401,7 +401,7 @@ def _solve_on_candidates(
     row = _row_of(index, keys, centred.numel(), out=gathered.get("row", n, torch.int64))
     start = _equal_keys_start(bound.view(-1).mul(scale), beta)
     long_rows = keys > _FLOAT32_ROW_KEYS
-    weights = _newton_on_segments(values, row, start, rows, beta, long_rows=long_rows, buffers=gathered)
+    weights = _newton_on_segments(values, row, start, rows, beta, buffers=gathered, long_rows=long_rows)
     return SparseRows(index, weights)
 
 
@@ -459,8 +459,8 @@ def _newton_on_segments(
     tau: Tensor,
     rows: int,
     beta: float,
+    buffers: _GatheredBuffers,
     long_rows: bool = False,
-    buffers: _GatheredBuffers | None = None,
 ) -> Tensor:
     """Normalised weights of gathered keys (``values``, their ``row``) by Newton from ``tau``.
 
@@ -477,16 +477,12 @@ def _newton_on_segments(
     A row that stops with a wrong sum (τ no longer moves in float32) is finished in float64 too,
     whatever the share. ``long_rows`` (more than ``_FLOAT32_ROW_KEYS`` keys): the final sums are
     taken again in float64, and rows they show unsettled are finished in float64 as well. The
-    key-sized arrays come from ``buffers`` when given (the result is then one of them), else fresh.
+    key-sized arrays come from ``buffers`` (the result is one of them).
     """
     n = values.numel()
     sums = torch.empty(2, rows, dtype=values.dtype, device=values.device)
-    if buffers is None:
-        parts = torch.empty(2, n, dtype=values.dtype, device=values.device)  # t^(β−1), t^β
-        shifted, gathered = torch.empty_like(values), torch.empty_like(values)
-    else:
-        parts = buffers.get("parts", n, values.dtype, lead=2)
-        shifted, gathered = buffers.get("shifted", n, values.dtype), buffers.get("tau", n, values.dtype)
+    parts = buffers.get("parts", n, values.dtype, lead=2)  # t^(β−1), t^β
+    shifted, gathered = buffers.get("shifted", n, values.dtype), buffers.get("tau", n, values.dtype)
     exponent = 1.0 - 1.0 / beta  # 2 − α
     settled = None
     for step_number in range(_CANDIDATE_ROUNDS):
