@@ -92,9 +92,10 @@ class Session:
     """One generation's PLADIS state. ``live`` turns False when it ends, disarming its patches.
 
     ``owner`` is a weak reference to the generation's processing object (None: not tied to one).
-    Once that object is gone the session no longer applies, even while still ``live``: when sampling
-    raises, ``postprocess`` never runs, and the patches stay installed until the next generation;
-    meanwhile UNet calls that bypass the samplers (textual-inversion or hypernetwork training call
+    Once that object is gone the session no longer applies, even while still ``live``: a second line
+    of defence after :func:`end_with_sampling` for a pass it could not guard. When sampling raises,
+    ``postprocess`` never runs, and the patches stay installed until the next generation; meanwhile
+    UNet calls that bypass the samplers (textual-inversion or hypernetwork training call
     ``sd_model.forward`` directly) must run stock.
     """
 
@@ -125,6 +126,41 @@ class _Record:
     previous: Callable[..., Any] | None  # another extension's instance forward, if any
     forward: Callable[..., Any] | None = None  # our bound forward (identity marks ownership)
     armed: bool = True  # False once restore could not remove it (wrapped by someone else)
+
+
+GUARD_ATTR = "_pladis_ends_session"
+"""Marks a sampler's ``launch_sampling`` wrapped by :func:`end_with_sampling` (set on the wrapper)."""
+
+
+def end_with_sampling(sampler: Any, end: Callable[[], Any]) -> bool:
+    """Call ``end`` when this sampler's sampling pass is over, however it ends; True if wrapped.
+
+    Why: when sampling raises (out of memory, an error in some extension's forward), A1111 skips
+    ``postprocess``, and the patches stayed installed, applying until the garbage collector freed
+    the processing object (the sampler and its denoiser hold it in a reference cycle). Meanwhile
+    UNet calls that bypass the samplers (textual-inversion or hypernetwork training) ran PLADIS.
+    Every UNet call of a pass is made inside ``launch_sampling`` (A1111's k-diffusion and timestep
+    samplers alike; the refiner switch too), and the next pass re-patches in
+    ``process_before_every_sampling``, so the pass's end is a safe place to restore. The wrapper is
+    an instance attribute of this sampler object only (a new one is made for every pass).
+    """
+    launch = getattr(sampler, "launch_sampling", None)
+    if not callable(launch) or getattr(launch, GUARD_ATTR, False):
+        return False
+
+    @functools.wraps(launch)
+    def launch_sampling(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            end()
+
+    setattr(launch_sampling, GUARD_ATTR, True)
+    try:
+        sampler.launch_sampling = launch_sampling
+    except (AttributeError, TypeError):  # a sampler with slots or a read-only attribute: not guarded
+        return False
+    return True
 
 
 def weak_owner(p: Any) -> Callable[[], Any]:

@@ -4,8 +4,9 @@ Flow (A1111 ``processing.py``): ``process`` (parse, infotext, clean up any previ
 ``p.init`` → per sampling pass ``process_before_every_sampling`` (patch the UNet being sampled;
 on Forge/reForge hand over to ``pladis.hosts.forge.apply``) → ``on_cfg_denoiser`` before every UNet
 call (progress for the start/end window, and the model that the SDXL refiner switched to) →
-``postprocess`` (restore). ``postprocess`` is skipped when sampling raises, so the next ``process``,
-a foreign generation seen in ``on_cfg_denoiser``, a model (re)load and script unload also restore.
+``postprocess`` (restore). ``postprocess`` is skipped when sampling raises, so each sampling pass
+also restores when its sampler's ``launch_sampling`` returns or raises; the next ``process``, a
+foreign generation seen in ``on_cfg_denoiser``, a model (re)load and script unload restore too.
 
 WebUI script hooks swallow exceptions, so a bad value cannot fail a request from ``process``; it is
 re-raised from ``p.init``, which ``process_images_inner`` calls unwrapped right after the hooks and
@@ -110,6 +111,7 @@ class Controller:
         self._activate(p, generation)
         self.patcher.set_progress(0.0)
         self.patcher.patch_model(p.sd_model)
+        a1111.end_with_sampling(getattr(p, "sampler", None), self.patcher.end)
 
     def postprocess(self, p: Any) -> None:
         self.patcher.end()

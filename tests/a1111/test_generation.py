@@ -7,6 +7,7 @@ import gc
 import pytest
 import torch
 
+from pladis.hosts import a1111
 from pladis.params import PladisParams
 
 
@@ -129,9 +130,7 @@ def test_exception_mid_sampling_leaves_no_effect_on_next_disabled_generation(web
     with pytest.raises(RuntimeError, match="out of memory"):
         _generate(webui, model, True, 1.5, 2.0, data=data)
     handle.remove()
-    assert kit.instance_forwards(model) != []  # postprocess was skipped: patches are still there
-    webui.controller.process(kit.txt2img(webui.runner, (), data=data), (False,))
-    assert kit.instance_forwards(model) == []  # the next generation's process() cleans up first
+    assert kit.instance_forwards(model) == []  # postprocess was skipped; the failed pass restored
 
     handle = model.model.diffusion_model.middle_block.register_forward_pre_hook(boom)
     calls["n"] = 0
@@ -175,10 +174,55 @@ def test_disabled_pladis_ignores_its_sliders_even_when_start_is_after_end(webui)
         _generate(webui, model, True, 1.5, 2.0, ["down", "up"], 0.8, 0.2, data=data)  # on: it is an error
 
 
-def test_direct_unet_calls_after_crash_run_stock_once_the_generation_is_gone(webui):
-    """Training calls the UNet without a sampler (no CFGDenoiser callback): after a crash skipped
-    postprocess, the stale patches stay installed until the next generation, but they must not
-    apply once the crashed generation's processing object is gone."""
+@pytest.fixture
+def no_gc():
+    """The garbage collector off: A1111's processing object sits in a reference cycle (sampler ↔
+    denoiser), so in a real WebUI it outlives a crash until a full collection, which may be long."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _direct_unet_call(model, data) -> torch.Tensor:
+    """What textual-inversion or hypernetwork training does: the UNet without a sampler or callbacks."""
+    with torch.no_grad():
+        return model.apply_model(data["noise"], torch.full((1,), 0.5), data["cond"])
+
+
+@pytest.mark.parametrize("where", ["sampling", "after sampling"])
+def test_direct_unet_calls_after_a_crash_run_stock_at_once(webui, no_gc, monkeypatch, where):
+    """A crash skips postprocess; the sampling pass's own end must restore, not the garbage collector.
+
+    "after sampling": e.g. A1111's NaN check on the decoded latents raises after sampling returned.
+    """
+    kit = webui.kit
+    model = kit.sd15()
+    data = kit.inputs()
+    clean = kit.baseline_copy(model)
+    handle = None
+    if where == "sampling":
+        handle = model.model.diffusion_model.middle_block.register_forward_pre_hook(
+            lambda *_: (_ for _ in ()).throw(RuntimeError("boom"))
+        )
+    else:
+        monkeypatch.setattr(
+            webui.processing, "create_infotext", lambda p: (_ for _ in ()).throw(RuntimeError("boom"))
+        )
+    with pytest.raises(RuntimeError, match="boom"):  # the injected crash, not another one
+        _generate(webui, model, True, 1.5, 2.0, data=data)
+    if handle is not None:
+        handle.remove()
+    assert kit.instance_forwards(model) == []
+    assert torch.equal(_direct_unet_call(model, data), _direct_unet_call(clean, data))
+
+
+def test_direct_unet_calls_after_crash_run_stock_once_the_generation_is_gone(webui, monkeypatch):
+    """Second line of defence, for a sampler whose pass could not be guarded (another extension
+    replaced its ``launch_sampling``): stale patches stay installed until the next generation, but
+    they must not apply once the crashed generation's processing object is gone."""
+    monkeypatch.setattr(a1111, "end_with_sampling", lambda sampler, end: False)
     kit = webui.kit
     model = kit.sd15()
     data = kit.inputs()
@@ -191,10 +235,7 @@ def test_direct_unet_calls_after_crash_run_stock_once_the_generation_is_gone(web
     handle.remove()
     gc.collect()
     assert kit.instance_forwards(model) != []  # postprocess was skipped: the patches are still there
-    x, t = data["noise"], torch.full((1,), 0.5)
-    with torch.no_grad():
-        got, want = model.apply_model(x, t, data["cond"]), clean.apply_model(x, t, data["cond"])
-    assert torch.equal(got, want)
+    assert torch.equal(_direct_unet_call(model, data), _direct_unet_call(clean, data))
 
 
 def test_hires_fix_patches_both_passes(webui):
