@@ -53,7 +53,8 @@ class BasicTransformerBlock(nn.Module):
         self.d_head = d_head
 
     def extra_options(self, transformer_options):
-        extra = dict(transformer_options)  # every key, "patches" and "patches_replace" included
+        # every key but "patches" and "patches_replace" (forge.md §2.3, Forge unet.py:185-198)
+        extra = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
         extra["n_heads"] = self.n_heads
         extra["dim_head"] = self.d_head
         return extra
