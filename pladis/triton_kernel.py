@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .entmax import float32_exact, is_softmax
+from .entmax import check_alpha, float32_exact, is_softmax
 
 MAX_KEYS = 512
 """Longest key row the kernel holds on-chip (padded to a power of two)."""
@@ -312,11 +312,15 @@ def _prepare_mask(mask: Tensor | None, q: Tensor, k_len: int) -> tuple[int, Tens
     return kind, full, tuple(full.stride())
 
 
-def _check_args(alpha: float, lam: float, scale: float | None, d: int) -> tuple[float, float, float]:
-    if isinstance(alpha, bool) or not 1.0 <= float(alpha) <= 2.0:
-        raise ValueError(f"alpha: {alpha!r} is outside [1, 2]")
-    if not math.isfinite(float(lam)):
-        raise ValueError(f"lam: {lam!r} is not finite")
+def _check_args(
+    alpha: float, lam: float, scale: float | None, d: int, checked: bool
+) -> tuple[float, float, float]:
+    """α and λ get the torch path's checks and messages, unless the dispatch already checked them
+    (``checked``: host time per launch counts at SD shapes); the scale is checked here."""
+    if not checked:
+        from .attention import check_lam  # not at import time: attention imports this module lazily
+
+        alpha, lam = check_alpha(alpha), check_lam(lam)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale: {scale!r} is not finite")
@@ -391,7 +395,7 @@ def _launch(
     q, k, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, vv))
     b, h, n, d = q.shape
     k_len = k.shape[2]
-    alpha, lam, scale = _check_args(alpha, lam, scale, d)
+    alpha, lam, scale = _check_args(alpha, lam, scale, d, checked)
     mode, am1, beta = _mode(alpha, lam)
     block_k, block_d = _tiles(k_len, d)
     # empty_like keeps q's strides when q is dense (so its unit head stride), else it is contiguous.

@@ -322,6 +322,10 @@ def test_bad_arguments_raise():
         tk.pladis_attention_triton(q, k, v, alpha=2.5, lam=2.0, scale=0.1)
     with pytest.raises(ValueError, match="lam"):
         tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=math.inf, scale=0.1)
+    # direct callers get the torch path's checks: λ < 0 or > LAM_MAX is rejected, not extrapolated
+    for lam in (-1.0, 1e31):
+        with pytest.raises(ValueError, match=r"PLADIS lambda.*\[0, 1e\+30\]"):
+            tk.pladis_weights_triton(q, k, alpha=1.5, lam=lam, scale=0.1)
 
 
 def test_import_without_triton():
