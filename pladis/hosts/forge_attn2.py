@@ -89,11 +89,14 @@ def is_full_window(sigma_hi: float, sigma_lo: float) -> bool:
 
 
 REPEAT_TOLERANCE_EPS = 8.0
-"""Keys count as repeated when they match within this many ulps (of the dtype) of the largest key.
+"""Keys count as repeated when each key vector matches its counterpart within this many ulps (of the
+dtype) of the larger of the two vectors' largest entries.
 
 Forge projects the repeated context with one GEMM, which normally gives bit-identical rows; the
 tolerance only absorbs kernels that round rows differently. Different prompt chunks differ by O(1)
-at their token positions, far above it.
+at their token positions, far above it. Per key vector, not per row: one large entry anywhere in a
+row (CLIP's start token has some) made a row-wide tolerance of several units in bf16, under which two
+different 77-token chunks counted as a repeat and PLADIS dropped the second.
 """
 
 
@@ -104,10 +107,12 @@ def _rows_shift_equal(t: Tensor, period: int) -> Tensor:
     """
     ahead, behind = t[:, period:], t[:, :-period]
     if not t.is_floating_point():
-        return (ahead == behind).flatten(1).all(1)
-    diff = (ahead.float() - behind.float()).abs().flatten(1).amax(1)  # float32: fp16 could overflow
-    tol = REPEAT_TOLERANCE_EPS * torch.finfo(t.dtype).eps * t.float().abs().flatten(1).amax(1)
-    return diff <= tol  # NaN compares False: not a repeat
+        return (ahead == behind).flatten(2).all(2).all(1)
+    ahead, behind = ahead.float().flatten(2), behind.float().flatten(2)  # float32: fp16 could overflow
+    diff = (ahead - behind).abs_().amax(2)  # (B, keys): per key vector
+    scale = torch.maximum(ahead.abs().amax(2), behind.abs().amax(2))
+    # NaN compares False: not a repeat
+    return (diff <= scale.mul_(REPEAT_TOLERANCE_EPS * torch.finfo(t.dtype).eps)).all(1)
 
 
 def repeat_periods(length: int) -> list[int]:

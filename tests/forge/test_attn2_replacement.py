@@ -313,3 +313,20 @@ def test_repeat_checks_are_batched_over_rows(forge_host, monkeypatch):
     )
     assert forge_attn2.untiled_lengths(k, v) == [77] * 4 + [154] * 4
     assert calls == [8, 8]  # 154 = 2 × 77: only the repeat factor 2 divides it
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_large_entry_does_not_make_different_chunks_look_repeated(forge_host, dtype):
+    # CLIP's start token has some large entries, the same in every 77-token chunk. A tolerance taken
+    # over the whole row (8 ulps of its largest entry: ~19 in bf16 here) made two different chunks
+    # look like a repeat, and PLADIS dropped the second chunk of a long prompt.
+    from pladis.hosts import forge_attn2
+
+    g = torch.Generator().manual_seed(8)
+    chunks = torch.randn(1, 2, 77, 64, generator=g)  # two different chunks (O(1) differences)
+    chunks[:, :, 0] = chunks[:, 0:1, 0]  # the same start token in both...
+    chunks[:, :, 0, 5] = 300.0  # ...with one large entry
+    k = chunks.reshape(1, 154, 64).to(dtype)
+    v = torch.randn(1, 154, 64, generator=g).to(dtype)
+    assert forge_attn2.untiled_lengths(k, k) == [154]
+    assert forge_attn2.untiled_lengths(k[:, :77].repeat(1, 2, 1), v[:, :77].repeat(1, 2, 1)) == [77]
