@@ -275,6 +275,8 @@ def make_attn2_replacement(
     # pass's patched model (§1.2). Chained on top of its patch, we hand that call down to it.
     if callable(getattr(prior, "set_new_condition", None)):
         pladis_attn2.set_new_condition = prior.set_new_condition  # type: ignore[attr-defined]
+    elif prior is None:
+        pladis_attn2.set_new_condition = _ip_adapter_after_pladis  # type: ignore[attr-defined]
     pladis_attn2.pladis_settings = {  # type: ignore[attr-defined]  # for logs/tests; plain values only
         "alpha": alpha,
         "lam": lam,
@@ -283,6 +285,24 @@ def make_attn2_replacement(
         "host": host,
     }
     return pladis_attn2
+
+
+IP_ADAPTER_ORDER_MESSAGE = (
+    "PLADIS: IP-Adapter ran after PLADIS and found PLADIS's cross-attention replacement where it "
+    "expected its own; run ControlNet (IP-Adapter) before PLADIS (the default order; on reForge check "
+    "the callback order for process_before_every_sampling in Settings)"
+)
+
+
+def _ip_adapter_after_pladis(*args: Any, **kwargs: Any) -> None:
+    """``set_new_condition`` of a replacement with nothing under it: IP-Adapter ran after PLADIS.
+
+    Why: IP-Adapter adds its condition to the patch already in its slot by calling this method
+    (forge.md §3); on ours it failed with a bare AttributeError (and on SD 1.x, whose IP-Adapter
+    keys are 2-tuples that our 3-tuple keys shadow, its effect was lost silently). Ours cannot hold
+    an image prompt, so the order has to change: say so.
+    """
+    raise RuntimeError(IP_ADAPTER_ORDER_MESSAGE)
 
 
 def is_ours(patch: Any) -> bool:

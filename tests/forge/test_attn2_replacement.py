@@ -138,8 +138,18 @@ def test_ip_adapter_conditions_reach_the_patch_we_chain_on(forge_host):
     fn = make_attn2_replacement(alpha=1.5, lam=2.0, prior=ip_patch)
     fn.set_new_condition(cond="second", weight=1.0)
     assert ip_patch.conditions == ["first", "second"]
-    assert not hasattr(make_attn2_replacement(alpha=1.5, lam=2.0), "set_new_condition")
+    # another replacement without conditions under ours: nothing to pass the call to, as before us
     assert not hasattr(make_attn2_replacement(alpha=1.5, lam=2.0, prior=lambda *a: None), "set_new_condition")
+
+
+def test_ip_adapter_after_pladis_gets_a_message_naming_the_order(forge_host):
+    # On an empty slot IP-Adapter ran after us (a reordered callback list on reForge): its call must
+    # say what to change, not fail with a bare AttributeError on a function.
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    fn = make_attn2_replacement(alpha=1.5, lam=2.0)
+    with pytest.raises(RuntimeError, match="run ControlNet \\(IP-Adapter\\) before PLADIS"):
+        fn.set_new_condition(cond="image", weight=1.0)
 
 
 def tiled(k, repeat):
