@@ -311,11 +311,29 @@ def _linear_part(projection: nn.Module, change: Tensor) -> Tensor:
     A plain ``nn.Linear`` is its weight alone; wrapped ones (LoRA layers) are affine too, so their
     value at ``change`` minus their value at 0 is the same thing.
     """
-    if type(projection) is nn.Linear:
+    if _weight_is_readable(projection, change):
         return F.linear(change, projection.weight.float())
     dtype = next((p.dtype for p in projection.parameters()), change.dtype)
     at_change = projection(change.to(dtype)).float()
     return at_change - projection(change.new_zeros((1, 1, change.shape[-1]), dtype=dtype)).float()
+
+
+def _weight_is_readable(projection: nn.Module, change: Tensor) -> bool:
+    """Whether ``projection`` is a plain ``nn.Linear`` whose weight, read outside its forward, is the
+    one its forward would use: no forward wrapper or hook, and the weight on ``change``'s device.
+
+    Why: offloading (accelerate's ``cpu_offload`` behind ``enable_sequential_cpu_offload``, diffusers'
+    group offloading) keeps weights on the ``meta`` device or elsewhere and brings them in from a
+    wrapped ``forward``; read directly, the weight was uninitialised memory and the image silently
+    wrong. Such modules are called instead.
+    """
+    return (
+        type(projection) is nn.Linear
+        and "forward" not in projection.__dict__
+        and not projection._forward_pre_hooks
+        and not projection._forward_hooks
+        and projection.weight.device == change.device
+    )
 
 
 def _resolve_unet(unet_or_pipe: Any) -> nn.Module:
@@ -470,6 +488,15 @@ def apply_pladis(
         if isinstance(delegate, nn.Module) and module._modules.get(_PREVIOUS_CHILD) is not delegate:
             module.add_module(_PREVIOUS_CHILD, delegate)  # replaces a stale one (an unloaded adapter)
         handle._installed.append((name, group, module, ours))
+    if not handle._installed and params.layers:  # (no layer selected: nothing was asked for)
+        # e.g. UNets of SimpleCrossAttn blocks (DeepFloyd IF, UnCLIP): an active handle that changes
+        # nothing would otherwise look like PLADIS having no visible effect
+        warnings.warn(
+            f"PLADIS found no cross-attention (attn2) layer in {'+'.join(params.layers)} of this model: "
+            "it changes nothing",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if foreign:
         kinds = ", ".join(f"{kind} ×{count}" for kind, count in sorted(foreign.items()))
         warnings.warn(

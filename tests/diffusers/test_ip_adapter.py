@@ -232,3 +232,43 @@ def test_a_reloaded_ip_adapter_is_the_one_kept_registered(kit):
         first.remove()
     second.remove()
     assert not any("pladis_previous_processor" in key for key in unet.state_dict())
+
+
+def _offloaded_like_accelerate(linear: torch.nn.Linear) -> None:
+    """What sequential CPU offload (accelerate's ``cpu_offload``) does to a layer: its parameters sit on
+    the ``meta`` device and a wrapped instance ``forward`` brings them in for the call only."""
+    stored = {name: p.detach().clone() for name, p in linear.named_parameters()}
+
+    def place(real: bool) -> None:
+        for name, value in stored.items():
+            setattr(
+                linear, name, torch.nn.Parameter(value if real else torch.empty_like(value, device="meta"))
+            )
+
+    inner = linear.forward
+
+    def forward(*args, **kwargs):
+        place(True)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            place(False)
+
+    place(False)
+    linear.forward = forward
+
+
+@pytest.mark.filterwarnings("ignore:You have passed a tensor as `encoder_hidden_states`:FutureWarning")
+def test_pladis_over_ip_adapter_works_with_offloaded_output_projections():
+    # PLADIS adds its change through the output projection; read directly, an offloaded layer's weight
+    # was uninitialised memory (silently wrong images with enable_sequential_cpu_offload).
+    attn, ip = _ip_attention()
+    hidden, text, image = _inputs()
+    context = (text, [image])
+    expected = _run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), hidden, context)
+    stock = _run(attn, ip, hidden, context)
+    _offloaded_like_accelerate(attn.to_out[0])
+    assert attn.to_out[0].weight.device.type == "meta"
+    assert torch.equal(_run(attn, ip, hidden, context), stock)  # the stand-in offload is faithful
+    got = _run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), hidden, context)
+    assert (got - expected).abs().max().item() <= 1e-5

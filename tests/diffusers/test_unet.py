@@ -328,3 +328,13 @@ def test_a_copied_or_pickled_unet_keeps_pladis(kit):
         ours = [p for p in twin.attn_processors.values() if isinstance(p, PladisAttnProcessor)]
         assert len(ours) == len(handle) and {(p.alpha, p.lam) for p in ours} == {(1.75, 3.0)}
         assert torch.equal(kit.run_unet(twin, sample, context, kwargs), expected)
+
+
+def test_a_model_without_cross_attention_gets_a_warning():
+    # e.g. UNets of SimpleCrossAttn blocks (DeepFloyd IF, UnCLIP) have no attn2: an active handle that
+    # changes nothing must say so rather than look like PLADIS having no visible effect.
+    from pladis.diffusers import apply_pladis
+
+    with pytest.warns(RuntimeWarning, match=r"no cross-attention \(attn2\) layer in down\+up"):
+        handle = apply_pladis(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert len(handle) == 0
