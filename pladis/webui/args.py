@@ -1,8 +1,9 @@
 """Script arguments → :class:`~pladis.params.PladisParams` (UI, API positional/short/dict, X/Y/Z overrides).
 
-The API copies ``alwayson_scripts["pladis"]["args"]`` positionally over the UI defaults, so a short
-list keeps the defaults for the missing tail, and a dict in the first position arrives here untouched
-(the rest are defaults and are ignored).
+The API copies ``alwayson_scripts["pladis"]["args"]`` positionally over the UI defaults (or over the
+values of the request's ``infotext``, which the API applies first), so a short list keeps those for
+the missing tail. A dict in the first position is the dict form: the fields it names override the
+values in the positions after it, the others keep them, the same as a short list.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ XYZ_ATTR = "_pladis_xyz"
 
 
 def params_from_args(args: Sequence[Any]) -> PladisParams:
-    """Parse ``[enabled, alpha, lambda, layers, start, end]`` (missing/None → default) or ``[{...}]``.
+    """Parse ``[enabled, alpha, lambda, layers, start, end]`` (missing/None → default) or
+    ``[{...}, alpha, lambda, ...]`` (the dict form; see the module docstring).
 
-    In the dict form ``enabled`` defaults to true: sending settings means wanting PLADIS.
-    Raises ``ValueError`` naming the parameter and its allowed range.
+    In the dict form a missing ``enabled`` is true: sending settings means wanting PLADIS (an explicit
+    null is off, as in the positional form). Raises ``ValueError`` naming the parameter and its range.
     """
     return _params(_loose_values(args))
 
@@ -52,8 +54,12 @@ def _loose_values(args: Sequence[Any]) -> dict[str, Any]:
     """Field name → the value given (None: default), from the positional or the dict form."""
     args = tuple(args)
     if args and isinstance(args[0], Mapping):
-        values = loose_mapping(args[0])
-        if values.get("enabled") is None:
+        # The positions after the dict hold the UI defaults or, with an ``infotext`` in the request,
+        # the pasted image's values: fields the dict leaves out keep them (they were dropped).
+        values = _loose_values((None, *args[1:]))
+        named = loose_mapping(args[0])
+        values.update(named)
+        if "enabled" not in named:
             values["enabled"] = True
         return values
     if len(args) > len(ARG_ORDER):
@@ -66,7 +72,7 @@ def _loose_values(args: Sequence[Any]) -> dict[str, Any]:
 
 def _params(values: dict[str, Any]) -> PladisParams:
     enabled = values.get("enabled")
-    # None is the default, off (the dict form has already made it true).
+    # None is the default, off (the dict form has already made a missing one true).
     if enabled is None or not parse_bool("enabled", enabled):
         try:  # off: the values are kept when they are valid, and dropped when not (they are unused)
             return parse_params(**values)

@@ -34,10 +34,15 @@ from pladis.webui.args import params_from_args
         (({"enabled": False, "lam": 4},), PladisParams(False, lam=4.0)),
         ((None, 5.0), PladisParams()),  # enabled null is off, as false: its bad values are unused
         ((False, 5.0), PladisParams()),
-        (
-            ({"lambda": 2.5, "start": 0.2, "end": 0.8}, False, 1.0),
+        (  # the positions after the dict: UI defaults
+            ({"lambda": 2.5, "start": 0.2, "end": 0.8}, 1.5, 2.0, ["down", "up"], 0.0, 1.0),
             PladisParams(True, lam=2.5, start=0.2, end=0.8),
         ),
+        (  # ... or a request's infotext values, which the fields the dict leaves out keep
+            ({"lambda": 3}, 1.75, 1.0, ["mid"], 0.2, 0.8),
+            PladisParams(True, 1.75, 3.0, ("mid",), 0.2, 0.8),
+        ),
+        (({"enabled": None, "lambda": 1},), PladisParams(lam=1.0)),  # explicit null: off, as positional
     ],
 )
 def test_args_parse(args, expected):
