@@ -15,6 +15,7 @@ block and sum differently for another number of rows).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 from collections.abc import Iterator
@@ -72,9 +73,19 @@ def pladis_weights(scores: Tensor, alpha: float, lam: float) -> Tensor:
     Rows whose keys are all masked (−inf) get zero weights.
     """
     alpha, lam = check_alpha(alpha), check_lam(lam)
+    if not isinstance(scores, Tensor) or scores.dim() == 0 or not scores.dtype.is_floating_point:
+        got = (
+            f"shape {tuple(scores.shape)}, {scores.dtype}"
+            if isinstance(scores, Tensor)
+            else type(scores).__name__
+        )
+        raise ValueError(f"PLADIS weights: scores must be a floating-point tensor (..., keys), got {got}")
     check_no_grad("PLADIS weights", scores=scores)
     shape = scores.shape
-    rows = scores.to(torch.float32).reshape(-1, shape[-1]).clone(memory_format=torch.contiguous_format)
+    rows = scores.to(torch.float32).reshape(math.prod(shape[:-1]), shape[-1])  # no -1: 0-size inputs
+    rows = rows.clone(memory_format=torch.contiguous_format)
+    if rows.numel() == 0:  # no rows, or rows of no keys (whose maximum is undefined)
+        return rows.reshape(shape)
     return blend_rows_(rows, alpha, lam, Workspace()).reshape(shape)
 
 
@@ -113,6 +124,7 @@ def pladis_attention(
     ``ValueError`` unless grad is disabled.
     """
     alpha, lam = check_alpha(alpha), check_lam(lam)
+    scale = check_attention_inputs(q, k, v, mask, scale, memory_budget)
     if lam == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     check_no_grad("PLADIS attention", q=q, k=k, v=v, mask=mask)
@@ -127,6 +139,55 @@ def pladis_attention(
         except TritonUnsupported:
             pass  # tile too large for this GPU: the kernel marks the shape, the torch path answers
     return _pladis_attention_torch(q, k, v, alpha, lam, scale, mask, memory_budget)
+
+
+SCALE_MAX = 1e30
+"""Largest |scale| taken: beyond it the scores of any non-zero q·k overflow float32."""
+
+
+def check_attention_inputs(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, memory_budget: int
+) -> float | None:
+    """Refuse what attention would get wrong silently or fail on deep inside; returns the scale as a float.
+
+    Why: an integer 0/1 mask (a tokenizer's ``attention_mask``) was added to the scores as a bias,
+    masking nothing; integer q/k/v gave results truncated to integers; a NaN scale gave NaN output.
+    SDPA rejects such inputs only at λ = 0, so the answer depended on λ. Cheap: shapes and dtypes only.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"PLADIS attention: {name} must be a tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(
+                f"PLADIS attention: {name} must be floating point (fp16, bf16, fp32, fp64), got {t.dtype}"
+            )
+        if t.dim() < 2:
+            raise ValueError(
+                f"PLADIS attention: {name} must be (..., tokens, features), got shape {tuple(t.shape)}"
+            )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"PLADIS attention: q and k must have the same feature size, got {q.shape[-1]} and {k.shape[-1]}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"PLADIS attention: k and v must have as many keys, got {k.shape[-2]} and {v.shape[-2]}"
+        )
+    if mask is not None and not (
+        isinstance(mask, Tensor) and (mask.dtype == torch.bool or mask.dtype.is_floating_point)
+    ):
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            "PLADIS attention: mask must be a bool tensor (True = attend) or a floating-point additive "
+            f"one, got {got} (an integer 0/1 mask would be added to the scores: convert it with .bool())"
+        )
+    check_memory_budget(memory_budget)
+    return None if scale is None else check_real("PLADIS scale", scale, -SCALE_MAX, SCALE_MAX)
+
+
+def check_memory_budget(memory_budget: int) -> None:
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+        raise ValueError(f"PLADIS memory_budget: {memory_budget!r} must be a positive number of bytes")
 
 
 def _fused_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None):
@@ -249,8 +310,7 @@ def chunk_queries(
 
     Per query: the float32 score-sized buffers, plus its float32 query and output rows.
     """
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
-        raise ValueError(f"PLADIS memory_budget: {memory_budget!r} must be a positive number of bytes")
+    check_memory_budget(memory_budget)
     per_query = groups * 4 * (n_keys * _WORKING_COPIES + q_dim + v_dim)
     step = max(1, memory_budget // per_query)
     if not on_gpu:
@@ -294,6 +354,16 @@ def pladis_attention_packed(
     q ``(B, N, heads·d)``, k and v ``(B, K, heads·d)`` → ``(B, N, heads·d)`` in q's dtype. ``mask``
     broadcasts against ``(B, heads, N, K)``.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"PLADIS attention: packed {name} must be (batch, tokens, heads·d), got {shape}")
+    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads <= 0:
+        raise ValueError(f"PLADIS attention: heads must be a positive integer, got {heads!r}")
+    heads = int(heads)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[2] % heads:
+            raise ValueError(f"PLADIS attention: {heads} heads do not divide {name}'s width {t.shape[2]}")
     batch, n_queries, _ = q.shape
 
     def split(t: Tensor) -> Tensor:
@@ -309,4 +379,4 @@ def pladis_attention_packed(
         mask=mask,
         memory_budget=memory_budget,
     )
-    return out.transpose(1, 2).reshape(batch, n_queries, -1)
+    return out.transpose(1, 2).reshape(batch, n_queries, heads * out.shape[-1])  # no -1: 0-size inputs

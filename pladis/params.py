@@ -95,12 +95,16 @@ class PladisParams:
     end: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
+        enabled = _scalar("enabled", self.enabled)  # numpy / torch bools are bools
+        if not isinstance(enabled, bool):
             raise ValueError(f"PLADIS enabled: expected true or false, got {self.enabled!r}")
+        object.__setattr__(self, "enabled", enabled)
         object.__setattr__(self, "alpha", _check_real("alpha", self.alpha, ALPHA_RANGE))
         object.__setattr__(self, "lam", _check_real("lambda", self.lam, LAM_RANGE))
         object.__setattr__(self, "start", _check_real("start", self.start, FRACTION_RANGE))
         object.__setattr__(self, "end", _check_real("end", self.end, FRACTION_RANGE))
+        if self.end < self.start <= self.end + _PROGRESS_SLACK:
+            object.__setattr__(self, "start", self.end)  # float rounding: 0.1 + 0.2 for 0.3
         if self.start > self.end:
             raise ValueError(
                 f"PLADIS start/end: start ({self.start:g}) must not be greater than end ({self.end:g}); "
@@ -120,7 +124,7 @@ class PladisParams:
         "0.3" of ``0-1 (+0.1)`` as 0.30000000000000004 (``np.arange``), which must not drop the step
         at 6/20. Progress values are step fractions, far more than the slack apart.
         """
-        if not self.acts:
+        if not self.acts or math.isnan(progress):
             return False
         if progress < self.start - _PROGRESS_SLACK:
             return False

@@ -438,3 +438,72 @@ def test_no_keys_or_empty_heads_answer_like_sdpa() -> None:
         q[..., :0], k[..., :0], v, alpha=1.5, lam=2.0
     )  # d = 0: all scores 0, uniform weights
     torch.testing.assert_close(out, v.mean(-2, keepdim=True).expand(1, 2, 4, 16), rtol=0, atol=1e-6)
+
+
+def _misuse_inputs() -> dict:
+    q, k, v = qkv(1, 2, 3, 5, 4, seed=11)
+    return {"q": q, "k": k, "v": v}
+
+
+@pytest.mark.parametrize("lam", [0.0, 2.0])  # the same answer whatever λ (SDPA takes λ = 0)
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        ({"mask": torch.tensor([1, 1, 0, 0, 0])}, ["mask", "bool", "int64", ".bool()"]),  # tokenizer mask
+        ({"mask": torch.tensor([1, 1, 0, 0, 0], dtype=torch.uint8)}, ["mask", "uint8"]),
+        ({"mask": [[True] * 5]}, ["mask", "list"]),
+        ({"q": torch.ones(1, 2, 3, 4, dtype=torch.int32)}, ["q", "floating point", "int32"]),
+        ({"v": torch.ones(1, 2, 5, 4, dtype=torch.bool)}, ["v", "floating point", "bool"]),
+        ({"k": torch.randn(1, 2, 5, 3)}, ["q and k", "feature size", "4 and 3"]),
+        ({"v": torch.randn(1, 2, 4, 4)}, ["k and v", "keys", "5 and 4"]),
+        ({"q": torch.randn(4)}, ["q", "(..., tokens, features)", "(4,)"]),
+        ({"scale": math.nan}, ["PLADIS scale", "nan"]),
+        ({"scale": math.inf}, ["PLADIS scale", "inf"]),
+        ({"scale": "0.5"}, ["PLADIS scale", "str"]),
+        ({"memory_budget": -1}, ["memory_budget", "-1", "positive"]),
+        ({"memory_budget": "big"}, ["memory_budget", "'big'"]),
+    ],
+)
+def test_misused_inputs_raise_a_value_error_naming_them(change, fragments, lam):
+    # An integer 0/1 mask was added to the scores (masking nothing), integer q gave integer results,
+    # a NaN scale NaN output: silently, at λ > 0, while SDPA (λ = 0) failed deep inside, or not at all.
+    args = {**_misuse_inputs(), **change}
+    with pytest.raises(ValueError) as raised:
+        pladis_attention(args.pop("q"), args.pop("k"), args.pop("v"), alpha=1.5, lam=lam, **args)
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("heads", "fragments"),
+    [
+        (0, ["heads", "positive integer", "0"]),
+        (2.0, ["heads", "2.0"]),
+        (True, ["heads", "True"]),
+        (3, ["3 heads", "16"]),
+    ],
+)
+def test_packed_attention_checks_its_heads(heads, fragments):
+    q, k, v = torch.randn(2, 3, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    with pytest.raises(ValueError) as raised:
+        pladis_attention_packed(q, k, v, heads, alpha=1.5, lam=2.0)
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize("lam", [0.0, 2.0])
+@pytest.mark.parametrize(("batch", "n"), [(2, 0), (0, 3)])
+def test_packed_attention_takes_empty_inputs(batch, n, lam):
+    q, k, v = torch.randn(batch, n, 16), torch.randn(batch, 5, 16), torch.randn(batch, 5, 16)
+    assert pladis_attention_packed(q, k, v, 2, alpha=1.5, lam=lam).shape == (batch, n, 16)
+
+
+def test_weights_of_empty_rows_and_bad_scores():
+    assert pladis_weights(torch.randn(3, 0), 1.5, 2.0).shape == (3, 0)
+    assert pladis_weights(torch.randn(0, 4), 1.5, 2.0).shape == (0, 4)
+    for bad, fragment in ((torch.tensor(1.0), "shape ()"), ([1.0], "list"), (torch.tensor([1, 2]), "int64")):
+        with pytest.raises(
+            ValueError, match="PLADIS weights: scores must be a floating-point tensor"
+        ) as raised:
+            pladis_weights(bad, 1.5, 2.0)
+        assert fragment in str(raised.value)

@@ -157,3 +157,22 @@ def test_a_parameter_given_twice_under_two_names_is_an_error(mapping: dict) -> N
     first, second = list(mapping)
     with pytest.raises(ValueError, match=rf"PLADIS: '{first}' and '{second}' both set \w+; give it once"):
         params_from_mapping(mapping)
+
+
+def test_constructor_takes_numpy_and_torch_bools():
+    assert PladisParams(enabled=np.bool_(True)).enabled is True
+    assert PladisParams(enabled=torch.tensor(False)).enabled is False
+    with pytest.raises(ValueError, match="PLADIS enabled: expected true or false"):
+        PladisParams(enabled=np.int64(1))
+
+
+def test_start_rounded_just_above_end_is_end():
+    # X/Y/Z and scripts compute 0.1 + 0.2 = 0.30000000000000004: "start 0.3 > end 0.3" was an error.
+    params = parse_params(enabled=True, start=0.1 + 0.2, end=0.3)
+    assert params.start == params.end == 0.3
+    with pytest.raises(ValueError, match="start"):
+        parse_params(enabled=True, start=0.3001, end=0.3)
+
+
+def test_nan_progress_is_outside_the_window():
+    assert not PladisParams(enabled=True).active_at(math.nan)
