@@ -182,6 +182,8 @@ def check_attention_inputs(
             f"one, got {got} (an integer 0/1 mask would be added to the scores: convert it with .bool())"
         )
     check_memory_budget(memory_budget)
+    if isinstance(scale, Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
+        scale = scale.item()  # a one-value tensor, as accepted before these checks
     return None if scale is None else check_real("PLADIS scale", scale, -SCALE_MAX, SCALE_MAX)
 
 

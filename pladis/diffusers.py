@@ -216,12 +216,13 @@ def pladis_change(
     chaining does. The residual and the projection's bias are in their output already.
     """
     query, key, value, mask, layout = _attention_inputs(attn, hidden_states, text, attention_mask, temb)
+    compute_dtype = query.dtype  # what the stock processor feeds the output projection
     query, key, value = query.float(), key.float(), value.float()
     if mask is not None and mask.is_floating_point():
         mask = mask.float()
     blended = _eager_pladis_attention(query, key, value, alpha=alpha, lam=lam, scale=attn.scale, mask=mask)
     dense = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
-    change = _linear_part(attn.to_out[0], _packed(blended - dense))
+    change = _linear_part(attn.to_out[0], _packed(blended - dense), compute_dtype)
     return _to_input_layout(change, layout) / attn.rescale_output_factor
 
 
@@ -305,15 +306,18 @@ def _to_input_layout(hidden_states: Tensor, layout: tuple[int, ...] | None) -> T
     return hidden_states.transpose(-1, -2).reshape(layout)
 
 
-def _linear_part(projection: nn.Module, change: Tensor) -> Tensor:
+def _linear_part(projection: nn.Module, change: Tensor, compute_dtype: torch.dtype) -> Tensor:
     """``projection(x + change) − projection(x)`` for an affine ``projection``, in float32.
 
-    A plain ``nn.Linear`` is its weight alone; wrapped ones (LoRA layers) are affine too, so their
-    value at ``change`` minus their value at 0 is the same thing.
+    A plain ``nn.Linear`` is its weight alone; wrapped ones (LoRA layers, offloaded or layerwise-cast
+    layers) are affine too, so their value at ``change`` minus their value at 0 is the same thing.
+    They are called in ``compute_dtype``, the dtype the stock processor feeds them: not their
+    parameters' dtype, which under layerwise casting is a storage dtype (fp8) their forward casts
+    the weight away from.
     """
     if _weight_is_readable(projection, change):
         return F.linear(change, projection.weight.float())
-    dtype = next((p.dtype for p in projection.parameters()), change.dtype)
+    dtype = compute_dtype
     at_change = projection(change.to(dtype)).float()
     return at_change - projection(change.new_zeros((1, 1, change.shape[-1]), dtype=dtype)).float()
 

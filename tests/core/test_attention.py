@@ -507,3 +507,10 @@ def test_weights_of_empty_rows_and_bad_scores():
         ) as raised:
             pladis_weights(bad, 1.5, 2.0)
         assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize("lam", [0.0, 2.0])
+def test_a_one_value_tensor_scale_is_its_value(lam):
+    q, k, v = qkv(1, 2, 3, 5, 4, seed=12)
+    want = pladis_attention(q, k, v, alpha=1.5, lam=lam, scale=0.25)
+    assert torch.equal(pladis_attention(q, k, v, alpha=1.5, lam=lam, scale=torch.tensor(0.25)), want)

@@ -272,3 +272,28 @@ def test_pladis_over_ip_adapter_works_with_offloaded_output_projections():
     assert torch.equal(_run(attn, ip, hidden, context), stock)  # the stand-in offload is faithful
     got = _run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), hidden, context)
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:You have passed a tensor as `encoder_hidden_states`:FutureWarning")
+def test_pladis_over_ip_adapter_works_with_layerwise_casting():
+    # diffusers' layerwise casting stores the projection in fp8 and casts it to the compute dtype in
+    # a wrapped forward: called with an input in its parameters' (storage) dtype, it failed.
+    import copy
+
+    from diffusers.hooks import apply_layerwise_casting
+
+    attn, ip = _ip_attention()
+    attn, ip = attn.to(torch.bfloat16), ip.to(torch.bfloat16)
+    hidden, text, image = (t.to(torch.bfloat16) for t in _inputs())
+    context = (text, [image])
+    reference, ref_ip = copy.deepcopy(attn), copy.deepcopy(ip)
+    with torch.no_grad():  # what the casting does to the stored values: fp8, then back
+        for p in reference.to_out[0].parameters():
+            p.copy_(p.to(torch.float8_e4m3fn).to(torch.bfloat16))
+    expected = _run(reference, PladisAttnProcessor(ref_ip, alpha=1.5, lam=2.0), hidden, context)
+    apply_layerwise_casting(attn.to_out[0], storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert attn.to_out[0].weight.dtype == torch.float8_e4m3fn
+    got = _run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), hidden, context)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected.float()).abs().max().item() <= 3e-2  # bf16 rounding of the change
+    assert (got.float() - _run(attn, ip, hidden, context).float()).abs().max().item() > 0.1  # PLADIS acted
