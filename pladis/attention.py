@@ -356,14 +356,13 @@ def pladis_attention_packed(
     q ``(B, N, heads·d)``, k and v ``(B, K, heads·d)`` → ``(B, N, heads·d)`` in q's dtype. ``mask``
     broadcasts against ``(B, heads, N, K)``.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 3:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"PLADIS attention: packed {name} must be (batch, tokens, heads·d), got {shape}")
     if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads <= 0:
         raise ValueError(f"PLADIS attention: heads must be a positive integer, got {heads!r}")
     heads = int(heads)
     for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"PLADIS attention: packed {name} must be (batch, tokens, heads·d), got {shape}")
         if t.shape[2] % heads:
             raise ValueError(f"PLADIS attention: {heads} heads do not divide {name}'s width {t.shape[2]}")
     batch, n_queries, _ = q.shape

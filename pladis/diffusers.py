@@ -317,9 +317,8 @@ def _linear_part(projection: nn.Module, change: Tensor, compute_dtype: torch.dty
     """
     if _weight_is_readable(projection, change):
         return F.linear(change, projection.weight.float())
-    dtype = compute_dtype
-    at_change = projection(change.to(dtype)).float()
-    return at_change - projection(change.new_zeros((1, 1, change.shape[-1]), dtype=dtype)).float()
+    at_change = projection(change.to(compute_dtype)).float()
+    return at_change - projection(change.new_zeros((1, 1, change.shape[-1]), dtype=compute_dtype)).float()
 
 
 def _weight_is_readable(projection: nn.Module, change: Tensor) -> bool:

@@ -107,7 +107,7 @@ def _rows_shift_equal(t: Tensor, period: int) -> Tensor:
     """
     ahead, behind = t[:, period:], t[:, :-period]
     if not t.is_floating_point():
-        return (ahead == behind).flatten(2).all(2).all(1)
+        return (ahead == behind).flatten(1).all(1)
     ahead, behind = ahead.float().flatten(2), behind.float().flatten(2)  # float32: fp16 could overflow
     diff = (ahead - behind).abs_().amax(2)  # (B, keys): per key vector
     scale = torch.maximum(ahead.abs().amax(2), behind.abs().amax(2))
