@@ -321,23 +321,52 @@ def test_linear_finish_is_within_the_row_tolerance_up_to_its_step_limit(beta: fl
 def test_last_halley_evaluation_finishes_linearly_when_its_steps_are_small(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # At α = 1.3 on Gaussian scores the second evaluation's Newton steps are ~1e-7–4e-6, within the
-    # first-order limit (2.9e-5 at K = 77): it needs no Σt^(β−2), no Halley step (one
-    # _safeguarded_step in all) and no second-order finish. At α = 1.45 they reach 2e-4 (limit
-    # 4.9e-5): the curvature and the second-order finish stay.
+    # On Gaussian scores the second evaluation's Newton steps are within the first-order limit
+    # (2.9e-5 at α = 1.3, 4.9e-5 at α = 1.45, K = 77): it needs no Σt^(β−2), no Halley step (one
+    # _safeguarded_step in all) and no second-order finish. At α = 1.45 that needs Halley's step from
+    # the start for rows above the root too: after Newton's step there, 8 % of the rows were over it.
     module = _entmax_module()
     real, calls = module._linear_weights, []
     monkeypatch.setattr(module, "_linear_weights", lambda *a: calls.append(a[2].numel()) or real(*a))
     real_step, steps = module._safeguarded_step, []
     monkeypatch.setattr(module, "_safeguarded_step", lambda *a: steps.append(1) or real_step(*a))
-    for alpha, linear, halley in ((1.3, 1, 1), (1.45, 0, 2)):
+    for alpha in (1.3, 1.45):
         calls.clear()
         steps.clear()
         x = random_rows(31, 2048, 77, 1.0)
         got = entmax(x, alpha)
-        assert (len(calls), len(steps)) == (linear, halley), alpha
+        assert (len(calls), len(steps)) == (1, 1), alpha
         assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
         assert (got.sum(-1) - 1).abs().max().item() <= 1e-6 and (got >= 0).all()
+
+
+@pytest.mark.parametrize("robust", [False, True])
+def test_rows_over_the_linear_limit_are_finished_alone(monkeypatch: pytest.MonkeyPatch, robust: bool) -> None:
+    # At α = 1.4 (K = 77, σ = 1) a few percent of the rows step further than the first-order finish
+    # allows: only they take the curvature and the second-order finish (they used to send every row
+    # through it). With the Halley tolerance made unreachable, those rows go on to their own robust
+    # solve instead, and are put back in the right places.
+    module = _entmax_module()
+    real_taylor, taylor_rows = module._taylor_weights, []
+    monkeypatch.setattr(
+        module, "_taylor_weights", lambda t, *a: taylor_rows.append(t.shape[0]) or real_taylor(t, *a)
+    )
+    real_solve, solved = module._halley_solve, []
+
+    def solve(x, *args, **kwargs):
+        solved.append((x.shape[0], kwargs.get("robust", False)))
+        return real_solve(x, *args, **kwargs)
+
+    monkeypatch.setattr(module, "_halley_solve", solve)
+    if robust:
+        monkeypatch.setattr(module, "_step_tolerance", lambda beta, keys: 1e-30)
+    x = random_rows(3, 2048, 77, 1.0)
+    got = entmax(x, 1.4)
+    far = taylor_rows[0]
+    assert 0 < far <= 2048 // 16 and len(taylor_rows) == 1
+    assert solved == ([(2048, False), (far, True)] if robust else [(2048, False)])
+    assert (got.double() - reference_entmax(x, 1.4)).abs().max().item() <= 1e-6
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-6 and (got >= 0).all()
 
 
 @pytest.mark.parametrize("beta", [2.05, 2.5, 1 / 0.3, 4.5, 15.5])
