@@ -16,6 +16,7 @@ No WebUI module is imported here at import time; host modules are looked up lazi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -142,18 +143,22 @@ def sigma_window(unet: Any, params: PladisParams) -> tuple[float, float]:
 
 
 def percent_to_sigma_function(unet: Any) -> Callable[[float], float]:
-    """The host's ``percent_to_sigma`` for this UNet, or ``RuntimeError`` when there is none."""
-    model = unet.model
-    for owner in (getattr(model, "predictor", None), getattr(model, "model_sampling", None)):
-        function = getattr(owner, "percent_to_sigma", None)
-        if callable(function):
-            return function
+    """The host's ``percent_to_sigma`` for this UNet, or ``RuntimeError`` when there is none.
+
+    Asked of the patcher first (``get_model_object``): an extension that swaps the schedule (reForge's
+    built-in Advanced Model Sampling, ComfyUI-style ``ModelSamplingDiscrete``/EDM nodes) records it as
+    an object patch of the clone, which reaches ``unet.model`` only when the patcher is loaded for
+    sampling, after this runs; read from the model, the window was on the previous schedule.
+    """
     getter = getattr(unet, "get_model_object", None)
-    if callable(getter):
-        try:
-            function = getattr(getter("model_sampling"), "percent_to_sigma", None)
-        except (AttributeError, KeyError):
-            function = None
+    owners = []
+    for name in ("predictor", "model_sampling"):  # Forge's name, then reForge's (ldm_patched)
+        if callable(getter):
+            with contextlib.suppress(AttributeError, KeyError):  # upstream's get_attr: AttributeError
+                owners.append(getter(name))
+        owners.append(getattr(unet.model, name, None))
+    for owner in owners:
+        function = getattr(owner, "percent_to_sigma", None)
         if callable(function):
             return function
     raise RuntimeError(

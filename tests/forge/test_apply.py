@@ -1,6 +1,7 @@
 """``pladis.hosts.forge.apply`` on Forge stand-ins: sites, cloning, window, chaining, tiling, restore."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -307,3 +308,42 @@ def test_keys_repeated_by_an_earlier_attn2_patch_at_cfg_1(forge_host):
         got.append(tk.denoise(p.sd_model.forge_objects.unet, x, 3.0, cond)[0])
     torch.testing.assert_close(got[0], got[1], atol=1e-5, rtol=1e-5)
     assert (got[1] - stock[1]).abs().max() > 1e-3  # PLADIS did act
+
+
+class _EdmSchedule:
+    """A continuous EDM schedule (sigma 0.002–80, Playground v2.5), as a schedule-swapping extension
+    installs it: Forge's ``PredictionContinuousEDM.percent_to_sigma``."""
+
+    sigma_min, sigma_max = 0.002, 80.0
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        low = math.log(self.sigma_min)
+        return math.exp((math.log(self.sigma_max) - low) * (1.0 - percent) + low)
+
+
+@pytest.mark.parametrize("name", ["predictor", "model_sampling"])
+def test_window_follows_a_schedule_swapped_in_by_an_object_patch(forge_host, name):
+    # reForge's built-in Advanced Model Sampling (and ComfyUI-style sampling nodes) run before PLADIS
+    # and record their schedule as an object patch of the clone; it reaches unet.model only when the
+    # patcher is loaded for sampling. The window must be on the schedule that will be sampled.
+    from pladis.hosts.forge import apply, installed_sites
+
+    tk = forge_host
+    base = tk.unet_patcher() if name == "predictor" else tk.reforge_patcher()
+    own_schedule = getattr(base.model, name)
+    unet = base.clone()
+    unet.add_object_patch(name, _EdmSchedule())
+    p = tk.processing(unet)
+    apply(p, params(start=0.25, end=0.5))
+    settings = {
+        fn.pladis_settings["sigma_lo"] for fn in installed_sites(p.sd_model.forge_objects.unet).values()
+    }
+    assert settings == {_EdmSchedule().percent_to_sigma(0.5)}
+    assert {
+        fn.pladis_settings["sigma_hi"] for fn in installed_sites(p.sd_model.forge_objects.unet).values()
+    } == {_EdmSchedule().percent_to_sigma(0.25)}
+    assert own_schedule.calls == []  # the model's own schedule is not asked

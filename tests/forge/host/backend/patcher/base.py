@@ -23,6 +23,7 @@ class ModelPatcher:
         self.current_device = current_device
         self.patches = {}
         self.object_patches = {}
+        self.object_patches_backup = {}
         self.model_options = {"transformer_options": {}}
 
     def clone(self):
@@ -31,6 +32,21 @@ class ModelPatcher:
         n.object_patches = self.object_patches.copy()
         n.model_options = copy.deepcopy(self.model_options)
         return n
+
+    def add_object_patch(self, name, obj):
+        """As upstream: only recorded here; set on the shared model when the patcher is loaded."""
+        self.object_patches[name] = obj
+
+    def get_model_object(self, name):
+        """As upstream: this patcher's object patch, else the loaded original, else the model's own."""
+        if name in self.object_patches:
+            return self.object_patches[name]
+        if name in self.object_patches_backup:
+            return self.object_patches_backup[name]
+        target = self.model
+        for part in name.split("."):  # backend.utils.get_attr: a dotted path, AttributeError if missing
+            target = getattr(target, part)
+        return target
 
     def set_model_unet_function_wrapper(self, unet_wrapper_function):
         self.model_options["model_function_wrapper"] = unet_wrapper_function
