@@ -53,15 +53,40 @@ def interpreter_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+MIN_TRITON = (3, 0)
+"""Oldest Triton the kernel compiles with: it uses ``tl.dot``'s ``input_precision`` and accumulator
+arguments (Triton 3.0). A1111 1.10's default torch 2.1.2 brings Triton 2.1, where every shape paid a
+failed compile before the torch path took over."""
+
+
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """Whether Triton imports (cached; Windows installs often lack it)."""
+    """Whether a Triton the kernel compiles with imports (cached; Windows installs often lack it)."""
+    return _triton_problem() is None
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_problem() -> str | None:
+    """Why Triton cannot be used (not importable, too old), or None."""
     try:
         import triton
-        import triton.language  # noqa: F401
+        import triton.language
     except Exception:
-        return False
-    return True
+        return "triton is not importable"
+    version = _release(getattr(triton, "__version__", ""))
+    if version is not None and version < MIN_TRITON:
+        minimum = ".".join(map(str, MIN_TRITON))
+        return f"triton {triton.__version__} is too old (the kernel needs {minimum}+)"
+    return None
+
+
+def _release(version: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a version string such as ``3.5.1`` or ``2.1.0+git``; None if unreadable."""
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return None
 
 
 def _next_pow2(n: int) -> int:
@@ -166,7 +191,7 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = No
     if _shape_class(q, k_len) in _failed_shapes:
         return "this tile size failed to launch on this device before"
     if not triton_available():
-        return "triton is not importable"
+        return _triton_problem()
     if _broken:
         return f"triton failed to build or launch the kernel before: {_broken[0]}"
     return None

@@ -298,9 +298,11 @@ def _ip_adapter_after_pladis(*args: Any, **kwargs: Any) -> None:
     """``set_new_condition`` of a replacement with nothing under it: IP-Adapter ran after PLADIS.
 
     Why: IP-Adapter adds its condition to the patch already in its slot by calling this method
-    (forge.md §3); on ours it failed with a bare AttributeError (and on SD 1.x, whose IP-Adapter
-    keys are 2-tuples that our 3-tuple keys shadow, its effect was lost silently). Ours cannot hold
-    an image prompt, so the order has to change: say so.
+    (forge.md §3); on ours it failed with a bare AttributeError. Ours cannot hold an image prompt,
+    so the order has to change: say so. SD 1.x is not covered: its IP-Adapter keys are 2-tuples,
+    which our 3-tuple keys shadow without IP-Adapter ever finding ours (its effect is lost silently;
+    README). Installing ours under 2-tuple keys there would let a later extension that chains on
+    3-tuple keys shadow PLADIS instead, so the default order (ControlNet first) is the fix.
     """
     raise RuntimeError(IP_ADAPTER_ORDER_MESSAGE)
 
