@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .entmax import is_softmax
+
 LAYER_GROUPS: tuple[str, ...] = ("down", "mid", "up")
 """UNet block groups whose cross-attention can be modified, in canonical order."""
 
@@ -113,9 +115,19 @@ class PladisParams:
         object.__setattr__(self, "layers", _check_layers(self.layers))
 
     @property
+    def changes_attention(self) -> bool:
+        """True when the attention it selects differs from stock: enabled, λ > 0, α > 1, some window.
+
+        α = 1 is softmax, so the blend is the stock attention whatever λ is: installing nothing keeps
+        the model bit-identical (and free) instead of recomputing it in float32. Layers aside: Flux
+        has no layer choice (every block is used).
+        """
+        return self.enabled and self.lam > 0.0 and not is_softmax(self.alpha) and self.end > self.start
+
+    @property
     def acts(self) -> bool:
-        """True when this setting changes the model at all (enabled, λ > 0, some layer, some window)."""
-        return self.enabled and self.lam > 0.0 and bool(self.layers) and self.end > self.start
+        """True when this setting changes a UNet at all: :attr:`changes_attention` on some layer group."""
+        return self.changes_attention and bool(self.layers)
 
     def active_at(self, progress: float) -> bool:
         """Whether PLADIS applies at ``progress`` ∈ [0, 1] of the sampling schedule.

@@ -50,11 +50,12 @@ Site = tuple[str, int, int]
 def apply(p: Any, params: PladisParams) -> None:
     """Install PLADIS on a clone of ``p.sd_model.forge_objects.unet`` and put the clone back.
 
-    Does nothing when ``params.acts`` is False. Safe to call several times per generation (hires fix
-    calls the hook two or three times): a clone that already carries our patches is re-patched in
-    place of them, never wrapped twice.
+    Does nothing when ``params.changes_attention`` is False, nor on a UNet when no layer group is
+    chosen (Flux has no layer choice: every block is used). Safe to call several times per generation
+    (hires fix calls the hook two or three times): a clone that already carries our patches is
+    re-patched in place of them, never wrapped twice.
     """
-    if not params.acts:
+    if not params.changes_attention:
         return
     forge_objects = p.sd_model.forge_objects
     unet = forge_objects.unet.clone()
@@ -66,9 +67,10 @@ def apply(p: Any, params: PladisParams) -> None:
         return
     sites = list(attn2_sites(diffusion_model))
     if sites:
-        host = host_of(diffusion_model)
         chosen = [site for site in sites if _group_of(site[0]) in params.layers]
-        install_attn2(unet, chosen, params, sigma_hi, sigma_lo, host)
+        if not chosen:
+            return
+        install_attn2(unet, chosen, params, sigma_hi, sigma_lo, host_of(diffusion_model))
     elif flux.is_joint_model(diffusion_model):
         if not flux.install(unet, params, sigma_hi, sigma_lo):
             return

@@ -95,8 +95,10 @@ class Controller:
             return None
         if extra is not None:
             infotext.write(extra, params)
-        if params.acts:
-            setattr(p, GENERATION_ATTR, Generation(a1111.weak_owner(p), params, hosts.detect_host()))
+        host = hosts.detect_host()
+        # Flux on Forge has no layer choice: there PLADIS acts whenever it changes the attention.
+        if params.acts or (host != "a1111" and params.changes_attention):
+            setattr(p, GENERATION_ATTR, Generation(a1111.weak_owner(p), params, host))
         return params
 
     def before_sampling(self, p: Any) -> None:

@@ -55,6 +55,16 @@ def test_enabled_equals_oracle_and_disabled_is_bit_identical(webui, builder, une
 
     lam0, _ = _generate(webui, model, True, 1.5, 0.0, data=data)
     assert torch.equal(lam0, baseline)
+    # α = 1 (softmax): the blend is the stock attention; nothing is patched, the output is bit-identical
+    seen = []
+    hook = model.model.diffusion_model.register_forward_pre_hook(
+        lambda *_: seen.append(kit.instance_forwards(model))
+    )
+    alpha1, res = _generate(webui, model, True, 1.0, 2.0, data=data)
+    hook.remove()
+    assert torch.equal(alpha1, baseline)
+    assert seen and all(names == [] for names in seen)
+    assert res.extra_generation_params["PLADIS alpha"] == 1.0  # the setting is still recorded
     assert webui.errors.reported == []
 
 

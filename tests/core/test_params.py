@@ -71,6 +71,12 @@ def test_window_semantics() -> None:
     assert not PladisParams(enabled=True, lam=0.0).acts
     assert not PladisParams(enabled=True, layers=()).acts
     assert not PladisParams(enabled=True, start=0.5, end=0.5).acts
+    # α = 1 is softmax: the blend is the stock attention, so nothing needs installing
+    assert not PladisParams(enabled=True, alpha=1.0).acts
+    assert not PladisParams(enabled=True, alpha=1.0).changes_attention
+    assert PladisParams(enabled=True, alpha=1.05).acts
+    # layers aside (Flux has no layer choice)
+    assert PladisParams(enabled=True, layers=()).changes_attention
     assert PladisParams(enabled=True).layers_text() == "down+up"
 
 

@@ -37,7 +37,8 @@ def test_installs_one_replacement_per_attn2_site_of_the_selected_groups(forge_ho
 
 
 @pytest.mark.parametrize(
-    "settings", [dict(enabled=False), dict(lam=0.0), dict(layers=()), dict(start=0.5, end=0.5)]
+    "settings",
+    [dict(enabled=False), dict(lam=0.0), dict(layers=()), dict(start=0.5, end=0.5), dict(alpha=1.0)],
 )
 def test_installs_nothing_when_it_cannot_act(forge_host, settings):
     from pladis.hosts.forge import apply

@@ -243,3 +243,19 @@ def test_text_repeated_by_forges_batching_gives_the_prompt_alone(forge_host):
         want.append((mass * change) @ vals.double())
     want = torch.cat(want).transpose(1, 2).reshape(b, n, h * d)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_layers_option_does_not_apply_to_flux(forge_host):
+    # Flux has no layer choice (every block is used), so no ticked group must not switch it off.
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    x, context = torch.randn(2, IMAGE, 4), torch.randn(2, TEXT, 6)
+    outputs = []
+    for layers in ((), ("mid",), ("down", "up")):
+        p = tk.processing(tk.flux_patcher())
+        apply(p, PladisParams(enabled=True, layers=layers))
+        outputs.append(tk.denoise(p.sd_model.forge_objects.unet, x, 0.5, context)[0])
+    stock = tk.denoise(tk.flux_patcher(), x, 0.5, context)[0]
+    assert not torch.allclose(outputs[0], stock, atol=1e-4)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])

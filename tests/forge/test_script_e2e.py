@@ -89,3 +89,19 @@ def test_disabled_script_leaves_forge_objects_alone(forge_host, script):
     script.process_before_every_sampling(p, *args)
     assert p.sd_model.forge_objects.unet is original
     assert original.model_options == {"transformer_options": {}}
+
+
+def test_flux_with_no_layer_group_ticked_still_gets_pladis(forge_host, script):
+    # The Layers option does not apply to Flux: the script must reach the Forge adapter without one.
+    from pladis.hosts.flux import is_ours
+
+    tk = forge_host
+    original = tk.flux_patcher()
+    p = tk.processing(original)
+    p.extra_generation_params = {}
+    args = (True, 1.5, 2.0, [], 0.0, 1.0)
+    script.process(p, *args)
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args)
+    patched = p.sd_model.forge_objects.unet
+    assert patched is not original and is_ours(patched.model_options["model_function_wrapper"])
