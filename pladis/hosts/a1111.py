@@ -208,7 +208,8 @@ def _pladis_forward(
     context, _mask, supported = _split_call(args, kwargs)
     if not (supported and record.armed and session.applies()):
         return _fallback(record, module, x, args, kwargs)
-    if record.previous is not None and not _bypass_warned:
+    chained = record.previous is not None and _adds_to_text_attention(module)
+    if record.previous is not None and not chained and not _bypass_warned:
         _bypass_warned.append(True)
         log.warning(
             "PLADIS: another extension's cross-attention forward is installed on %s layers; while PLADIS "
@@ -219,7 +220,9 @@ def _pladis_forward(
     params = session.params
     query = module.to_q(x)
     context = x if context is None else context
-    if session.host.apply_hypernetworks is not None:
+    if chained:  # ControlNet's IP-Adapter forward projects the text context as it is (no hypernetworks)
+        context_k = context_v = context
+    elif session.host.apply_hypernetworks is not None:
         # No ``layer`` argument, as the WebUI's optimised forwards (sdp, xformers, sub-quadratic …)
         # call it: with one, the hypernetwork modules would be attached to attn2 for good
         # (``layer.hyper_k``), joining the model's state_dict and its .to()/.half() moves.
@@ -240,7 +243,35 @@ def _pladis_forward(
             lam=params.lam,
             scale=getattr(module, "scale", None),
         )
-    return module.to_out(out)
+        if chained:
+            stock = pladis_attention_packed(  # λ = 0: exactly stock SDPA on the same inputs
+                query,
+                key.to(query.dtype),
+                value.to(query.dtype),
+                module.heads,
+                alpha=params.alpha,
+                lam=0.0,
+                scale=getattr(module, "scale", None),
+            )
+    if not chained:
+        return module.to_out(out)
+    # Their output is to_out(text attention + image-prompt attention); to_out is affine, so adding
+    # to_out's linear part of PLADIS's change to the text attention gives PLADIS on it, image prompt kept.
+    base = record.previous(x, *args, **kwargs)
+    change = module.to_out(out - stock) - module.to_out(out.new_zeros((1, 1, out.shape[-1])))
+    return base + change
+
+
+def _adds_to_text_attention(module: nn.Module) -> bool:
+    """Whether ``module``'s instance forward is ControlNet's IP-Adapter one: stock text attention plus
+    image-prompt attention terms (its ``ipadapter_hacks``), then ``to_out``.
+
+    Why: that forward is what A1111 users most often have under ours; computing the layer ourselves
+    dropped the image prompt on every PLADIS layer. Other instance forwards are not known to be
+    additive, so PLADIS still replaces them (and says so once).
+    """
+    hacks = getattr(module, "ipadapter_hacks", None)
+    return isinstance(hacks, list) and len(hacks) > 0
 
 
 def _cross_attention_classes() -> tuple[type, ...]:

@@ -179,6 +179,62 @@ def test_chains_to_and_restores_another_extensions_instance_forward(host, monkey
     assert module.__dict__["forward"] is theirs
 
 
+def _hack_like_controlnet_ip_adapter(module, weight=0.7, seed=5, tokens=4):
+    """Install what sd-webui-controlnet's IP-Adapter puts on an attn2 module (plugable_ipadapter.py):
+    an instance forward doing stock SDPA text attention, plus each ``ipadapter_hacks`` term (image-prompt
+    attention of the same queries), then ``to_out``. Returns the image-prompt term."""
+    g = torch.Generator().manual_seed(seed)
+    inner = module.to_q.out_features
+    ip_k, ip_v = torch.randn(2, tokens, inner, generator=g), torch.randn(2, tokens, inner, generator=g)
+
+    def split(t, h):
+        return t.view(t.shape[0], -1, h, t.shape[-1] // h).transpose(1, 2)
+
+    def image_prompt(attn, x, q):
+        h = attn.heads
+        out = torch.nn.functional.scaled_dot_product_attention(q, split(ip_k, h), split(ip_v, h))
+        return out.transpose(1, 2).reshape(x.shape[0], -1, inner) * weight
+
+    def hacked(self, x, context=None, **kwargs):
+        context = x if context is None else context
+        h = self.heads
+        q, k, v = (split(t, h) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(x.shape[0], -1, inner)
+        for f in self.ipadapter_hacks:
+            out = out + f(self, x, q)
+        return self.to_out(out)
+
+    module.ipadapter_hacks = [image_prompt]
+    module.forward = hacked.__get__(module, type(module))
+    return image_prompt
+
+
+@pytest.mark.parametrize("kind", ["ldm", "sgm"])
+def test_controlnet_ip_adapter_under_pladis_keeps_the_image_prompt(host, kind, monkeypatch, caplog):
+    # ControlNet's IP-Adapter forward is additive (text attention + image-prompt attention, then
+    # to_out): PLADIS changes its text attention and keeps the image prompt, without a warning.
+    module = _module(host, kind)
+    x, context = _xc()
+    image_prompt = _hack_like_controlnet_ip_adapter(module)
+    monkeypatch.setattr(a1111, "_bypass_warned", [])
+    with torch.no_grad(), caplog.at_level("WARNING", logger=a1111.__name__):
+        with_image = module(x, context=context)
+        patcher = _patch(module, alpha=1.5, lam=2.0)
+        got = module(x, context=context)
+        # oracle: PLADIS text attention (float64) plus the same image-prompt term, through to_out
+        text = host.kit.oracle_attn2(module, x, context, 1.5, 2.0)  # to_out(PLADIS text attention)
+        heads = module.heads
+        q = module.to_q(x).view(2, -1, heads, 8).transpose(1, 2)
+        ip = torch.nn.functional.linear(image_prompt(module, x, q), module.to_out[0].weight)
+        patcher.end()
+    torch.testing.assert_close(got, text + ip, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, with_image, atol=1e-3)  # PLADIS changed it …
+    assert not torch.allclose(got, text, atol=1e-3)  # … and the image prompt stayed
+    assert not [r for r in caplog.records if "another extension" in r.getMessage()]
+    assert "forward" in module.__dict__ and module.ipadapter_hacks == [image_prompt]  # theirs is back
+
+
 def test_extra_keyword_values_that_are_tensors_fall_back_without_error() -> None:
     # sgm's forward takes n_times_crossframe_attn_in_self (default 0); a tensor there must not raise
     # "Boolean value of Tensor with more than one value is ambiguous" in the support check.
