@@ -8,6 +8,15 @@ import torch
 from pladis.webui import xyz
 
 
+def _infotext(cell) -> dict[str, str]:
+    """A cell's own generation parameters, from its infotext. Its ``extra_generation_params`` is the
+    dict every cell shares (X/Y/Z cells are shallow copies of one p, as upstream), so it shows the last
+    cell's values."""
+    from modules.infotext_utils import parse_generation_parameters
+
+    return parse_generation_parameters(cell.infotexts[0])
+
+
 def _xyz(webui):
     return webui.loaded["xyz_grid.py"]
 
@@ -66,7 +75,7 @@ def test_cells_override_ui_values(webui):
     cells = script.run_axis(p, "[PLADIS] Alpha", "2.0, 1.5")
     torch.testing.assert_close(torch.cat(cells[0].images), expected[2.0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.cat(cells[1].images), expected[1.5], atol=1e-5, rtol=1e-4)
-    assert cells[0].extra_generation_params["PLADIS alpha"] == 2.0
+    assert _infotext(cells[0])["PLADIS alpha"] == "2.0" and _infotext(cells[1])["PLADIS alpha"] == "1.5"
     assert not hasattr(p, "_pladis_xyz")  # the parent p is never modified
 
     # Enabled axis: "False" cell is stock and carries no PLADIS keys even though the dict is shared
@@ -74,7 +83,7 @@ def test_cells_override_ui_values(webui):
     on, off = script.run_axis(p, "[PLADIS] Enabled", "True, False")
     torch.testing.assert_close(torch.cat(on.images), expected[2.0], atol=1e-5, rtol=1e-4)
     assert torch.equal(torch.cat(off.images), baseline)
-    assert "PLADIS alpha" in on.extra_generation_params and "PLADIS alpha" not in off.extra_generation_params
+    assert "PLADIS alpha" in _infotext(on) and "PLADIS alpha" not in _infotext(off)
     assert kit.instance_forwards(model) == []
 
 
@@ -119,7 +128,7 @@ def test_an_end_axis_can_repair_the_accordions_start_after_end(webui):
     model, script, p = _grid_with_ui(webui, 0.8, 0.2)
     cells = script.run_axis(p, "[PLADIS] End", "0.9, 1")
     assert all(cell is not None for cell in cells)
-    assert [c.extra_generation_params["PLADIS range"] for c in cells] == ["0.8-0.9", "0.8-1"]
+    assert [_infotext(c)["PLADIS range"] for c in cells] == ["0.8-0.9", "0.8-1"]
     assert kit.instance_forwards(model) == []
 
 
@@ -143,7 +152,7 @@ def test_float_range_cells_keep_the_step_at_their_start(webui):
     )
     assert len(cells) == 2 and all(cell is not None for cell in cells)
     torch.testing.assert_close(torch.cat(cells[1].images), expected, atol=1e-5, rtol=1e-4)
-    assert cells[1].extra_generation_params["PLADIS range"] == "0.3-1"
+    assert _infotext(cells[1])["PLADIS range"] == "0.3-1"
     assert kit.instance_forwards(model) == []
 
 
@@ -164,12 +173,10 @@ def test_a_value_axis_turns_pladis_on_unless_an_enabled_axis_says_otherwise(webu
     zero, three = script.run_axis(kit.txt2img(webui.runner, args, data=data), "[PLADIS] Lambda", "0, 3")
     assert torch.equal(torch.cat(zero.images), baseline)  # λ = 0 is the stock model
     torch.testing.assert_close(torch.cat(three.images), expected, atol=1e-5, rtol=1e-4)
-    assert three.extra_generation_params["PLADIS lambda"] == 3.0
+    assert _infotext(three)["PLADIS lambda"] == "3.0" and _infotext(zero)["PLADIS lambda"] == "0.0"
 
     p = kit.txt2img(webui.runner, args, data=data)
     p._pladis_xyz = {"enabled": "False"}  # as an Enabled axis applied before the Lambda axis
     (cell,) = script.run_axis(p, "[PLADIS] Lambda", "3")
-    assert (
-        torch.equal(torch.cat(cell.images), baseline) and "PLADIS lambda" not in cell.extra_generation_params
-    )
+    assert torch.equal(torch.cat(cell.images), baseline) and "PLADIS lambda" not in _infotext(cell)
     assert kit.instance_forwards(model) == []

@@ -140,7 +140,10 @@ class Processed:
     def __init__(self, p, images, infotexts):
         self.images = images
         self.infotexts = infotexts
-        self.extra_generation_params = dict(p.extra_generation_params)
+        # As upstream (processing.py Processed.__init__): the same dict, not a copy. X/Y/Z cells are
+        # shallow copies of one p, so every cell's Processed shows the dict as the last cell left it;
+        # each cell's own values are in its infotexts.
+        self.extra_generation_params = p.extra_generation_params
 
 
 def create_infotext(p):
