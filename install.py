@@ -1,6 +1,6 @@
 """WebUI installer hook (run as ``python install.py`` with the WebUI root on PYTHONPATH).
 
-PLADIS needs only torch and gradio, which every supported WebUI already ships; the entmax maths is
+PLADIS needs only torch, numpy and gradio, which every supported WebUI already ships; the entmax maths is
 implemented in ``pladis/``. So this installs nothing; it only warns when torch is missing, which
 would mean the extension was installed outside a WebUI.
 """

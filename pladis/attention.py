@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from .entmax import (
     row_max,
     softmax_centred_,
 )
+from .env import env_flag
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 """Upper bound, in bytes, on the float32 working set of one chunk (scores and temporaries)."""
@@ -194,7 +194,7 @@ def check_memory_budget(memory_budget: int) -> None:
 
 def _fused_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None):
     """The Triton kernel when it can run this call, else None (CPU, no Triton, forced off, shape)."""
-    if not q.is_cuda or os.environ.get(FORCE_TORCH_ENV, "") not in ("", "0"):
+    if not q.is_cuda or env_flag(FORCE_TORCH_ENV):
         return None
     try:
         from . import triton_kernel

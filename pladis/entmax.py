@@ -42,7 +42,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from .env import env_flag
 
 ROW_SUM_TOL = 1e-6
 """A row whose unnormalised weights sum to 1 within this is accepted (then renormalised)."""
@@ -1216,9 +1217,9 @@ def numpy_log2_is_faster() -> bool:
     Both are accurate to about one float32 ulp, so the choice changes speed, not results (beyond
     rounding). The timing inputs are not random: the global RNG (the user's seed) stays untouched.
     """
-    forced = os.environ.get(NUMPY_LOG2_ENV, "")
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = env_flag(NUMPY_LOG2_ENV)
+    if forced is not None:
+        return forced
     values = torch.linspace(1e-3, 1.0, 1 << 16)
     out = torch.empty_like(values)
     as_numpy, out_numpy = values.numpy(), out.numpy()

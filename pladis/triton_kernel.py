@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .entmax import check_alpha, float32_exact, is_softmax
+from .env import env_flag
 
 MAX_KEYS = 512
 """Longest key row the kernel holds on-chip (padded to a power of two)."""
@@ -295,10 +296,8 @@ def _autotune_enabled(measured_tile: bool = False) -> bool:
     """
     if interpreter_mode():
         return False
-    setting = os.environ.get("PLADIS_TRITON_AUTOTUNE", "")
-    if setting in ("0", "1"):
-        return setting == "1"
-    return not measured_tile
+    setting = env_flag("PLADIS_TRITON_AUTOTUNE")
+    return not measured_tile if setting is None else setting
 
 
 @functools.lru_cache(maxsize=1)

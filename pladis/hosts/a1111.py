@@ -355,8 +355,13 @@ class Attn2Patcher:
 
     # -- session lifecycle -------------------------------------------------------------------------
     def begin(self, params: PladisParams, owner: Any = None, host: HostFunctions | None = None) -> Session:
-        """End any previous generation (removing its patches), then start a new one."""
+        """End any previous generation (removing its patches), then start a new one.
+
+        Warnings about the model (no cross-attention, a UNet that bypasses attention) are given once
+        per generation, so each SD3 or TensorRT generation says why PLADIS did nothing.
+        """
         self.end()
+        self._warned.clear()
         owner_ref = None if owner is None else weak_owner(owner)
         self.session = Session(params, host or resolve_host_functions(), owner_ref)
         return self.session

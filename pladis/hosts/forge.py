@@ -69,6 +69,7 @@ def apply(p: Any, params: PladisParams) -> None:
     if sites:
         chosen = [site for site in sites if _group_of(site[0]) in params.layers]
         if not chosen:
+            log.warning("PLADIS is enabled but changes nothing: no layer group is ticked")
             return
         install_attn2(unet, chosen, params, sigma_hi, sigma_lo, host_of(diffusion_model))
     elif flux.is_joint_model(diffusion_model):

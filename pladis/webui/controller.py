@@ -16,6 +16,7 @@ before anything touched the model.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from pladis.hosts import a1111
 from pladis.params import PladisParams
 from pladis.webui import infotext
 from pladis.webui.args import params_for
+
+log = logging.getLogger("pladis")
 
 FAILED_INIT_ATTR = "_pladis_error"
 """Attribute of a processing object whose request must fail (holds the validation error)."""
@@ -99,6 +102,9 @@ class Controller:
         # Flux on Forge has no layer choice: there PLADIS acts whenever it changes the attention.
         if params.acts or (host != "a1111" and params.changes_attention):
             setattr(p, GENERATION_ATTR, Generation(a1111.weak_owner(p), params, host))
+        idle = idle_reason(params, host)
+        if idle:
+            log.warning("PLADIS is enabled but changes nothing: %s", idle)
         return params
 
     def before_sampling(self, p: Any) -> None:
@@ -156,3 +162,19 @@ class Controller:
 
 
 CONTROLLER = Controller()
+
+
+def idle_reason(params: PladisParams, host: str) -> str | None:
+    """Why an enabled PLADIS setting changes nothing, when that is likely a slip; else None.
+
+    λ = 0 and α = 1 are left out: they are the stock model on purpose (an X/Y/Z column, a baseline).
+    Layers are judged on A1111 only: on Forge they do not apply to Flux, and its adapter says so
+    for a UNet.
+    """
+    if not params.enabled:
+        return None
+    if params.end <= params.start:
+        return f"Start equals End ({params.start:g}), so its window is empty"
+    if not params.layers and host == "a1111":
+        return "no layer group is ticked"
+    return None

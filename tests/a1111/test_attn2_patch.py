@@ -353,3 +353,12 @@ def test_models_pladis_cannot_change_are_left_alone_with_one_warning(host, monke
         "PLADIS: an alternative UNet (e.g. TensorRT) is active; it bypasses attention patches.",
     ]
     assert not any(a1111.is_patched(m) for m in mmdit.modules()) and "forward" not in module.__dict__
+    # once per generation, not per process: the next generation says it again
+    caplog.clear()
+    monkeypatch.setattr(importlib.import_module("modules.sd_unet"), "current_unet", None)
+    with caplog.at_level("WARNING", logger=a1111.__name__):
+        patcher.begin(PladisParams(enabled=True))
+        assert patcher.patch_model(mmdit) == 0
+        assert patcher.patch_model(mmdit) == 0
+        patcher.end()
+    assert [r.getMessage() for r in caplog.records] == [messages[0]]

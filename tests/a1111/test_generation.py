@@ -450,3 +450,25 @@ def test_nested_foreign_generation_between_batches_does_not_cancel_pladis(webui)
     )
     assert torch.equal(nested.foreign, stock)
     assert webui.errors.reported == []
+
+
+def test_an_enabled_setting_that_changes_nothing_says_why(webui, caplog):
+    # Start = End or no layer group: the generation runs stock, and the console says why (once).
+    # λ = 0 and α = 1 are deliberate stock settings (X/Y/Z columns) and stay quiet, as does "off".
+    kit = webui.kit
+    model, data = kit.sd15(), kit.inputs()
+    baseline = _reference(webui, model, data)
+    cases = [
+        ((True, 1.5, 2.0, ["down"], 0.5, 0.5), ["Start equals End (0.5), so its window is empty"]),
+        ((True, 1.5, 2.0, [], 0.0, 1.0), ["no layer group is ticked"]),
+        ((True, 1.5, 0.0, ["down"], 0.0, 1.0), []),
+        ((True, 1.0, 2.0, ["down"], 0.0, 1.0), []),
+        ((False, 1.5, 2.0, [], 0.5, 0.5), []),
+    ]
+    for values, reasons in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pladis"):
+            out, _ = _generate(webui, model, *values, data=data)
+        assert torch.equal(out, baseline), values
+        said = [r.getMessage() for r in caplog.records if "changes nothing" in r.getMessage()]
+        assert said == [f"PLADIS is enabled but changes nothing: {reason}" for reason in reasons], values

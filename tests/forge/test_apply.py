@@ -348,3 +348,17 @@ def test_window_follows_a_schedule_swapped_in_by_an_object_patch(forge_host, nam
         fn.pladis_settings["sigma_hi"] for fn in installed_sites(p.sd_model.forge_objects.unet).values()
     } == {_EdmSchedule().percent_to_sigma(0.25)}
     assert own_schedule.calls == []  # the model's own schedule is not asked
+
+
+def test_a_unet_with_no_layer_group_ticked_is_left_alone_and_says_so(forge_host, caplog):
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    original = tk.unet_patcher()
+    p = tk.processing(original)
+    with caplog.at_level("WARNING", logger="pladis"):
+        apply(p, params(layers=()))
+    assert p.sd_model.forge_objects.unet is original
+    assert [r.getMessage() for r in caplog.records] == [
+        "PLADIS is enabled but changes nothing: no layer group is ticked"
+    ]
