@@ -208,8 +208,9 @@ def _pladis_forward(
     context, _mask, supported = _split_call(args, kwargs)
     if not (supported and record.armed and session.applies()):
         return _fallback(record, module, x, args, kwargs)
-    chained = record.previous is not None and _adds_to_text_attention(module)
-    if record.previous is not None and not chained and not _bypass_warned:
+    chained = record.previous is not None and _adds_to_text_attention(module, record.previous)
+    foreign = record.previous is not None and not chained and not _is_class_forward(module, record.previous)
+    if foreign and not _bypass_warned:
         _bypass_warned.append(True)
         log.warning(
             "PLADIS: another extension's cross-attention forward is installed on %s layers; while PLADIS "
@@ -262,16 +263,44 @@ def _pladis_forward(
     return base + change
 
 
-def _adds_to_text_attention(module: nn.Module) -> bool:
-    """Whether ``module``'s instance forward is ControlNet's IP-Adapter one: stock text attention plus
-    image-prompt attention terms (its ``ipadapter_hacks``), then ``to_out``.
+def _adds_to_text_attention(module: nn.Module, previous: Callable[..., Any]) -> bool:
+    """Whether ``previous`` (the instance forward under ours) is ControlNet's IP-Adapter one, active:
+    stock text attention plus image-prompt attention terms (``ipadapter_hacks``), then ``to_out``.
 
     Why: that forward is what A1111 users most often have under ours; computing the layer ourselves
-    dropped the image prompt on every PLADIS layer. Other instance forwards are not known to be
-    additive, so PLADIS still replaces them (and says so once).
+    dropped the image prompt on every PLADIS layer. ControlNet binds its ``attn_forward_hacked`` to
+    the module (``plugable_ipadapter.hack_blk``); the list alone is not enough, as another
+    extension's forward (Regional Prompter's, say) may sit on top of it and is not known to be
+    additive: PLADIS still replaces such forwards (and says so once).
     """
     hacks = getattr(module, "ipadapter_hacks", None)
-    return isinstance(hacks, list) and len(hacks) > 0
+    function = getattr(previous, "__func__", None)
+    return (
+        isinstance(hacks, list)
+        and len(hacks) > 0
+        and getattr(previous, "__self__", None) is module
+        and getattr(function, "__name__", "") == "attn_forward_hacked"
+    )
+
+
+_STOCK_FORWARD_MODULES = ("modules.sd_hijack_optimizations", "ldm.modules.attention", "sgm.modules.attention")
+"""Where the WebUI's own cross-attention forwards live (the stock ones and the optimised ones)."""
+
+
+def _is_class_forward(module: nn.Module, previous: Callable[..., Any]) -> bool:
+    """Whether ``previous`` is only a stock forward bound to ``module``, which replacing loses nothing.
+
+    Why: ControlNet's ``clear_all_ip_adapter`` puts back the instance forward it saved, the class
+    forward bound to the module, so after one IP-Adapter generation every attn2 keeps one; warning
+    that "another extension's" forward was bypassed was wrong there.
+    """
+    function = getattr(previous, "__func__", None)
+    if function is None or getattr(previous, "__self__", None) is not module:
+        return False
+    return (
+        function is getattr(type(module), "forward", None)
+        or getattr(function, "__module__", "") in _STOCK_FORWARD_MODULES
+    )
 
 
 def _cross_attention_classes() -> tuple[type, ...]:
@@ -354,14 +383,17 @@ class Attn2Patcher:
         self._warned: set[str] = set()
 
     # -- session lifecycle -------------------------------------------------------------------------
-    def begin(self, params: PladisParams, owner: Any = None, host: HostFunctions | None = None) -> Session:
-        """End any previous generation (removing its patches), then start a new one.
+    def new_generation(self) -> None:
+        """Forget the warnings given: each generation says once why PLADIS did nothing (SD3, TensorRT).
 
-        Warnings about the model (no cross-attention, a UNet that bypasses attention) are given once
-        per generation, so each SD3 or TensorRT generation says why PLADIS did nothing.
+        Called from the script's ``process``, once per generation, not from :meth:`begin`, which
+        every sampling pass (each batch, hires fix) calls again after the previous pass ended.
         """
-        self.end()
         self._warned.clear()
+
+    def begin(self, params: PladisParams, owner: Any = None, host: HostFunctions | None = None) -> Session:
+        """End any previous generation (removing its patches), then start a new one."""
+        self.end()
         owner_ref = None if owner is None else weak_owner(owner)
         self.session = Session(params, host or resolve_host_functions(), owner_ref)
         return self.session

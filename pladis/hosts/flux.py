@@ -57,15 +57,21 @@ def attention_modules(diffusion_model: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-def install(unet: Any, params: PladisParams, sigma_hi: float, sigma_lo: float) -> bool:
-    """Chain our wrapper in front of any existing UNet function wrapper; False when unsupported."""
+def install(
+    unet: Any,
+    params: PladisParams,
+    sigma_hi: float,
+    sigma_lo: float,
+    warn: Callable[[str], None] = log.warning,
+) -> bool:
+    """Chain our wrapper in front of any UNet function wrapper; False, said by ``warn``, if unsupported."""
     modules = attention_modules(unet.model.diffusion_model)
     if not modules or not all(name.startswith("backend.") for name in modules):
-        log.warning("PLADIS: joint-attention model outside Forge's backend (%s); skipped", ", ".join(modules))
+        warn(f"PLADIS: joint-attention model outside Forge's backend ({', '.join(modules)}); skipped")
         return False
     for name in modules:
         if not callable(getattr(importlib.import_module(name), "attention", None)):
-            log.warning("PLADIS: %s has no attention function; skipped", name)
+            warn(f"PLADIS: {name} has no attention function; skipped")
             return False
     prior = unwrap(unet.model_options.get("model_function_wrapper"))
     wrapper = make_wrapper(

@@ -60,25 +60,49 @@ def apply(p: Any, params: PladisParams) -> None:
     forge_objects = p.sd_model.forge_objects
     unet = forge_objects.unet.clone()
     diffusion_model = unet.model.diffusion_model
+
+    def warn(message: str) -> None:
+        _warn_once(p, message)
+
     try:
         sigma_hi, sigma_lo = sigma_window(unet, params)
     except RuntimeError as error:
-        log.warning("%s; skipped", error)
+        warn(f"{error}; skipped")
         return
     sites = list(attn2_sites(diffusion_model))
     if sites:
         chosen = [site for site in sites if _group_of(site[0]) in params.layers]
         if not chosen:
-            log.warning("PLADIS is enabled but changes nothing: no layer group is ticked")
+            warn("PLADIS is enabled but changes nothing: no layer group is ticked")
             return
         install_attn2(unet, chosen, params, sigma_hi, sigma_lo, host_of(diffusion_model))
     elif flux.is_joint_model(diffusion_model):
-        if not flux.install(unet, params, sigma_hi, sigma_lo):
+        if not flux.install(unet, params, sigma_hi, sigma_lo, warn=warn):
             return
     else:
-        log.warning("PLADIS: no cross-attention found in %s; skipped", type(diffusion_model).__name__)
+        warn(f"PLADIS: no cross-attention found in {type(diffusion_model).__name__}; skipped")
         return
     forge_objects.unet = unet
+
+
+WARNED_ATTR = "_pladis_forge_warned"
+"""Attribute of a processing object: the warnings :func:`apply` already gave for it."""
+
+
+def _warn_once(p: Any, message: str) -> None:
+    """Log ``message`` once per processing object.
+
+    Why: :func:`apply` runs for every sampling pass (each batch of ``n_iter``, hires fix), so a
+    model PLADIS cannot change said so again and again in one generation.
+    """
+    said = getattr(p, WARNED_ATTR, None)
+    if not isinstance(said, set):
+        said = set()
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(p, WARNED_ATTR, said)
+    if message not in said:
+        said.add(message)
+        log.warning(message)
 
 
 def host_of(diffusion_model: Any) -> str:

@@ -86,6 +86,7 @@ class Controller:
     def process(self, p: Any, args: Sequence[Any]) -> PladisParams | None:
         """Parse the args (+ X/Y/Z overrides), write infotext, clean up, configure PLADIS for ``p``."""
         self.patcher.end()  # leftovers of a crashed or enclosing generation must not leak into this one
+        self.patcher.new_generation()
         _undo_fail_at_init(p)
         setattr(p, GENERATION_ATTR, None)
         extra = getattr(p, "extra_generation_params", None)

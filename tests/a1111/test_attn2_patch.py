@@ -192,10 +192,11 @@ def _hack_like_controlnet_ip_adapter(module, weight=0.7, seed=5, tokens=4):
 
     def image_prompt(attn, x, q):
         h = attn.heads
-        out = torch.nn.functional.scaled_dot_product_attention(q, split(ip_k, h), split(ip_v, h))
+        ik, iv = (split(t.to(q.dtype), h) for t in (ip_k, ip_v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, ik, iv)
         return out.transpose(1, 2).reshape(x.shape[0], -1, inner) * weight
 
-    def hacked(self, x, context=None, **kwargs):
+    def attn_forward_hacked(self, x, context=None, **kwargs):
         context = x if context is None else context
         h = self.heads
         q, k, v = (split(t, h) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
@@ -206,7 +207,7 @@ def _hack_like_controlnet_ip_adapter(module, weight=0.7, seed=5, tokens=4):
         return self.to_out(out)
 
     module.ipadapter_hacks = [image_prompt]
-    module.forward = hacked.__get__(module, type(module))
+    module.forward = attn_forward_hacked.__get__(module, type(module))
     return image_prompt
 
 
@@ -217,6 +218,7 @@ def test_controlnet_ip_adapter_under_pladis_keeps_the_image_prompt(host, kind, m
     module = _module(host, kind)
     x, context = _xc()
     image_prompt = _hack_like_controlnet_ip_adapter(module)
+    theirs = module.__dict__["forward"]
     monkeypatch.setattr(a1111, "_bypass_warned", [])
     with torch.no_grad(), caplog.at_level("WARNING", logger=a1111.__name__):
         with_image = module(x, context=context)
@@ -232,7 +234,76 @@ def test_controlnet_ip_adapter_under_pladis_keeps_the_image_prompt(host, kind, m
     assert not torch.allclose(got, with_image, atol=1e-3)  # PLADIS changed it …
     assert not torch.allclose(got, text, atol=1e-3)  # … and the image prompt stayed
     assert not [r for r in caplog.records if "another extension" in r.getMessage()]
-    assert "forward" in module.__dict__ and module.ipadapter_hacks == [image_prompt]  # theirs is back
+    assert module.__dict__["forward"] is theirs and not a1111.is_patched(module)  # theirs is back
+    assert module.ipadapter_hacks == [image_prompt]
+
+
+@pytest.mark.parametrize("kind", ["ldm", "sgm"])
+def test_controlnet_ip_adapter_outside_the_window_is_theirs_bit_for_bit(host, kind):
+    module = _module(host, kind)
+    x, context = _xc()
+    _hack_like_controlnet_ip_adapter(module)
+    with torch.no_grad():
+        with_image = module(x, context=context)
+        patcher = _patch(module, alpha=1.5, lam=2.0, start=0.0, end=0.5)
+        patcher.set_progress(0.75)
+        got = module(x, context=context)
+        patcher.end()
+    assert torch.equal(got, with_image)
+
+
+def test_controlnet_ip_adapter_chain_in_bf16_adds_nothing_for_an_empty_image_prompt(host):
+    # With a zero image-prompt term the chained result is PLADIS alone, up to bf16 rounding of the
+    # three to_out calls (to_out(a) + to_out(b) − to_out(0) rounds where to_out(a + b) does once).
+    module = _module(host, "sgm").to(torch.bfloat16)
+    x, context = (t.to(torch.bfloat16) for t in _xc())
+    with torch.no_grad():
+        patcher = _patch(module, alpha=1.5, lam=2.0)
+        plain = module(x, context=context)
+        patcher.end()
+        _hack_like_controlnet_ip_adapter(module, weight=0.0)
+        patcher = _patch(module, alpha=1.5, lam=2.0)
+        chained = module(x, context=context)
+        patcher.end()
+    assert chained.dtype == torch.bfloat16
+    torch.testing.assert_close(chained.float(), plain.float(), rtol=2**-6, atol=2**-6)
+
+
+def _pladis_replaces(host, module, monkeypatch, caplog) -> int:
+    """Run ``module`` under PLADIS, check it computed the layer itself (float64 oracle, nothing of the
+    forward under it); returns how many "another extension" warnings it gave."""
+    x, context = _xc()
+    monkeypatch.setattr(a1111, "_bypass_warned", [])
+    with torch.no_grad(), caplog.at_level("WARNING", logger=a1111.__name__):
+        patcher = _patch(module, alpha=1.5, lam=2.0)
+        got = module(x, context=context)
+        patcher.end()
+        expected = host.kit.oracle_attn2(module, x, context, 1.5, 2.0)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    return sum("another extension" in r.getMessage() for r in caplog.records)
+
+
+def test_a_forward_on_top_of_controlnet_ip_adapter_is_replaced_not_chained(host, monkeypatch, caplog):
+    # ipadapter_hacks stays on the module while another extension's forward (Regional Prompter's,
+    # say) sits on top of ControlNet's: that one is not known to be additive, so PLADIS replaces it
+    # (and says so), as for any unknown forward.
+    module = _module(host, "ldm")
+    _hack_like_controlnet_ip_adapter(module)
+    theirs = module.__dict__["forward"]
+    module.forward = lambda x, context=None, **kw: theirs(x, context=context, **kw) * 0.5
+    assert _pladis_replaces(host, module, monkeypatch, caplog) == 1
+
+
+@pytest.mark.parametrize("kind", ["ldm", "sgm"])
+def test_after_controlnet_clears_its_ip_adapter_no_bypass_warning(host, kind, monkeypatch, caplog):
+    # ControlNet's clear_all_ip_adapter puts back what it saved: the class forward bound to the
+    # module, an instance forward that is only the stock one. Replacing it loses nothing.
+    module = _module(host, kind)
+    saved = module.forward  # hack_blk: all_hacks[block] = block.forward
+    _hack_like_controlnet_ip_adapter(module)
+    module.forward, module.ipadapter_hacks = saved, []  # clear_all_ip_adapter
+    assert _pladis_replaces(host, module, monkeypatch, caplog) == 0
+    assert module.__dict__["forward"] is saved
 
 
 def test_extra_keyword_values_that_are_tensors_fall_back_without_error() -> None:
@@ -353,10 +424,15 @@ def test_models_pladis_cannot_change_are_left_alone_with_one_warning(host, monke
         "PLADIS: an alternative UNet (e.g. TensorRT) is active; it bypasses attention patches.",
     ]
     assert not any(a1111.is_patched(m) for m in mmdit.modules()) and "forward" not in module.__dict__
-    # once per generation, not per process: the next generation says it again
+    # once per generation, not per sampling pass (each begins a session) nor per process
     caplog.clear()
     monkeypatch.setattr(importlib.import_module("modules.sd_unet"), "current_unet", None)
     with caplog.at_level("WARNING", logger=a1111.__name__):
+        patcher.begin(PladisParams(enabled=True))  # the same generation's next pass (hires, next batch)
+        assert patcher.patch_model(mmdit) == 0
+        patcher.end()
+        assert caplog.records == []
+        patcher.new_generation()
         patcher.begin(PladisParams(enabled=True))
         assert patcher.patch_model(mmdit) == 0
         assert patcher.patch_model(mmdit) == 0

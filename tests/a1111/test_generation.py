@@ -472,3 +472,20 @@ def test_an_enabled_setting_that_changes_nothing_says_why(webui, caplog):
         assert torch.equal(out, baseline), values
         said = [r.getMessage() for r in caplog.records if "changes nothing" in r.getMessage()]
         assert said == [f"PLADIS is enabled but changes nothing: {reason}" for reason in reasons], values
+
+
+def test_model_warning_comes_once_per_generation_not_per_sampling_pass(webui, monkeypatch, caplog):
+    # Each batch of n_iter and the hires pass begin a new PLADIS session (the previous pass ended
+    # it); a TensorRT UNet's warning still comes once per generation, and again for the next one.
+    import importlib
+
+    kit = webui.kit
+    model = kit.sd15()
+    monkeypatch.setattr(importlib.import_module("modules.sd_unet"), "current_unet", object())
+    message = "PLADIS: an alternative UNet (e.g. TensorRT) is active; it bypasses attention patches."
+    kw = {"enable_hr": True, "hr_second_pass_steps": 2, "denoising_strength": 0.7}
+    with caplog.at_level("WARNING", logger=a1111.__name__):
+        _generate(webui, model, True, 1.5, 2.0, data=kit.inputs(n_iter=2), **kw)
+        assert [r.getMessage() for r in caplog.records].count(message) == 1
+        _generate(webui, model, True, 1.5, 2.0, data=kit.inputs(), **kw)
+    assert [r.getMessage() for r in caplog.records].count(message) == 2
