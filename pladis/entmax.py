@@ -25,8 +25,8 @@ dominates the cost of a cross-attention layer, and their float32 cumulative sums
   numpy float64 (:func:`_solve_on_candidates`); the result is :class:`SparseRows`.
 * For 1.05 ≤ α < 1.5 with a fractional β the support is too dense for gathering to pay, so the
   fractional powers themselves are the cost: Halley steps from a pow-free start, and the weights by
-  a second-order expansion in the last step, take two such powers per key instead of four; at
-  α ≤ 1.3 the last evaluation finishes to first order, with no curvature (:func:`_halley_solve`).
+  a second-order expansion in the last step, take two such powers per key instead of four; rows
+  whose last Newton step is small enough finish to first order, with no curvature (:func:`_halley_solve`).
   The scores are read as ``(α − 1)·S − τ`` in one op (:class:`ScaledScores`), never scaled first.
 * Just above α = 1 (α < 1.05), ``x − τ`` is close to 1 and float32 rounding raised to the power β
   would break the result: there the weights are written as ``exp(u + β·log1p(v))`` around the
@@ -676,6 +676,7 @@ def _halley_solve(
             step = halley
         # Settled rows finish with Halley's step (the more accurate one), so it is the one checked.
         unsettled = halley.abs().squeeze(-1) > tolerance
+        _flag_entering_keys(x, tau, halley, beta, unsettled)
         count = int(unsettled.sum())
         if count == 0 or (robust and evaluation == _HALLEY_ROUNDS):
             break
@@ -717,6 +718,7 @@ def _finish_far_rows(
     step, halley = _safeguarded_step(None, total, first, lowest.sum(-1, keepdim=True), beta)
     weights = _taylor_weights(t_far, lowest, halley, beta, torch.empty_like(t_far))
     unsettled = halley.abs().squeeze(-1) > tolerance
+    _flag_entering_keys(x.index_select(0, index), tau.index_select(0, index), halley, beta, unsettled)
     if bool(unsettled.any()):
         pending = unsettled.nonzero().squeeze(-1)
         start = tau.index_select(0, index).index_select(0, pending).add_(step.index_select(0, pending))
@@ -724,6 +726,29 @@ def _finish_far_rows(
         sub = _halley_solve(x.index_select(0, rows), beta, None, start, robust=True)
         weights.index_copy_(0, pending, sub)
     out.index_copy_(0, index, weights)
+
+
+def _flag_entering_keys(
+    x: Tensor | ScaledScores, tau: Tensor, step: Tensor, beta: float, unsettled: Tensor
+) -> None:
+    """Mark unsettled (in place) the rows a final step ``δ < 0`` would finish wrongly: keys in
+    ``(τ + δ, τ]`` enter the support, but the second-order finish gives them 0.
+
+    Why: each such key is owed up to ``|δ|^β``, and a step just within :func:`_step_tolerance`
+    from a start above the root left a tie group just below that start at 0 (measured: 1.3e-5 off
+    at α = 1.49, K = 77, 75 tied keys). Only rows whose step is below ``−(ROW_SUM_TOL/4K)^(1/β)``,
+    where that could matter, are looked at (a few rows in 10^3 on Gaussian scores); the rows
+    marked go on like any unsettled row.
+    """
+    limit = (ROW_SUM_TOL / (4.0 * x.shape[-1])) ** (1.0 / beta)
+    candidates = ((step.squeeze(-1) < -limit) & ~unsettled).nonzero().squeeze(-1)
+    if candidates.numel() == 0:
+        return
+    rows = x.index_select(0, candidates)
+    scores = rows.centred * rows.scale if isinstance(rows, ScaledScores) else rows
+    tau_c, step_c = tau.index_select(0, candidates), step.index_select(0, candidates)
+    entering = ((scores > tau_c + step_c) & (scores <= tau_c)).any(-1)
+    unsettled.index_fill_(0, candidates[entering], True)
 
 
 def _near_softmax_solve(
@@ -815,8 +840,9 @@ def _linear_step_limit(beta: float, keys: int) -> float:
 
     The remainder of ``(t − δ)^β`` after ``t^β − βδ·t^(β−1)`` is ``β(β−1)/2·δ²·ξ^(β−2)`` with
     ``ξ ≤ 1 + |δ|`` (t ≤ 1), so at most ``K·β(β−1)/2·δ²`` per row. Measured on Gaussian scores
-    (σ 0.5–2): the second Halley evaluation's steps are at most 4e-6 at α = 1.3 (limit 2.9e-5 at
-    K = 77) and up to 2e-4 at α = 1.45 (limit 4.9e-5: there the curvature is still needed).
+    (σ 0.5–2), with Halley's step from the start: the second evaluation's Newton steps are at most
+    4e-6 at α = 1.3 (limit 2.9e-5 at K = 77) and within the limit for all but ~1 row in 10^4 at
+    α = 1.45 (limit 4.9e-5); rows over it take the curvature (:func:`_finish_far_rows`).
     """
     return math.sqrt(ROW_SUM_TOL / (2.0 * beta * (beta - 1.0) * keys))
 
@@ -855,8 +881,9 @@ def _step_tolerance(beta: float, keys: int) -> float:
     whatever the expansion). Measured: 1e-7 against a float64 oracle at this bound. A final δ < 0
     also lets keys enter the support with weight 0 (off by up to ``|δ|^β`` each, with no factor
     ``C``); a bound for that alone (``(ROW_SUM_TOL/4K)^(1/β)``) sent 7 % of the rows at α = 1.49 to
-    another evaluation (+12 % time) for no measured gain: the final steps are far below this bound
-    (cubic convergence), and tie groups placed just at the support's edge stayed within 3e-7.
+    another evaluation (+12 % time), although most have no key there. Instead, rows with such a step
+    are checked for keys in ``(τ + δ, τ]`` (:func:`_flag_entering_keys`): a tie group just below a
+    start above the root was left at 0, 1.3e-5 off at α = 1.49.
     """
     remainder = beta * (beta - 1.0) * (beta - 2.0) / 6.0
     return (ROW_SUM_TOL / (4.0 * keys * max(remainder, 1e-3))) ** (1.0 / min(beta, 3.0))

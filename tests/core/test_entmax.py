@@ -269,11 +269,12 @@ def test_fractional_beta_takes_two_fractional_powers_on_gaussian_scores(
     # The cost claim of the Halley solver: a pow-free start, then two evaluations with a fractional
     # power of every key (the old Newton solver took four or more) and no separate final pass. Below
     # α ≈ 1.43 a few rows may take a third evaluation on their own; above, from the start mapped from
-    # the ℓ2 bound, none does (the interpolated start left up to a fifth of them for a third).
+    # the ℓ2 bound, at most a handful do, whose last step would let keys enter the support
+    # (_flag_entering_keys; the interpolated start left up to a fifth of them for a third).
     x = random_rows(23, 2048, keys, 1.0)
     got, sizes = _with_fractional_powers_counted(monkeypatch, lambda: entmax(x, alpha))
     assert sizes[:2] == [x.numel(), x.numel()]
-    assert sum(sizes[2:]) <= (0 if alpha > 1.43 else x.numel() // 4)
+    assert sum(sizes[2:]) <= (x.numel() // 200 if alpha > 1.43 else x.numel() // 4)
     assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
     assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
 
@@ -288,6 +289,21 @@ def test_halley_finish_with_many_keys_near_the_support_edge(alpha: float, keys: 
     x[:, 0] += 2.0 * torch.rand(128, generator=generator) + 0.5
     got = entmax(x, alpha)
     assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("keys", [15, 42, 77])
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_tie_group_just_below_a_start_above_the_root_gets_its_weight(keys: int, alone: bool) -> None:
+    # The start (mapped ℓ2 bound, −0.94788 here) lies 1.4e-6 above a tie group and 1.2e-3 above the
+    # root: Halley's step down is just within the step tolerance, and the finish gave the group's
+    # keys, now in the support, weight 0 (1.3e-5 off; a review found it). Among Gaussian rows too.
+    row = torch.tensor([0.0, -1.7237731218338013] + [-2.0200300216674805] * (keys - 2))
+    x = row.repeat(64, 1)
+    if not alone:
+        x = torch.cat([x, random_rows(3, 256, keys, 1.0)])
+    got = entmax(x, 1.49)
+    assert (got.double() - reference_entmax(x, 1.49)).abs().max().item() <= 1e-6
     assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
 
 
