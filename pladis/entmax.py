@@ -718,7 +718,7 @@ def _finish_far_rows(
     step, halley = _safeguarded_step(None, total, first, lowest.sum(-1, keepdim=True), beta)
     weights = _taylor_weights(t_far, lowest, halley, beta, torch.empty_like(t_far))
     unsettled = halley.abs().squeeze(-1) > tolerance
-    _flag_entering_keys(x.index_select(0, index), tau.index_select(0, index), halley, beta, unsettled)
+    _flag_entering_keys(x, tau, halley, beta, unsettled, rows=index)
     if bool(unsettled.any()):
         pending = unsettled.nonzero().squeeze(-1)
         start = tau.index_select(0, index).index_select(0, pending).add_(step.index_select(0, pending))
@@ -729,7 +729,12 @@ def _finish_far_rows(
 
 
 def _flag_entering_keys(
-    x: Tensor | ScaledScores, tau: Tensor, step: Tensor, beta: float, unsettled: Tensor
+    x: Tensor | ScaledScores,
+    tau: Tensor,
+    step: Tensor,
+    beta: float,
+    unsettled: Tensor,
+    rows: Tensor | None = None,
 ) -> None:
     """Mark unsettled (in place) the rows a final step ``δ < 0`` would finish wrongly: keys in
     ``(τ + δ, τ]`` enter the support, but the second-order finish gives them 0.
@@ -738,15 +743,17 @@ def _flag_entering_keys(
     from a start above the root left a tie group just below that start at 0 (measured: 1.3e-5 off
     at α = 1.49, K = 77, 75 tied keys). Only rows whose step is below ``−(ROW_SUM_TOL/4K)^(1/β)``,
     where that could matter, are looked at (a few rows in 10^3 on Gaussian scores); the rows
-    marked go on like any unsettled row.
+    marked go on like any unsettled row. ``rows``: the rows of ``x`` and ``tau`` that ``step`` and
+    ``unsettled`` are about (all when None), so that only candidates are gathered.
     """
     limit = (ROW_SUM_TOL / (4.0 * x.shape[-1])) ** (1.0 / beta)
     candidates = ((step.squeeze(-1) < -limit) & ~unsettled).nonzero().squeeze(-1)
     if candidates.numel() == 0:
         return
-    rows = x.index_select(0, candidates)
-    scores = rows.centred * rows.scale if isinstance(rows, ScaledScores) else rows
-    tau_c, step_c = tau.index_select(0, candidates), step.index_select(0, candidates)
+    source = candidates if rows is None else rows.index_select(0, candidates)
+    picked = x.index_select(0, source)
+    scores = picked.centred * picked.scale if isinstance(picked, ScaledScores) else picked
+    tau_c, step_c = tau.index_select(0, source), step.index_select(0, candidates)
     entering = ((scores > tau_c + step_c) & (scores <= tau_c)).any(-1)
     unsettled.index_fill_(0, candidates[entering], True)
 

@@ -209,8 +209,12 @@ def _pladis_forward(
     if not (supported and record.armed and session.applies()):
         return _fallback(record, module, x, args, kwargs)
     chained = record.previous is not None and _adds_to_text_attention(module, record.previous)
-    foreign = record.previous is not None and not chained and not _is_class_forward(module, record.previous)
-    if foreign and not _bypass_warned:
+    if (
+        not _bypass_warned
+        and record.previous is not None
+        and not chained
+        and not _is_class_forward(module, record.previous)
+    ):
         _bypass_warned.append(True)
         log.warning(
             "PLADIS: another extension's cross-attention forward is installed on %s layers; while PLADIS "
@@ -274,13 +278,17 @@ def _adds_to_text_attention(module: nn.Module, previous: Callable[..., Any]) -> 
     additive: PLADIS still replaces such forwards (and says so once).
     """
     hacks = getattr(module, "ipadapter_hacks", None)
-    function = getattr(previous, "__func__", None)
+    function = _function_bound_to(module, previous)
     return (
         isinstance(hacks, list)
         and len(hacks) > 0
-        and getattr(previous, "__self__", None) is module
         and getattr(function, "__name__", "") == "attn_forward_hacked"
     )
+
+
+def _function_bound_to(module: nn.Module, forward: Callable[..., Any]) -> Any:
+    """The function of ``forward`` when it is a method bound to ``module``, else None."""
+    return getattr(forward, "__func__", None) if getattr(forward, "__self__", None) is module else None
 
 
 _STOCK_FORWARD_MODULES = ("modules.sd_hijack_optimizations", "ldm.modules.attention", "sgm.modules.attention")
@@ -294,8 +302,8 @@ def _is_class_forward(module: nn.Module, previous: Callable[..., Any]) -> bool:
     forward bound to the module, so after one IP-Adapter generation every attn2 keeps one; warning
     that "another extension's" forward was bypassed was wrong there.
     """
-    function = getattr(previous, "__func__", None)
-    if function is None or getattr(previous, "__self__", None) is not module:
+    function = _function_bound_to(module, previous)
+    if function is None:
         return False
     return (
         function is getattr(type(module), "forward", None)
