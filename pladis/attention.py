@@ -26,12 +26,12 @@ from torch import Tensor
 
 from .entmax import (
     SparseRows,
+    UnnormalisedRows,
     Workspace,
     check_alpha,
     check_no_grad,
     check_real,
     entmax_rows,
-    gathers_keys,
     is_softmax,
     row_max,
     softmax_centred_,
@@ -41,15 +41,12 @@ from .env import env_flag
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 """Upper bound, in bytes, on the float32 working set of one chunk (scores and temporaries)."""
 
-_CACHE_FRIENDLY_ELEMENTS = 1 << 20
-"""Preferred number of score elements per chunk on CPU (4 MiB of float32, in the L3 cache).
+_CACHE_FRIENDLY_ELEMENTS = 3 << 19
+"""Preferred number of score elements per chunk on CPU (6 MiB of float32, in the L3 cache).
 
-Measured on the benchmark shapes: 2^19–2^20 is fastest for α = 1.5 (2^18: +10–20 %), and for the
-whole-row solvers at other α (2^21: +10 % at α = 1.3)."""
-
-_GATHERING_CACHE_ELEMENTS = 1 << 21
-"""The same for 1.5 < α < 2, whose gathered keys make ~250 small ops per chunk (0.6 ms at 2^20):
-half as many chunks were 4–10 % faster on the benchmark's level-1 shapes, cache misses included."""
+Measured on the benchmark's level-1 shapes (2-core AVX-512 VM, chunks of whole heads): 1.5·2^20
+was fastest or within noise of it for every α (1.3–2); 2^20 was 3–8 % slower (more chunks, and
+each chunk's per-row ops cost the same), 2^21 2–5 % slower."""
 
 _WORKING_COPIES = 6
 """float32 score-sized buffers alive at once while a chunk is processed (scores, weights, temporaries)."""
@@ -96,6 +93,8 @@ def blend_rows_(scores: Tensor, alpha: float, lam: float, ws: Workspace) -> Tens
         return softmax_centred_(centred)
     sparse = entmax_rows(centred, alpha, ws)
     blend = softmax_centred_(centred, 1.0 - lam)
+    if isinstance(sparse, UnnormalisedRows):
+        return blend.addcdiv_(sparse.values, sparse.total, value=lam)
     if isinstance(sparse, SparseRows):
         # scatter_add_ of the scaled values: on CPU 1.5× faster than index_add_ (unique flat indices
         # into a score-sized block: 0.09 against 0.15 ms per 131k values).
@@ -239,23 +238,72 @@ def _pladis_attention_torch(
     mask_full = None if mask is None else _expand_mask(mask, batch, n_queries, n_keys)
     out_view = out.view(groups, n_queries, d_v)
 
-    cache = _GATHERING_CACHE_ELEMENTS if gathers_keys(alpha) else _CACHE_FRIENDLY_ELEMENTS
-    step = chunk_queries(
-        groups, n_queries, n_keys, memory_budget, q.is_cuda, q_dim=dim, v_dim=d_v, cache_elements=cache
-    )
+    step = chunk_queries(groups, n_queries, n_keys, memory_budget, q.is_cuda, q_dim=dim, v_dim=d_v)
+    q_groups = _group_view(q_full, groups)
+    mask_groups = None if mask_full is None else _group_view(mask_full, groups)
+    if q_groups is None or (mask_full is not None and mask_groups is None):
+        # Leading dims that do not flatten without a copy (the WebUI's packed layout): chunks of
+        # queries across all groups, read through the broadcast views.
+        blocks = [
+            (slice(None), slice(start, min(start + step, n_queries))) for start in range(0, n_queries, step)
+        ]
+        q_groups, mask_groups, direct = None, None, False
+    else:
+        blocks = group_blocks(groups, n_queries, step * groups)
+        direct = out.dtype == torch.float32  # each block's output is a contiguous slice of out
     with _workspace(q.device) as ws:
-        for start in range(0, n_queries, step):
-            stop = min(start + step, n_queries)
-            rows = stop - start
-            q_chunk = _float32_rows(q_full[..., start:stop, :], groups, ws)
-            scores = ws.buffer("scores", (groups, rows, n_keys), q.device)
-            torch.baddbmm(scores, q_chunk, k32t, beta=0.0, alpha=scale, out=scores)
-            if mask_full is not None:
-                _apply_mask(scores.view(*batch, rows, n_keys), mask_full[..., start:stop, :])
-            weights = blend_rows_(scores.view(-1, n_keys), alpha, lam, ws).view(groups, rows, n_keys)
-            chunk_out = ws.buffer("out", (groups, rows, d_v), q.device)
-            out_view[:, start:stop] = torch.bmm(weights, v32, out=chunk_out)
+        for group_slice, query_slice in blocks:
+            if q_groups is None:
+                q_block, g = q_full[..., query_slice, :], groups
+            else:
+                q_block = q_groups[group_slice, query_slice]
+                g = q_block.shape[0]
+            rows = q_block.shape[-2]
+            q_chunk = _float32_rows(q_block, g, ws)
+            scores = ws.buffer("scores", (g, rows, n_keys), q.device)
+            torch.baddbmm(scores, q_chunk, k32t[group_slice], beta=0.0, alpha=scale, out=scores)
+            if mask_groups is not None:
+                _apply_mask(scores, mask_groups[group_slice, query_slice])
+            elif mask_full is not None:
+                _apply_mask(scores.view(*batch, rows, n_keys), mask_full[..., query_slice, :])
+            weights = blend_rows_(scores.view(-1, n_keys), alpha, lam, ws).view(g, rows, n_keys)
+            target = out_view[group_slice, query_slice]
+            if direct:
+                torch.bmm(weights, v32[group_slice], out=target)
+            else:
+                target.copy_(
+                    torch.bmm(weights, v32[group_slice], out=ws.buffer("out", (g, rows, d_v), q.device))
+                )
     return out
+
+
+def group_blocks(groups: int, n_queries: int, block_rows: int) -> list[tuple[slice, slice]]:
+    """(groups, queries) blocks of about ``block_rows`` score rows each, each a contiguous slice of a
+    ``(groups, queries, ·)`` tensor: whole groups when a group fits, else queries of one group.
+
+    Why: the V matmul then writes straight into the output, with no per-chunk copy (4–8 % of a
+    call on CPU: the copy lands on fresh output memory). Sizes are balanced (no small last block).
+    """
+    block_rows = max(1, block_rows)
+    if n_queries <= block_rows:
+        return [(part, slice(0, n_queries)) for part in _balanced(groups, block_rows // n_queries)]
+    return [(slice(g, g + 1), part) for g in range(groups) for part in _balanced(n_queries, block_rows)]
+
+
+def _balanced(n: int, most: int) -> list[slice]:
+    """``range(n)`` cut into as few slices of at most ``most`` as possible, their sizes within one."""
+    count = -(-n // most)
+    size, larger = divmod(n, count)
+    starts = [i * size + min(i, larger) for i in range(count + 1)]
+    return [slice(starts[i], starts[i + 1]) for i in range(count)]
+
+
+def _group_view(t: Tensor, groups: int) -> Tensor | None:
+    """``t`` (*batch, rows, cols) viewed as (groups, rows, cols), or None if that needs a copy."""
+    try:
+        return t.view(groups, *t.shape[-2:])
+    except RuntimeError:
+        return None
 
 
 _kept_workspaces: dict[bool, Workspace] = {}
@@ -306,9 +354,8 @@ def chunk_queries(
     *,
     q_dim: int = 0,
     v_dim: int = 0,
-    cache_elements: int = _CACHE_FRIENDLY_ELEMENTS,
 ) -> int:
-    """Queries per chunk: within the memory budget and, on CPU, about ``cache_elements`` scores.
+    """Queries per chunk: within the memory budget and, on CPU, about ``_CACHE_FRIENDLY_ELEMENTS`` scores.
 
     Per query: the float32 score-sized buffers, plus its float32 query and output rows.
     """
@@ -316,7 +363,7 @@ def chunk_queries(
     per_query = groups * 4 * (n_keys * _WORKING_COPIES + q_dim + v_dim)
     step = max(1, memory_budget // per_query)
     if not on_gpu:
-        step = min(step, max(1, cache_elements // (groups * n_keys)))
+        step = min(step, max(1, _CACHE_FRIENDLY_ELEMENTS // (groups * n_keys)))
     return min(step, n_queries)
 
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pladis.attention import chunk_queries, pladis_attention, pladis_attention_packed, pladis_weights
+from pladis.attention import (
+    chunk_queries,
+    group_blocks,
+    pladis_attention,
+    pladis_attention_packed,
+    pladis_weights,
+)
 from pladis.entmax import entmax
 from tests.core.oracles import reference_pladis
 
@@ -96,14 +102,12 @@ def test_chunk_size_respects_the_memory_budget() -> None:
         chunk_queries(1, 1, 1, 0, on_gpu=False)
 
 
-@pytest.mark.parametrize(
-    ("alpha", "scores"), [(1.5, 1 << 20), (1.3, 1 << 20), (1.75, 1 << 21), (1.9, 1 << 21)]
-)
-def test_cpu_chunks_are_larger_where_keys_are_gathered(
-    alpha: float, scores: int, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("alpha", [1.5, 1.3, 1.75, 1.9])
+def test_cpu_chunks_are_whole_heads_of_about_one_and_a_half_mebi_scores(
+    alpha: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The gathered solve (1.5 < α < 2) makes many small ops per chunk: it takes chunks of ~2^21
-    # scores on CPU, the other solvers ~2^20 (cache).
+    # Every solver takes chunks of ~1.5·2^20 scores on CPU (cache; fewer chunks spare per-row ops):
+    # here 4 of the 8 heads of 4096 queries (4 · 4096 · 77 ≤ 1.5 · 2^20 < 5 · 4096 · 77).
     import pladis.attention as attention
 
     rows = []
@@ -111,8 +115,34 @@ def test_cpu_chunks_are_larger_where_keys_are_gathered(
     monkeypatch.setattr(attention, "blend_rows_", lambda s, *a: rows.append(s.shape[0]) or real(s, *a))
     q, k, v = qkv(2, 4, 4096, 77, 8, seed=12)
     pladis_attention(q, k, v, alpha=alpha, lam=2.0)
-    assert rows[0] == 8 * (scores // (8 * 77))
-    assert sum(rows) == 8 * 4096
+    assert rows == [4 * 4096, 4 * 4096]
+
+
+def test_blocks_are_whole_heads_when_they_fit_else_queries_of_one_head() -> None:
+    heads = [(0, 3), (3, 6), (6, 9), (9, 12), (12, 14), (14, 16)]  # 16 heads of 3 at most: 6 blocks
+    assert group_blocks(16, 4096, 13616) == [(slice(a, b), slice(0, 4096)) for a, b in heads]
+    assert group_blocks(5, 100, 10**6) == [(slice(0, 5), slice(0, 100))]
+    # 16384 queries do not fit in 13616 rows: two halves of each head, in order; 7 in 3 rows: 3, 2, 2.
+    assert group_blocks(2, 16384, 13616) == [
+        (slice(g, g + 1), slice(n, n + 8192)) for g in range(2) for n in (0, 8192)
+    ]
+    assert group_blocks(1, 7, 3) == [(slice(0, 1), slice(a, b)) for a, b in [(0, 3), (3, 5), (5, 7)]]
+    assert group_blocks(3, 10, 1) == [(slice(g, g + 1), slice(n, n + 1)) for g in range(3) for n in range(10)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_write_the_output_of_every_head_and_query(dtype) -> None:
+    # Whole-head blocks, and blocks within a head, write each output row once, in its place.
+    gen = torch.Generator().manual_seed(14)
+    q, k = exact_qk((2, 3, 50, 16), gen).to(dtype), exact_qk((2, 3, 20, 16), gen).to(dtype)
+    v = torch.randn(2, 3, 20, 16, generator=gen).to(dtype)
+    want = pladis_attention(q, k, v, alpha=1.5, lam=2.0, scale=EXACT_SCALE, memory_budget=1 << 40)
+    # 6 rows (within a head), 48 (halves of a head), 120 (two heads), 300 (all six) per block.
+    for queries in (7, 50, 120, 300):
+        budget = queries * 4 * (20 * 6 + 32) // 6 * 6  # ``queries`` score rows a block
+        got = pladis_attention(q, k, v, alpha=1.5, lam=2.0, scale=EXACT_SCALE, memory_budget=budget)
+        tol = 2e-6 if dtype == torch.float32 else 2.0**-7
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -451,6 +451,7 @@ def test_cpu_fractional_solvers_never_scale_the_whole_block(alpha: float) -> Non
     centred = x - x.amax(-1, keepdim=True)
     got = module.entmax_rows(centred, alpha, ws)
     dense = got.to_dense(torch.empty_like(centred)) if isinstance(got, module.SparseRows) else got
+    dense = dense.normalised_() if isinstance(dense, module.UnnormalisedRows) else dense
     assert "x" not in ws._buffers
     assert (dense.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
     assert (dense[x == -math.inf] == 0).all()
@@ -614,8 +615,13 @@ def test_numpy_log2_choice_can_be_forced(
     state = torch.random.get_rng_state()
     clock, ticks = module.time.perf_counter, []
     monkeypatch.setattr(module.time, "perf_counter", lambda: ticks.append(1) or clock())
+    sizes = []
+    real_log2 = module.np.log2
+    monkeypatch.setattr(module.np, "log2", lambda a, out: sizes.append(a.size) or real_log2(a, out=out))
     module.numpy_log2_is_faster.__wrapped__()
     assert len(ticks) == 2 * 2 * 5  # unforced, both log₂ were timed, best of 5 each
+    # On a chunk's worth of floats: on 2^16 the two tied where at 2^20 torch was twice as fast.
+    assert sizes == [1 << 20] * 5
     assert torch.equal(torch.random.get_rng_state(), state)  # the user's seed is not consumed
 
 
@@ -730,3 +736,39 @@ def test_taylor_finish_keeps_the_mask_on_gpus_without_a_sync(monkeypatch: pytest
     powered = t.double().pow(2.5).float()
     got = module._taylor_weights(t, powered, torch.full((1, 1), 1e-4), 4.5, torch.empty_like(t))
     assert got[0, 1] == 0 and got[0, 2] == 0 and got[0, 0] > 0
+
+
+@pytest.mark.parametrize(("keys", "sigma"), [(77, 1.0), (231, 0.3), (231, 0.6), (154, 3.0)])
+def test_entmax15_takes_the_support_size_from_the_slope_and_settles_what_it_cannot(
+    keys: int, sigma: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On CPU, α = 1.5 counts no support: |S| is the slope of Σt between the last two Newton iterates.
+    # Where keys still left the support between them (wide, flat rows) that is too large and the
+    # step overshoots; those rows go to the float64 finish and come out exact all the same.
+    module = _entmax_module()
+    settled = []
+    real_settle = module._settle_rows
+    monkeypatch.setattr(
+        module, "_settle_rows", lambda *a: settled.append(int(a[-1].sum())) or real_settle(*a)
+    )
+    x = random_rows(60 + keys, 2048, keys, sigma)
+    centred = x - x.amax(-1, keepdim=True)
+    ops = []
+
+    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if isinstance(args[0], torch.Tensor) and args[0].shape == centred.shape:  # whole-block ops
+                ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        got = module.entmax_rows(centred, 1.5, module.Workspace())
+    assert isinstance(got, module.UnnormalisedRows)
+    assert "gt" not in ops and ops.count("linalg_vector_norm") == module.NEWTON_STEPS + 1
+    dense = got.normalised_().double()
+    assert (dense - reference_entmax(x, 1.5)).abs().max().item() <= 1e-6
+    assert (dense.sum(-1) - 1.0).abs().max().item() <= 1e-6
+    if sigma >= 1.0:
+        assert settled == []  # the slope was the support's size in every row
+    elif keys == 231 and sigma == 0.3:
+        assert settled and settled[0] > 100  # here it was not, in many rows: they were settled
