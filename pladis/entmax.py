@@ -717,12 +717,17 @@ def _halley_solve(
                 far = torch.le(newton.abs(), linear_limit).logical_not_().squeeze(-1)  # NaN: far
                 count = int(far.sum())
                 if count == 0 or (not robust and count <= _LINEAR_FINISH_SHARE * rows):
-                    finished = _linear_weights(
-                        weights, powered, newton.masked_fill_(far.unsqueeze(-1), 0.0), beta
-                    )
+                    newton.masked_fill_(far.unsqueeze(-1), 0.0)
+                    finished = _linear_weights(weights, powered, newton, beta)
+                    # Σ(t^β − βδ·t^(β−1)) = F − βδ·M1: no pass for the row sums. The clamp of
+                    # keys leaving the support takes at most ~K·((β−1)δ)^(β−1)·δ from a row, under
+                    # 2e-7 within the linear finish's limit.
+                    sums = torch.addcmul(total, newton, first, value=-beta)
                     if count:
-                        _finish_far_rows(x, tau, t, powered, (total, first), far, beta, tolerance, finished)
-                    return UnnormalisedRows(finished, finished.sum(-1, keepdim=True).clamp_min_(_TINY))
+                        _finish_far_rows(
+                            x, tau, t, powered, (total, first), far, beta, tolerance, finished, sums
+                        )
+                    return UnnormalisedRows(finished, sums.clamp_min_(_TINY))
             moments = total, first, powered.div_(t).sum(-1, keepdim=True)
         step, halley = _safeguarded_step(flags, *moments, beta)
         if on_cpu and flags is None and evaluation == 1:
@@ -758,6 +763,7 @@ def _finish_far_rows(
     beta: float,
     tolerance: float,
     out: Tensor,
+    sums: Tensor,
 ) -> None:
     """The ``far`` rows of ``out`` (Newton step over the linear finish's limit) by Halley's step and
     the second-order finish, as every row took before; rows even that cannot finish are solved on alone.
@@ -765,7 +771,8 @@ def _finish_far_rows(
     Why: one row over the limit used to send every row through the curvature's two passes and the
     second-order finish (~10 % of the solve at α = 1.45); now only the far rows (at most
     ``_LINEAR_FINISH_SHARE``) are gathered for them. ``t``, ``lower`` (``t^(β−1)``) and ``moments``
-    (``Σt^β``, ``Σt^(β−1)``) are this evaluation's, at ``tau``; ``out`` is normalised afterwards.
+    (``Σt^β``, ``Σt^(β−1)``) are this evaluation's, at ``tau``; ``out`` is normalised afterwards,
+    by ``sums``, whose far rows are written here.
     """
     index = far.nonzero().squeeze(-1)
     t_far = t.index_select(0, index)
@@ -782,6 +789,7 @@ def _finish_far_rows(
         sub = _halley_solve(x.index_select(0, rows), beta, None, start, robust=True)
         weights.index_copy_(0, pending, sub.normalised_())
     out.index_copy_(0, index, weights)
+    sums.index_copy_(0, index, weights.sum(-1, keepdim=True))
 
 
 def _flag_entering_keys(
