@@ -197,14 +197,39 @@ def softmax_centred_(centred: Tensor, scale: float = 1.0) -> Tensor:
 def _exp_into(x: Tensor, out: Tensor) -> Tensor:
     """``exp(x)`` into ``out`` (may be ``x``).
 
-    On CPU it is taken as ``2^(x·log₂e)``: ``torch.exp2`` is 2–3× faster than ``torch.exp`` there
-    (measured 0.15 against 0.45–0.6 ms per 2^20 floats) and the rounding of ``x·log₂e`` costs at
-    most ``|x|·6e-8`` relative, below 2e-6 for the keys that carry weight. On GPUs, where the torch
-    path is bound by kernel launches, it stays one ``exp``.
+    On CPU it is taken as ``2^(x·log₂e)`` where that is faster (:func:`exp2_is_faster`): on some
+    CPUs ``torch.exp2`` was 2–3× faster than ``torch.exp`` (0.15 against 0.45–0.6 ms per 2^20
+    floats), on others ``exp`` is twice as fast as the product and ``exp2`` (0.22 against 0.49 ms
+    per 1.26·2^20 floats). The rounding of ``x·log₂e`` costs at most ``|x|·6e-8`` relative, below
+    2e-6 for the keys that carry weight. On GPUs, where the torch path is bound by kernel launches,
+    it stays one ``exp``.
     """
-    if cpu_variant(x):
+    if cpu_variant(x) and exp2_is_faster():
         return torch.mul(x, _LOG2_E, out=out).exp2_()
     return torch.exp(x, out=out)
+
+
+@functools.cache
+def exp2_is_faster() -> bool:
+    """Whether ``2^(x·log₂e)`` (two passes) beats ``torch.exp`` (one) on this CPU, timed once per
+    process on 2^20 floats in [−8, 0] (a chunk's centred scores), in place as the softmax takes it."""
+    values = torch.linspace(-8.0, 0.0, 1 << 20)
+    out = torch.empty_like(values)
+
+    def with_exp2() -> None:
+        torch.mul(values, _LOG2_E, out=out).exp2_()
+
+    return _best_time(with_exp2) < _best_time(lambda: torch.exp(values, out=out))
+
+
+def _best_time(run: Callable[[], object], repeats: int = 5) -> float:
+    """The best of ``repeats`` wall times of ``run()``, in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def cpu_variant(t: Tensor) -> bool:
@@ -1330,15 +1355,7 @@ def numpy_log2_is_faster() -> bool:
         out.copy_(values)
         np.log2(out_numpy, out=out_numpy)
 
-    def best(run: Callable[[], object]) -> float:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(with_numpy) < best(lambda: torch.log2(values, out=out))
+    return _best_time(with_numpy) < _best_time(lambda: torch.log2(values, out=out))
 
 
 def _is_whole(exponent: float) -> bool:
