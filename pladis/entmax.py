@@ -472,7 +472,7 @@ def _solve_on_candidates(
     """
     rows, keys = centred.shape
     above = torch.gt(centred, bound, out=ws.get("t", centred))  # "t" is free again after the bound
-    # Exact below 2^24 scores per chunk (the attention's chunks are 2^21); beyond, only a size hint:
+    # Exact below 2^24 scores per chunk (the attention's are ~1.5·2^20); beyond, only a size hint:
     # nonzero() grows its out buffer as needed.
     count = float(above.sum())
     if count > CANDIDATE_FRACTION * centred.numel():  # counted before the costly nonzero
@@ -1302,9 +1302,10 @@ def _exp2_scaled_(logs: Tensor, exponent: float, floored: bool = True) -> Tensor
 def _log2(t: Tensor, out: Tensor) -> Tensor:
     """``log₂ t`` into ``out`` (may be ``t``), by numpy where numpy is faster on this machine.
 
-    Why: numpy's float32 ``log2`` is vectorised with SVML on AVX-512 CPUs, ~5× faster per thread
-    than torch's (0.21 against 1.0 ms per 2^20 floats on this project's benchmark CPU); elsewhere
-    it may be scalar. :func:`numpy_log2_is_faster` decides once per process, by timing both.
+    Why: numpy's float32 ``log2`` is vectorised with SVML on AVX-512 CPUs, and was ~5× faster per
+    thread than torch's on one (0.21 against 1.0 ms per 2^20 floats); on another of the same kind,
+    with torch 2.13, torch's (both threads) is twice as fast. Elsewhere numpy's may be scalar.
+    :func:`numpy_log2_is_faster` decides once per process, by timing both.
 
     numpy works in place in ``out``, into which torch first copies ``t`` (both threads, each its
     own half, as in every other pass). Why: numpy runs on the calling thread only; when it merely
