@@ -28,9 +28,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import pladis_attention
+from .attention import pladis_attention, pladis_attention_packed
 
 Shape = tuple[int, int, int, int, int]  # (B, H, N, K, d)
+
+LAYOUTS = ("heads", "packed")
+"""``heads``: contiguous (B, H, tokens, d), as diffusers-style callers and the core API take it;
+``packed``: (B, tokens, H·d) split into heads as a transposed view, as the WebUI attention modules
+hand it over (A1111, Forge: :func:`pladis_attention_packed`; SDPA and the reference get the views)."""
 
 SHAPES: dict[str, Shape] = {
     "SD1.5 L1": (2, 8, 4096, 77, 40),
@@ -96,6 +101,47 @@ def reference_attention(q, k, v, alpha: float, lam: float):
     return weights @ v
 
 
+@dataclass
+class Ops:
+    """The benchmarked calls on one set of inputs, in one layout."""
+
+    sdpa: Callable[[], object]
+    ours: Callable[[float, float], object]  # (α, λ)
+    ref: Callable[[float, float], object]  # (α, λ); needs the entmax package
+
+
+def make_ops(shape: Shape, layout: str, device: torch.device, dtype: torch.dtype) -> Ops:
+    """Seeded inputs of ``shape`` in ``layout``, and the calls on them."""
+    batch, heads, n_queries, n_keys, dim = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    if layout == "heads":
+        q, k, v = (
+            torch.randn(batch, heads, n, dim, generator=gen).to(device, dtype)
+            for n in (n_queries, n_keys, n_keys)
+        )
+        return Ops(
+            sdpa=lambda: F.scaled_dot_product_attention(q, k, v),
+            ours=lambda a, lam: pladis_attention(q, k, v, alpha=a, lam=lam),
+            ref=lambda a, lam: reference_attention(q, k, v, a, lam),
+        )
+    if layout != "packed":
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    packed = [
+        torch.randn(batch, n, heads * dim, generator=gen).to(device, dtype)
+        for n in (n_queries, n_keys, n_keys)
+    ]
+    q, k, v = (t.view(batch, -1, heads, dim).transpose(1, 2) for t in packed)
+
+    def merge(out: torch.Tensor) -> torch.Tensor:
+        return out.transpose(1, 2).reshape(batch, n_queries, heads * dim)
+
+    return Ops(
+        sdpa=lambda: merge(F.scaled_dot_product_attention(q, k, v)),
+        ours=lambda a, lam: pladis_attention_packed(*packed, heads, alpha=a, lam=lam),
+        ref=lambda a, lam: merge(reference_attention(q, k, v, a, lam)),
+    )
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -127,34 +173,34 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _cpu_peak_child(shape: Shape, variant: str, alpha: float, lam: float, dtype: str = "float32") -> int:
+def _cpu_peak_child(
+    shape: Shape, variant: str, alpha: float, lam: float, dtype: str = "float32", layout: str = "heads"
+) -> int:
     """In a fresh process: peak resident memory (bytes) during one call of ``variant``, above before.
 
     torch's CPU allocator is invisible to tracemalloc and the profiler's memory view double-counts
     nested ops, so this asks Linux: reset the high-water mark (``clear_refs``), run, read ``VmHWM``.
     """
-    batch, heads, n_queries, n_keys, dim = shape
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (
-        torch.randn(batch, heads, n, dim, generator=gen).to(getattr(torch, dtype))
-        for n in (n_queries, n_keys, n_keys)
-    )
+    small_shape = (*shape[:2], 8, 8, shape[4])
     with torch.inference_mode():
-        small = [t[..., :8, :] for t in (q, k, v)]  # load kernels and libraries, not memory
-        F.scaled_dot_product_attention(*small)
-        pladis_attention(*small, alpha=alpha, lam=lam)
+        small = make_ops(small_shape, layout, torch.device("cpu"), getattr(torch, dtype))
+        small.sdpa()  # load kernels and libraries, not memory
+        small.ours(alpha, lam)
+        ops = make_ops(shape, layout, torch.device("cpu"), getattr(torch, dtype))
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # reset VmHWM to the current resident set
         before = _status_kib("VmRSS")
         if variant == "sdpa":
-            F.scaled_dot_product_attention(q, k, v)
+            ops.sdpa()
         else:
-            pladis_attention(q, k, v, alpha=alpha, lam=lam)
+            ops.ours(alpha, lam)
         peak = _status_kib("VmHWM")
     return (peak - before) * 1024
 
 
-def _cpu_peak_bytes(shape: Shape, variant: str, alpha: float, lam: float, dtype: torch.dtype) -> int:
+def _cpu_peak_bytes(
+    shape: Shape, variant: str, alpha: float, lam: float, dtype: torch.dtype, layout: str = "heads"
+) -> int:
     import subprocess
     import sys
 
@@ -162,7 +208,8 @@ def _cpu_peak_bytes(shape: Shape, variant: str, alpha: float, lam: float, dtype:
     code = (
         f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
         "from pladis.bench import _cpu_peak_child; "
-        f"print(_cpu_peak_child({tuple(shape)!r}, {variant!r}, {alpha!r}, {lam!r}, {dtype_name!r}))"
+        f"print(_cpu_peak_child({tuple(shape)!r}, {variant!r}, {alpha!r}, {lam!r}, "
+        f"{dtype_name!r}, {layout!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -177,19 +224,15 @@ def bench_shape(
     device: torch.device,
     dtype: torch.dtype,
     with_reference: bool,
+    layout: str = "heads",
 ) -> Row:
-    batch, heads, n_queries, n_keys, dim = shape
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (
-        torch.randn(batch, heads, n, dim, generator=gen).to(device, dtype)
-        for n in (n_queries, n_keys, n_keys)
-    )
-    variants: dict[str, Callable[[], object]] = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    ops = make_ops(shape, layout, device, dtype)
+    variants: dict[str, Callable[[], object]] = {"sdpa": ops.sdpa}
     for alpha in alphas:
-        variants[f"ours {alpha:g}"] = lambda a=alpha: pladis_attention(q, k, v, alpha=a, lam=lam)
+        variants[f"ours {alpha:g}"] = lambda a=alpha: ops.ours(a, lam)
     reference_alpha = alphas[0]
     if with_reference and _reference(reference_alpha) is not None:
-        variants["ref"] = lambda: reference_attention(q, k, v, reference_alpha, lam)
+        variants["ref"] = lambda: ops.ref(reference_alpha, lam)
 
     times: dict[str, list[float]] = {key: [] for key in variants}
     order = list(variants)
@@ -208,8 +251,8 @@ def bench_shape(
             peak_sdpa = cuda_peak_bytes(variants["sdpa"], device)
             peaks = {a: cuda_peak_bytes(variants[f"ours {a:g}"], device) for a in alphas}
         else:
-            peak_sdpa = _cpu_peak_bytes(shape, "sdpa", alphas[0], lam, dtype)
-            peaks = {a: _cpu_peak_bytes(shape, "ours", a, lam, dtype) for a in alphas}
+            peak_sdpa = _cpu_peak_bytes(shape, "sdpa", alphas[0], lam, dtype, layout)
+            peaks = {a: _cpu_peak_bytes(shape, "ours", a, lam, dtype, layout) for a in alphas}
 
     first = times[f"ours {alphas[0]:g}"]
     ref = statistics.median(times["ref"]) if "ref" in times else None
@@ -252,6 +295,9 @@ def format_rows(rows: list[Row], alphas: list[float]) -> str:
     return "\n".join(lines)
 
 
+LAYOUTS_HELP = "heads: contiguous (B, H, N, d); packed: (B, N, H·d) split into heads, as WebUI modules call"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -274,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (CUDA default)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--layout", choices=LAYOUTS, default="heads", help=LAYOUTS_HELP)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -283,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"dtype {dtype}, lambda {args.lam:g}, rounds {args.rounds}"
+        f"dtype {dtype}, lambda {args.lam:g}, rounds {args.rounds}, layout {args.layout}"
     )
     rows = []
     for shape_name in args.shapes:
@@ -296,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
             device,
             dtype,
             with_reference=not args.no_reference,
+            layout=args.layout,
         )
         rows.append(row)
         print(format_rows([row], args.alphas).splitlines()[-1], flush=True)

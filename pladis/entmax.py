@@ -10,12 +10,14 @@ dominates the cost of a cross-attention layer, and their float32 cumulative sums
 * ``h`` is convex and decreasing, so Newton started below the root climbs monotonically and never
   overshoots; and ``h`` is close to linear (exactly linear for one dominant key or for all-equal
   keys), so three steps from a good lower bound land on the final support.
-* Then an exact step on the found support: for α = 2 ``τ = (Σ_S x − 1)/|S|``; for α = 1.5 the smaller
-  root of the support quadratic, written without cancellation. Both are the closed-form thresholds of
-  the sort-based algorithms, evaluated on the support Newton found. Other α have no closed form; their
-  Newton iterate is renormalised.
-* Rows whose weights do not sum to 1 within ``ROW_SUM_TOL`` (support not settled yet) are gathered
-  and finished by more steps. Rare, and free for the common rows.
+* Then an exact step on the support of the last iterate: for α = 2 ``τ = (Σ_S x − 1)/|S|``; for
+  α = 1.5 the smaller root of the support quadratic, written without cancellation, with ``|S|``
+  counted (GPU) or read off the slope of ``Σt`` between the last two iterates (CPU: no count pass;
+  :func:`_entmax15_solve`). Both are the closed-form thresholds of the sort-based algorithms,
+  evaluated on that support. Other α have no closed form; their Newton iterate is renormalised.
+* Rows whose weights do not sum to 1 within ``ROW_SUM_TOL`` (support not settled yet, or a slope
+  that was not the support's size) are gathered and finished by more steps in float64
+  (:func:`_settle_rows`); the rows that did settle pay nothing for them.
 * A fractional power is ``2^(e·log₂ t)`` (:func:`_power`), still ~10× a multiplication: ``log₂`` comes
   from numpy where its vectorised float32 ``log2`` is faster than torch's (timed once per process).
 * For 1.5 < α < 2 on CPU, each step needs ``t^(β−1)`` with a fractional exponent, yet few keys can
@@ -58,9 +60,12 @@ ROW_SUM_TOL = 1e-6
 NEWTON_STEPS = 3
 """Newton steps before the exact step and the row-sum check (all α but a fractional β > 2).
 
-Measured on Gaussian scores (σ 0.3–100, K = 77, 154, 231) from :func:`_lower_bound`: α = 1.5 and
-α = 2 leave no row unsettled after 3 steps; other α leave 0–20 % of rows, which the gathered finish
-handles more cheaply than a fourth full-size step with its ``pow`` (measured both ways).
+Measured on Gaussian scores (σ 0.3–100, K = 77, 154, 231) from :func:`_lower_bound`: α = 2 leaves
+no row unsettled after 3 steps, nor does α = 1.5 with a counted support (GPU); on CPU α = 1.5 takes
+one more evaluation and the support size from its slope, which sends up to 4 % of rows at
+K = 154–231, σ 0.3–0.6 (none at K = 77) to the float64 finish (:func:`_entmax15_solve`). Other α
+leave 0–20 % of rows, which the gathered finish handles more cheaply than a fourth full-size step
+with its ``pow`` (measured both ways).
 """
 
 SOFTMAX_LIMIT = 1e-7
@@ -209,10 +214,22 @@ def _exp_into(x: Tensor, out: Tensor) -> Tensor:
     return torch.exp(x, out=out)
 
 
+EXP2_ENV = "PLADIS_EXP2"
+"""Set to 1 or 0 to force ``2^(x·log₂e)`` or ``exp`` on CPU (default: whichever is faster, timed once)."""
+
+
 @functools.cache
 def exp2_is_faster() -> bool:
-    """Whether ``2^(x·log₂e)`` (two passes) beats ``torch.exp`` (one) on this CPU, timed once per
-    process on 2^20 floats in [−8, 0] (a chunk's centred scores), in place as the softmax takes it."""
+    """Whether ``2^(x·log₂e)`` (two passes) beats ``torch.exp`` (one) on this CPU.
+
+    Timed once per process, best of 5 each, on 2^20 floats in [−8, 0] (centred scores, about a
+    chunk's worth), written into a second buffer. Where the two are close the choice may differ
+    from one process to the next, which moves results by float32 rounding only (see
+    :func:`_exp_into`); ``PLADIS_EXP2`` = 1 or 0 pins it.
+    """
+    forced = env_flag(EXP2_ENV)
+    if forced is not None:
+        return forced
     values = torch.linspace(-8.0, 0.0, 1 << 20)
     out = torch.empty_like(values)
 
@@ -903,7 +920,7 @@ def _near_softmax_weights(
     """``p = exp(u + β·log1p(v))`` into ``p`` (``v = max(a·s·e^(−a·u), −1)`` into ``v``); returns Σp."""
     torch.mul(centred, torch.mul(u, -a).exp_().mul_(a), out=v).clamp_min_(-1.0)
     log_w = torch.log1p(v, out=scratch)
-    if cpu_variant(centred):  # exp(y) as 2^(y·log₂e), see _exp_into; log₂e folded into the add
+    if cpu_variant(centred) and exp2_is_faster():  # as in _exp_into; log₂e folded into the add
         torch.add(u * _LOG2_E, log_w, alpha=beta * _LOG2_E, out=p).exp2_()
     else:
         torch.add(u, log_w, alpha=beta, out=p).exp_()

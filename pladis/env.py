@@ -1,5 +1,5 @@
 """On/off switches read from environment variables (``PLADIS_FORCE_TORCH``, ``PLADIS_NUMPY_LOG2``,
-``PLADIS_TRITON_AUTOTUNE``), parsed one way for all of them.
+``PLADIS_EXP2``, ``PLADIS_TRITON_AUTOTUNE``), parsed one way for all of them.
 
 Why: each used to compare with its own literals, so ``PLADIS_FORCE_TORCH=false`` forced the torch path
 and ``PLADIS_NUMPY_LOG2=true`` was silently ignored. A value that is neither on nor off is now ignored

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pladis.attention import (
+    attention_blocks,
     chunk_queries,
     group_blocks,
     pladis_attention,
@@ -128,6 +130,73 @@ def test_blocks_are_whole_heads_when_they_fit_else_queries_of_one_head() -> None
     ]
     assert group_blocks(1, 7, 3) == [(slice(0, 1), slice(a, b)) for a, b in [(0, 3), (3, 5), (5, 7)]]
     assert group_blocks(3, 10, 1) == [(slice(g, g + 1), slice(n, n + 1)) for g in range(3) for n in range(10)]
+
+
+def test_leading_dims_that_do_not_flatten_are_indexed_into_blocks_of_heads() -> None:
+    # The WebUI's packed layout: (B, H) do not merge into one view, so blocks index a batch entry
+    # and a range of its heads (4 of 8 heads of 4096 queries for 1276 queries' worth of rows).
+    assert attention_blocks(torch.Size([2, 8]), 4096, 1276, fewest=False) == [
+        ((b, slice(h, h + 4)), slice(0, 4096)) for b in (0, 1) for h in (0, 4)
+    ]
+    assert attention_blocks(torch.Size([16]), 4096, 1276, fewest=False) == [
+        ((slice(h, h + 4),), slice(0, 4096)) for h in (0, 4, 8, 12)
+    ]
+    # On a GPU every block costs launches: one chunk across all heads beats one per batch entry.
+    assert attention_blocks(torch.Size([2, 10]), 4096, 4096, fewest=True) == [
+        ((slice(None), slice(None)), slice(0, 4096))
+    ]
+    assert len(attention_blocks(torch.Size([2, 10]), 4096, 4096, fewest=False)) == 2
+    # Ties keep the in-place blocks.
+    assert attention_blocks(torch.Size([4]), 100, 25, fewest=True) == [
+        ((slice(g, g + 1),), slice(0, 100)) for g in range(4)
+    ]
+
+
+@pytest.mark.parametrize("fewest", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_output_is_written_in_its_merged_layout(
+    fewest: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The packed result is (B, N, H·d): written there block by block, it needs no final merge of
+    # heads (a whole extra output-sized copy onto fresh memory). Both block kinds (per head on CPU,
+    # across heads as on a GPU) and several block sizes give the split-heads answer.
+    import pladis.attention as attention
+
+    real = attention.attention_blocks
+    forced = fewest
+    monkeypatch.setattr(attention, "attention_blocks", lambda *a, fewest: real(*a, fewest=fewest or forced))
+    b, n, kk, heads, d = 2, 50, 20, 3, 16
+    gen = torch.Generator().manual_seed(21)
+    q = exact_qk((b, n, heads * d), gen).to(dtype)
+    k = exact_qk((b, kk, heads * d), gen).to(dtype)
+    v = torch.randn(b, kk, heads * d, generator=gen).to(dtype)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, -1, heads, d).transpose(1, 2).contiguous()
+
+    want = pladis_attention(split(q), split(k), split(v), alpha=1.5, lam=2.0, scale=EXACT_SCALE)
+    want = want.transpose(1, 2).reshape(b, n, heads * d)
+    for queries in (10, 50, 120, 300):  # rows of a block: within a head, one head, two, all six
+        budget = queries * 4 * (kk * 6 + 2 * d) // 6 * 6
+        made: list[tuple[str, int, torch.dtype]] = []
+        run = functools.partial(
+            pladis_attention_packed,
+            q,
+            k,
+            v,
+            heads,
+            alpha=1.5,
+            lam=2.0,
+            scale=EXACT_SCALE,
+            memory_budget=budget,
+        )
+        got = _new_tensors(run, made)
+        tol = 2e-6 if dtype == torch.float32 else 2.0**-10
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        # No output-sized tensor is computed but in the blocks' buffers (a merge of heads would copy).
+        assert [
+            op for op, numel, kind in made if (numel, kind) == (got.numel(), dtype) and op != "empty"
+        ] == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -409,6 +478,28 @@ def test_torch_path_stays_lean_in_ops(alpha: float, most: int, monkeypatch: pyte
     with Count() as counted:
         _pladis_attention_torch(q, k, v, alpha, 2.0, 0.125, None, 1 << 40)  # one chunk, as on a GPU
     assert 0 < sum(counted.ops.values()) <= most, counted.ops
+
+
+def _new_tensors(fn, made: list[tuple[str, int, torch.dtype]]):
+    """``fn()``, with (op, numel, dtype) of every new tensor an op returns put in ``made`` (views,
+    in-place ops and ``out=`` calls excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"view", "slice", "expand", "select", "unsqueeze", "squeeze", "t", "alias", "transpose", "detach"}
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            fresh = name not in views and not name.endswith("_") and "out" not in (kwargs or {})
+            if fresh and not name.startswith(("as_strided", "_reshape", "_unsafe_view")):
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        made.append((name, t.numel(), t.dtype))
+            return out
+
+    with Sizes():
+        return fn()
 
 
 def _largest_new_tensor_bytes(fn) -> int:

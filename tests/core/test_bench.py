@@ -62,3 +62,21 @@ def test_cpu_peak_memory_is_measured_in_the_timed_dtype() -> None:
     ours32 = _cpu_peak_bytes(shape, "ours", 1.5, 2.0, torch.float32)
     ours16 = _cpu_peak_bytes(shape, "ours", 1.5, 2.0, torch.bfloat16)
     assert 0 < ours16 < ours32 - 2 * 2**20
+
+
+def test_packed_layout_times_the_calls_webui_modules_make(capsys) -> None:
+    # (B, N, H·d) inputs split into heads as views: SDPA and the reference get the views and merge
+    # heads back; ours is the packed entry point. All three answer the same problem.
+    ops = bench.make_ops((1, 2, 16, 9, 8), "packed", torch.device("cpu"), torch.float32)
+    ours = ops.ours(1.5, 2.0)
+    assert ours.shape == (1, 16, 16)
+    torch.testing.assert_close(ops.ref(1.5, 2.0), ours, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ops.sdpa(), ops.ours(1.5, 0.0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        bench.make_ops((1, 2, 16, 9, 8), "rows", torch.device("cpu"), torch.float32)
+    bench.SHAPES["tiny"] = (1, 2, 16, 9, 8)
+    try:
+        bench.main(["--shapes", "tiny", "--alphas", "1.5", "--rounds", "1", "--layout", "packed"])
+    finally:
+        del bench.SHAPES["tiny"]
+    assert "layout packed" in capsys.readouterr().out

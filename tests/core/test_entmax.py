@@ -123,7 +123,8 @@ def test_alpha_next_to_one_on_adversarial_rows(alpha: float, case: str) -> None:
 @pytest.mark.parametrize("gpu_variant", [False, True])
 def test_alpha_next_to_one_runs_in_float32(gpu_variant: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # The solver just above α = 1 keeps float32 (a float64 search cost 3.5× the α = 1.5 attention,
-    # and GPUs run float64 at a fraction of the float32 rate); the GPU variant uses exp, not exp2.
+    # and GPUs run float64 at a fraction of the float32 rate); the GPU variant uses exp, not exp2
+    # (the CPU variant whichever of the two this CPU runs faster).
     from torch.utils._python_dispatch import TorchDispatchMode
 
     module = _entmax_module()
@@ -145,7 +146,7 @@ def test_alpha_next_to_one_runs_in_float32(gpu_variant: bool, monkeypatch: pytes
     with Record():
         got = entmax(x, 1.01)
     assert dtypes == {torch.float32}
-    assert ("exp2_.default" in names) != gpu_variant
+    assert ("exp2_.default" in names) is (not gpu_variant and module.exp2_is_faster())
     assert (got.double() - near_one_oracle(x, 1.01)).abs().max().item() <= 1e-6
 
 
@@ -774,6 +775,45 @@ def test_entmax15_takes_the_support_size_from_the_slope_and_settles_what_it_cann
         assert settled and settled[0] > 100  # here it was not, in many rows: they were settled
 
 
+def _with_op_names(run):
+    """``run()`` and the names of the torch ops it called, in order."""
+    names: list[str] = []
+
+    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        return run(), names
+
+
+@pytest.mark.parametrize("use_exp2", [False, True])
+def test_near_softmax_takes_exp_or_exp2_as_the_softmax_does(
+    use_exp2: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Just above α = 1 the weights are exp(u + β·log1p(v)): the same timed choice as the softmax
+    # (it used to take exp2 whatever the timing said).
+    module = _entmax_module()
+    monkeypatch.setattr(module, "exp2_is_faster", lambda: use_exp2)
+    x = random_rows(72, 128, 77, 3.0)
+    got, names = _with_op_names(lambda: entmax(x, 1.01))
+    assert "log1p" in names  # the near-softmax solver ran
+    assert ("exp2_" in names) is use_exp2
+    assert (got.double() - near_one_oracle(x, 1.01)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize(("forced", "expected"), [("1", True), ("0", False)])
+def test_exp2_choice_can_be_pinned(forced: str, expected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Timed once per process, the choice may differ between restarts where the two are close.
+    module = _entmax_module()
+    monkeypatch.setenv(module.EXP2_ENV, forced)
+    clock, ticks = module.time.perf_counter, []
+    monkeypatch.setattr(module.time, "perf_counter", lambda: ticks.append(1) or clock())
+    assert module.exp2_is_faster.__wrapped__() is expected
+    assert ticks == []  # nothing timed
+
+
 @pytest.mark.parametrize("use_exp2", [False, True])
 def test_softmax_takes_exp_or_exp2_whichever_this_cpu_runs_faster(
     use_exp2: bool, monkeypatch: pytest.MonkeyPatch
@@ -784,15 +824,7 @@ def test_softmax_takes_exp_or_exp2_whichever_this_cpu_runs_faster(
     monkeypatch.setattr(module, "exp2_is_faster", lambda: use_exp2)
     x = random_rows(71, 256, 77, 3.0)
     x[::5, 10:] = -math.inf
-    names = []
-
-    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with Ops():
-        got = entmax(x, 1.0)
+    got, names = _with_op_names(lambda: entmax(x, 1.0))
     assert ("exp2_" in names) is use_exp2 and ("exp" in names) is not use_exp2
     assert (got.double() - torch.softmax(x.double(), -1)).abs().max().item() <= 1e-6
     state = torch.random.get_rng_state()

@@ -1,4 +1,4 @@
-"""On/off environment switches: one parser for PLADIS_FORCE_TORCH, _NUMPY_LOG2 and _TRITON_AUTOTUNE."""
+"""On/off environment switches: one parser for PLADIS_FORCE_TORCH, _NUMPY_LOG2, _EXP2 and _TRITON_AUTOTUNE."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def test_the_switches_use_it(monkeypatch):
     for raw, expected in (("true", True), ("false", False)):
         monkeypatch.setenv("PLADIS_NUMPY_LOG2", raw)
         assert entmax_module.numpy_log2_is_faster.__wrapped__() is expected
+        monkeypatch.setenv("PLADIS_EXP2", raw)
+        assert entmax_module.exp2_is_faster.__wrapped__() is expected
         monkeypatch.setenv("PLADIS_TRITON_AUTOTUNE", raw)
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         # forced on even where a tile was measured, forced off even where none was
