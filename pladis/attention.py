@@ -300,23 +300,32 @@ Block = tuple[tuple[int | slice, ...], slice]
 def attention_blocks(leading: torch.Size, n_queries: int, step: int, *, fewest: bool) -> list[Block]:
     """The chunks of a ``(*leading, queries, ·)`` problem, ``step`` queries of every group's worth each.
 
-    Preferred: blocks of whole groups (or queries of one group) along the last leading dim, each a
-    contiguous slice of the output, so the V matmul writes in place (4–8 % of a CPU call otherwise
-    goes to a copy onto fresh memory). With ``fewest`` (GPU: each block costs kernel launches), query
-    chunks across all groups are taken instead when they are fewer.
+    Preferred: :func:`in_place_blocks`, each a contiguous slice of a contiguous output, so the V
+    matmul writes in place (4–8 % of a CPU call otherwise goes to a copy onto fresh memory).
+    :func:`across_blocks` are taken instead when they are fewer and either ``fewest`` is asked
+    (GPU: each block costs kernel launches) or the leading dims did not flatten: in-place blocks
+    then never span two batch entries (batch 16 of 64 queries made 16 blocks where one chunk across
+    all does, at twice the time), and the packed layout's output is strided anyway.
     """
+    in_place, across = in_place_blocks(leading, n_queries, step), across_blocks(leading, n_queries, step)
+    return across if (fewest or len(leading) > 1) and len(across) < len(in_place) else in_place
+
+
+def in_place_blocks(leading: torch.Size, n_queries: int, step: int) -> list[Block]:
+    """Blocks of whole groups, or queries of one group, along the last leading dim (:func:`group_blocks`)."""
     *outer, inner = leading
     rows = step * math.prod(leading)
-    in_place = [
+    return [
         ((*index, groups), queries)
         for index in itertools.product(*map(range, outer))
         for groups, queries in group_blocks(inner, n_queries, rows)
     ]
-    across = [
-        ((slice(None),) * len(leading), slice(start, min(start + step, n_queries)))
-        for start in range(0, n_queries, step)
-    ]
-    return across if fewest and len(across) < len(in_place) else in_place
+
+
+def across_blocks(leading: torch.Size, n_queries: int, step: int) -> list[Block]:
+    """Chunks of ``step`` queries across all groups."""
+    every = (slice(None),) * len(leading)
+    return [(every, slice(start, min(start + step, n_queries))) for start in range(0, n_queries, step)]
 
 
 def group_blocks(groups: int, n_queries: int, block_rows: int) -> list[tuple[slice, slice]]:

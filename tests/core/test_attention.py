@@ -145,26 +145,28 @@ def test_leading_dims_that_do_not_flatten_are_indexed_into_blocks_of_heads() -> 
     assert attention_blocks(torch.Size([2, 10]), 4096, 4096, fewest=True) == [
         ((slice(None), slice(None)), slice(0, 4096))
     ]
-    assert len(attention_blocks(torch.Size([2, 10]), 4096, 4096, fewest=False)) == 2
+    assert len(attention_blocks(torch.Size([2, 10]), 4096, 4096, fewest=False)) == 1  # fewer, too
     # Ties keep the in-place blocks.
     assert attention_blocks(torch.Size([4]), 100, 25, fewest=True) == [
         ((slice(g, g + 1),), slice(0, 100)) for g in range(4)
     ]
 
 
-@pytest.mark.parametrize("fewest", [False, True])
+@pytest.mark.parametrize("kind", ["in_place", "across"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_packed_output_is_written_in_its_merged_layout(
-    fewest: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    kind: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The packed result is (B, N, H·d): written there block by block, it needs no final merge of
-    # heads (a whole extra output-sized copy onto fresh memory). Both block kinds (per head on CPU,
+    # heads (a whole extra output-sized copy onto fresh memory). Both block kinds (per head, and
     # across heads as on a GPU) and several block sizes give the split-heads answer.
     import pladis.attention as attention
 
-    real = attention.attention_blocks
-    forced = fewest
-    monkeypatch.setattr(attention, "attention_blocks", lambda *a, fewest: real(*a, fewest=fewest or forced))
+    blocks: list = []
+    chosen = getattr(attention, f"{kind}_blocks")
+    monkeypatch.setattr(
+        attention, "attention_blocks", lambda *a, fewest: blocks.extend(chosen(*a)) or chosen(*a)
+    )
     b, n, kk, heads, d = 2, 50, 20, 3, 16
     gen = torch.Generator().manual_seed(21)
     q = exact_qk((b, n, heads * d), gen).to(dtype)
@@ -176,9 +178,11 @@ def test_packed_output_is_written_in_its_merged_layout(
 
     want = pladis_attention(split(q), split(k), split(v), alpha=1.5, lam=2.0, scale=EXACT_SCALE)
     want = want.transpose(1, 2).reshape(b, n, heads * d)
-    for queries in (10, 50, 120, 300):  # rows of a block: within a head, one head, two, all six
+    # Score rows a block: 6 (within a head), 60 (one head), 120 (two), 300 (all six).
+    for queries in (6, 60, 120, 300):
         budget = queries * 4 * (kk * 6 + 2 * d) // 6 * 6
         made: list[tuple[str, int, torch.dtype]] = []
+        blocks.clear()
         run = functools.partial(
             pladis_attention_packed,
             q,
@@ -197,6 +201,27 @@ def test_packed_output_is_written_in_its_merged_layout(
         assert [
             op for op, numel, kind in made if (numel, kind) == (got.numel(), dtype) and op != "empty"
         ] == []
+        if kind == "in_place":  # (batch entry, its heads), queries
+            heads_per_block = {index[1].stop - index[1].start for index, _ in blocks}
+            queries_per_block = {part.stop - part.start for _, part in blocks}
+            assert (heads_per_block, queries_per_block) == {
+                6: ({1}, {5, 6}),
+                60: ({1}, {50}),
+                120: ({1, 2}, {50}),
+                300: ({3}, {50}),
+            }[queries]
+
+
+def test_blocks_of_small_layers_span_the_batch_when_the_leading_dims_do_not_flatten() -> None:
+    # Batch 16 of 64 queries (SD1.5's smallest layer, batch 8 with CFG), packed: one chunk across
+    # every head and batch entry, not one block per batch entry (which took twice the time).
+    assert attention_blocks(torch.Size([16, 8]), 64, 64, fewest=False) == [
+        ((slice(None), slice(None)), slice(0, 64))
+    ]
+    # Flattened leading dims keep in-place blocks on CPU even when they are one more.
+    assert len(attention_blocks(torch.Size([20]), 4096, 1021, fewest=False)) == 5
+    assert len(attention_blocks(torch.Size([20]), 4096, 1021, fewest=True)) == 5
+    assert attention_blocks(torch.Size([20]), 4096, 1000, fewest=False)[0] == ((slice(0, 4),), slice(0, 4096))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
