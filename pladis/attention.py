@@ -182,6 +182,13 @@ def check_attention_inputs(
             raise ValueError(
                 f"PLADIS attention: {name} must be (..., tokens, features), got shape {tuple(t.shape)}"
             )
+    try:
+        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"PLADIS attention: the leading (batch, head) dims of q {tuple(q.shape)}, k {tuple(k.shape)} "
+            f"and v {tuple(v.shape)} do not broadcast"
+        ) from None
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(
             f"PLADIS attention: q and k must have the same feature size, got {q.shape[-1]} and {k.shape[-1]}"
@@ -464,10 +471,11 @@ def pladis_attention_packed(
             raise ValueError(f"PLADIS attention: packed {name} must be (batch, tokens, heads·d), got {shape}")
         if t.shape[2] % heads:
             raise ValueError(f"PLADIS attention: {heads} heads do not divide {name}'s width {t.shape[2]}")
-    batch, n_queries, _ = q.shape
+    n_queries = q.shape[1]
 
     def split(t: Tensor) -> Tensor:
         return t.reshape(t.shape[0], t.shape[1], heads, t.shape[2] // heads).transpose(1, 2)
 
     out = _attention(split(q), split(k), split(v), alpha, lam, scale, mask, memory_budget, heads_last=True)
-    return out.transpose(1, 2).reshape(batch, n_queries, heads * out.shape[-1])  # no -1: 0-size inputs
+    # The batch of the result: q's, k's and v's broadcast together. No -1: 0-size inputs.
+    return out.transpose(1, 2).reshape(out.shape[0], n_queries, heads * out.shape[-1])

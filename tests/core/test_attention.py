@@ -622,6 +622,7 @@ def _misuse_inputs() -> dict:
         ({"v": torch.ones(1, 2, 5, 4, dtype=torch.bool)}, ["v", "floating point", "bool"]),
         ({"k": torch.randn(1, 2, 5, 3)}, ["q and k", "feature size", "4 and 3"]),
         ({"v": torch.randn(1, 2, 4, 4)}, ["k and v", "keys", "5 and 4"]),
+        ({"k": torch.randn(1, 3, 5, 4)}, ["leading (batch, head) dims", "q (1, 2, 3, 4)", "k (1, 3, 5, 4)"]),
         ({"q": torch.randn(4)}, ["q", "(..., tokens, features)", "(4,)"]),
         ({"scale": math.nan}, ["PLADIS scale", "nan"]),
         ({"scale": math.inf}, ["PLADIS scale", "inf"]),
@@ -638,6 +639,19 @@ def test_misused_inputs_raise_a_value_error_naming_them(change, fragments, lam):
         pladis_attention(args.pop("q"), args.pop("k"), args.pop("v"), alpha=1.5, lam=lam, **args)
     for fragment in fragments:
         assert fragment in str(raised.value)
+
+
+def test_packed_attention_broadcasts_a_batch_of_one() -> None:
+    # The result has the broadcast batch (it took q's, and failed to reshape, for q of batch 1).
+    gen = torch.Generator().manual_seed(30)
+    q, k, v = (torch.randn(b, n, 16, generator=gen) for b, n in ((1, 5), (2, 7), (2, 7)))
+    got = pladis_attention_packed(q, k, v, 2, alpha=1.5, lam=2.0)
+    want = pladis_attention_packed(q.expand(2, -1, -1), k, v, 2, alpha=1.5, lam=2.0)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        pladis_attention_packed(
+            q.expand(2, -1, -1), k[:1].expand(3, -1, -1), v[:1].expand(3, -1, -1), 2, alpha=1.5, lam=2.0
+        )
 
 
 @pytest.mark.parametrize(
