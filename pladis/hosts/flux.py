@@ -26,7 +26,7 @@ from torch import Tensor
 from pladis.attention import pladis_weights
 from pladis.params import PladisParams
 
-from .forge_attn2 import first_sigma, in_window, is_full_window, per_untiled_length, rows_of
+from .forge_attn2 import Window, first_sigma, in_window, is_full_window, per_untiled_length, rows_of
 
 log = logging.getLogger("pladis")
 
@@ -63,6 +63,7 @@ def install(
     sigma_hi: float,
     sigma_lo: float,
     warn: Callable[[str], None] = log.warning,
+    window: Window | None = None,
 ) -> bool:
     """Chain our wrapper in front of any UNet function wrapper; False, said by ``warn``, if unsupported."""
     modules = attention_modules(unet.model.diffusion_model)
@@ -75,7 +76,13 @@ def install(
             return False
     prior = unwrap(unet.model_options.get("model_function_wrapper"))
     wrapper = make_wrapper(
-        alpha=params.alpha, lam=params.lam, sigma_hi=sigma_hi, sigma_lo=sigma_lo, modules=modules, prior=prior
+        alpha=params.alpha,
+        lam=params.lam,
+        sigma_hi=sigma_hi,
+        sigma_lo=sigma_lo,
+        modules=modules,
+        prior=prior,
+        window=window,
     )
     unet.set_model_unet_function_wrapper(wrapper)
     return True
@@ -100,8 +107,12 @@ def make_wrapper(
     sigma_lo: float,
     modules: tuple[str, ...],
     prior: UnetWrapper | None = None,
+    window: Window | None = None,
 ) -> UnetWrapper:
-    """UNet function wrapper: inside the sigma window, run the model with PLADIS joint attention."""
+    """UNet function wrapper: inside the sigma window, run the model with PLADIS joint attention.
+
+    The window is ``(sigma_hi, sigma_lo)``, or ``window()`` at call time where given (as for
+    :func:`pladis.hosts.forge_attn2.make_attn2_replacement`)."""
     alpha, lam = float(alpha), float(lam)
     sigma_hi, sigma_lo = float(sigma_hi), float(sigma_lo)
     modules = tuple(str(name) for name in modules)
@@ -115,7 +126,9 @@ def make_wrapper(
 
         if lam == 0.0:
             return run()
-        if check_window and not in_window(first_sigma(args.get("timestep")), sigma_hi, sigma_lo):
+        if check_window and not in_window(
+            first_sigma(args.get("timestep")), *(window() if window else (sigma_hi, sigma_lo))
+        ):
             return run()
         context = args.get("c", {}).get("c_crossattn")
         if context is None:

@@ -29,6 +29,7 @@ from . import flux
 from .forge_attn2 import (
     FORGE_HOST,
     REFORGE_HOST,
+    Window,
     is_ours,
     make_attn2_replacement,
     unwrap,
@@ -69,15 +70,16 @@ def apply(p: Any, params: PladisParams) -> None:
     except RuntimeError as error:
         warn(f"{error}; skipped")
         return
+    window = live_sigma_window(unet.model, params, fallback=(sigma_hi, sigma_lo))
     sites = list(attn2_sites(diffusion_model))
     if sites:
         chosen = [site for site in sites if _group_of(site[0]) in params.layers]
         if not chosen:
             warn("PLADIS is enabled but changes nothing: no layer group is ticked")
             return
-        install_attn2(unet, chosen, params, sigma_hi, sigma_lo, host_of(diffusion_model))
+        install_attn2(unet, chosen, params, sigma_hi, sigma_lo, host_of(diffusion_model), window)
     elif flux.is_joint_model(diffusion_model):
-        if not flux.install(unet, params, sigma_hi, sigma_lo, warn=warn):
+        if not flux.install(unet, params, sigma_hi, sigma_lo, warn=warn, window=window):
             return
     else:
         warn(f"PLADIS: no cross-attention found in {type(diffusion_model).__name__}; skipped")
@@ -131,13 +133,25 @@ def _group_of(block: str) -> str:
 
 
 def install_attn2(
-    unet: Any, sites: list[Site], params: PladisParams, sigma_hi: float, sigma_lo: float, host: str
+    unet: Any,
+    sites: list[Site],
+    params: PladisParams,
+    sigma_hi: float,
+    sigma_lo: float,
+    host: str,
+    window: Window | None = None,
 ) -> None:
     """Set our replacement on every site, chained with the replacement already found there."""
     for block, number, index in sites:
         prior = existing_attn2(unet, (block, number, index))
         patch = make_attn2_replacement(
-            alpha=params.alpha, lam=params.lam, sigma_hi=sigma_hi, sigma_lo=sigma_lo, host=host, prior=prior
+            alpha=params.alpha,
+            lam=params.lam,
+            sigma_hi=sigma_hi,
+            sigma_lo=sigma_lo,
+            host=host,
+            prior=prior,
+            window=window,
         )
         unet.set_model_attn2_replace(patch, block, number, index)
 
@@ -163,10 +177,43 @@ def sigma_window(unet: Any, params: PladisParams) -> tuple[float, float]:
     """
     if params.start <= 0.0 and params.end >= 1.0:
         return math.inf, -math.inf
-    to_sigma = percent_to_sigma_function(unet)
+    return _window_on(percent_to_sigma_function(unet), params)
+
+
+def _window_on(to_sigma: Callable[[float], float], params: PladisParams) -> tuple[float, float]:
     sigma_hi = math.inf if params.start <= 0.0 else float(to_sigma(params.start))
     sigma_lo = -math.inf if params.end >= 1.0 else float(to_sigma(params.end))
     return sigma_hi, sigma_lo
+
+
+def live_sigma_window(model: Any, params: PladisParams, fallback: tuple[float, float]) -> Window:
+    """The window on the schedule ``model`` samples with, read when it is asked for.
+
+    Why: object patches (a schedule swapped in by reForge's Advanced Model Sampling or a
+    ComfyUI-style node) are set on the shared model only when a patcher is loaded for sampling
+    (``forge_patch_model``), and taken off when another clone is loaded. At apply time the clone's
+    own patches are known (:func:`sigma_window`), but not one that an extension adds to a clone of
+    it after PLADIS, and the model may still carry an earlier generation's patch that loading will
+    undo. During sampling the model carries exactly the schedule being sampled. The window is kept
+    for as long as the model's schedule object stays the same (one attribute read per call). A
+    closure over the model (a reference: Forge's deep copies of ``model_options`` keep functions as
+    they are). ``fallback`` (the apply-time window) answers if the model has no schedule then.
+    """
+    kept: list[Any] = [None, fallback]  # the schedule object the window was read on, the window
+
+    def window() -> tuple[float, float]:
+        owner = _schedule_of(model)
+        if owner is None:
+            return fallback
+        if owner is not kept[0]:
+            try:
+                bounds = _window_on(owner.percent_to_sigma, params)
+            except (RuntimeError, AttributeError, TypeError, ValueError):
+                bounds = fallback
+            kept[:] = [owner, bounds]
+        return kept[1]
+
+    return window
 
 
 def percent_to_sigma_function(unet: Any) -> Callable[[float], float]:
@@ -175,15 +222,33 @@ def percent_to_sigma_function(unet: Any) -> Callable[[float], float]:
     Asked of the patcher first (``get_model_object``): an extension that swaps the schedule (reForge's
     built-in Advanced Model Sampling, ComfyUI-style ``ModelSamplingDiscrete``/EDM nodes) records it as
     an object patch of the clone, which reaches ``unet.model`` only when the patcher is loaded for
-    sampling, after this runs; read from the model, the window was on the previous schedule.
+    sampling, after this runs; read from the model, the window was on the previous schedule. This is
+    the apply-time read (it checks there is a schedule at all); during sampling
+    :func:`live_sigma_window` reads the loaded model.
     """
     getter = getattr(unet, "get_model_object", None)
     owners = []
-    for name in ("predictor", "model_sampling"):  # Forge's name, then reForge's (ldm_patched)
+    for name in _SCHEDULE_NAMES:
         if callable(getter):
             with contextlib.suppress(AttributeError, KeyError):  # upstream's get_attr: AttributeError
                 owners.append(getter(name))
         owners.append(getattr(unet.model, name, None))
+    return _first_percent_to_sigma(owners)
+
+
+_SCHEDULE_NAMES = ("predictor", "model_sampling")  # Forge's name, then reForge's (ldm_patched)
+
+
+def _schedule_of(model: Any) -> Any:
+    """The schedule set on the model itself (object patches included once loaded), or None."""
+    for name in _SCHEDULE_NAMES:
+        owner = getattr(model, name, None)
+        if callable(getattr(owner, "percent_to_sigma", None)):
+            return owner
+    return None
+
+
+def _first_percent_to_sigma(owners: list[Any]) -> Callable[[float], float]:
     for owner in owners:
         function = getattr(owner, "percent_to_sigma", None)
         if callable(function):

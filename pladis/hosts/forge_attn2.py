@@ -44,6 +44,9 @@ CLIP_CHUNK = 77
 """Tokens per CLIP chunk: SD/SDXL contexts are multiples of it, and so is any period of a repeat."""
 
 AttnReplacement = Callable[[Tensor, Tensor, Tensor, dict], Tensor]
+Window = Callable[[], tuple[float, float]]
+"""``(sigma_hi, sigma_lo)`` of the schedule being sampled, asked for at call time (see
+:func:`pladis.hosts.forge.live_sigma_window`)."""
 
 
 def host_attention(host: str, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
@@ -240,12 +243,15 @@ def make_attn2_replacement(
     sigma_lo: float = -math.inf,
     host: str = FORGE_HOST,
     prior: AttnReplacement | None = None,
+    window: Window | None = None,
 ) -> AttnReplacement:
     """Build the attn2 replacement for one slot.
 
     Inside the sigma window it returns PLADIS attention (or ``prior``'s output plus the PLADIS change
     when chaining); outside it returns exactly what the slot would give without us: ``prior``'s output,
-    or the host's own attention function.
+    or the host's own attention function. The window is ``(sigma_hi, sigma_lo)``, or what ``window()``
+    answers at call time where given (the same schedule positions, read on the sampled schedule);
+    whether there is a window at all is decided by the two numbers (±inf: none).
     """
     alpha, lam = float(alpha), float(lam)
     sigma_hi, sigma_lo = float(sigma_hi), float(sigma_lo)
@@ -255,7 +261,10 @@ def make_attn2_replacement(
 
     def pladis_attn2(q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
         active = lam != 0.0 and (
-            not check_window or in_window(first_sigma(extra_options.get("sigmas")), sigma_hi, sigma_lo)
+            not check_window
+            or in_window(
+                first_sigma(extra_options.get("sigmas")), *(window() if window else (sigma_hi, sigma_lo))
+            )
         )
         if not active:
             if prior is not None:

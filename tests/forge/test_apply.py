@@ -350,6 +350,64 @@ def test_window_follows_a_schedule_swapped_in_by_an_object_patch(forge_host, nam
     assert own_schedule.calls == []  # the model's own schedule is not asked
 
 
+def _host_attention_calls(tk, monkeypatch, patcher, sigma) -> int:
+    """How many times the host's own attention ran in one evaluation (0: PLADIS on every site)."""
+    import backend.attention
+
+    calls = []
+    real = backend.attention.attention_function
+    monkeypatch.setattr(
+        backend.attention, "attention_function", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    x, cond, uncond = inputs()
+    tk.denoise(patcher, x, sigma, cond, uncond)
+    monkeypatch.setattr(backend.attention, "attention_function", real)
+    return len(calls)
+
+
+def test_window_follows_a_schedule_patch_added_after_pladis(forge_host, monkeypatch):
+    # An extension running after PLADIS clones the patched UNet and swaps the schedule with an object
+    # patch; it reaches the model when the clone is loaded for sampling. The window (start 0.25, end
+    # 0.5) is then read on that schedule: EDM (0.4, 5.66] instead of the model's own (1.62, 4.09].
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    p = tk.processing(tk.unet_patcher())
+    apply(p, params(start=0.25, end=0.5))
+    later = p.sd_model.forge_objects.unet.clone()
+    later.add_object_patch("predictor", _EdmSchedule())
+    sites = len(tk.sites_of("down", "up"))
+    assert _host_attention_calls(tk, monkeypatch, later, 1.0) == 0  # inside EDM's window only
+    assert _host_attention_calls(tk, monkeypatch, later, 5.0) == 0
+    assert _host_attention_calls(tk, monkeypatch, later, 0.3) == sites  # below it
+    # The PLADIS clone itself shares those replacements; loaded in turn it samples the model's own
+    # schedule again (loading it takes the other clone's patch off), and so does its window.
+    pladis_clone = p.sd_model.forge_objects.unet
+    assert _host_attention_calls(tk, monkeypatch, pladis_clone, 1.0) == sites
+    assert _host_attention_calls(tk, monkeypatch, pladis_clone, 3.0) == 0
+
+
+def test_window_ignores_a_schedule_patch_an_earlier_generation_left_on_the_model(forge_host, monkeypatch):
+    # A clone of an earlier generation swapped the schedule and was loaded: its patch stays on the
+    # shared model until another clone loads. Read at apply time the window was on that schedule;
+    # loading this generation's clone takes the patch off, and the window follows (start 0.5, end
+    # 0.75: the model's own (0.70, 1.62], not EDM's (0.03, 0.4]).
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    base = tk.unet_patcher()
+    earlier = base.clone()
+    earlier.add_object_patch("predictor", _EdmSchedule())
+    tk.load(earlier)
+    assert isinstance(base.model.predictor, _EdmSchedule)  # left on the model
+    p = tk.processing(base)
+    apply(p, params(start=0.5, end=0.75))
+    patched = p.sd_model.forge_objects.unet
+    sites = len(tk.sites_of("down", "up"))
+    assert _host_attention_calls(tk, monkeypatch, patched, 1.0) == 0  # inside the model's own window
+    assert _host_attention_calls(tk, monkeypatch, patched, 0.3) == sites  # inside EDM's only
+
+
 def test_a_unet_with_no_layer_group_ticked_is_left_alone_and_says_so(forge_host, caplog):
     from pladis.hosts.forge import apply
 

@@ -84,6 +84,52 @@ def test_sigma_window_bounds_and_pass_through_calls_host_attention(forge_host, a
         assert args[0] is q and args[1] is k and args[2] is v and args[3] == HEADS and kwargs == {}
 
 
+def test_a_live_window_is_asked_at_call_time_and_overrides_the_numbers(forge_host, attention_spy):
+    # The numbers say whether there is a window at all; where a live window is given, its answer
+    # (the same positions on the schedule being sampled) decides each call.
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    q, k, v = qkv()
+    asked = []
+    fn = make_attn2_replacement(
+        alpha=1.5, lam=2.0, sigma_hi=5.0, sigma_lo=1.0, window=lambda: asked.append(1) or (0.5, 0.1)
+    )
+    fn(q, k, v, options(3, 0.3))
+    assert attention_spy == [] and len(asked) == 1  # inside (0.1, 0.5]: PLADIS
+    fn(q, k, v, options(3, 3.0))
+    assert len(attention_spy) == 1 and len(asked) == 2  # inside (1, 5] only: the host's attention
+    whole = make_attn2_replacement(alpha=1.5, lam=2.0, window=lambda: asked.append(1) or (0.5, 0.1))
+    whole(q, k, v, options(3, 3.0))
+    assert len(attention_spy) == 1 and len(asked) == 2  # no window: never asked
+
+
+def test_live_window_reads_the_schedule_on_the_model_and_rereads_it_when_swapped(forge_host):
+    # Forge's model.predictor or reForge's model.model_sampling, whichever the model has.
+    from types import SimpleNamespace
+
+    from pladis.hosts.forge import live_sigma_window
+    from pladis.params import PladisParams
+
+    class Schedule:
+        def __init__(self, scale):
+            self.scale, self.calls = scale, 0
+
+        def percent_to_sigma(self, percent):
+            self.calls += 1
+            return self.scale * (1.0 - percent)
+
+    params = PladisParams(enabled=True, start=0.25, end=0.5)
+    for name in ("predictor", "model_sampling"):
+        first, second = Schedule(10.0), Schedule(2.0)
+        model = SimpleNamespace(**{name: first})
+        window = live_sigma_window(model, params, fallback=(9.0, 8.0))
+        assert window() == (7.5, 5.0) and window() == (7.5, 5.0) and first.calls == 2  # read once
+        setattr(model, name, second)
+        assert window() == (1.5, 1.0)
+        setattr(model, name, None)
+        assert window() == (9.0, 8.0)  # no schedule on the model: the apply-time window
+
+
 def test_end_one_reaches_sigma_zero(forge_host, attention_spy):
     from pladis.hosts.forge_attn2 import make_attn2_replacement
 

@@ -204,6 +204,27 @@ def test_outside_the_window_nothing_is_swapped_and_output_is_stock(forge_host):
         backend.nn.flux.attention = real
 
 
+def test_window_follows_a_schedule_patch_added_after_pladis(forge_host):
+    # As for UNets (tests/forge/test_apply.py): the window is read on the schedule the loaded model
+    # samples with. Start 0.5 is sigma 0.5 on Flux's own schedule, 0.9 on this one.
+    from pladis.hosts.forge import apply
+
+    class Shifted:
+        def percent_to_sigma(self, percent):
+            return 1.0 - percent / 5.0
+
+    tk = forge_host
+    patcher = tk.flux_patcher()
+    p = tk.processing(patcher)
+    apply(p, PladisParams(enabled=True, start=0.5, end=1.0))
+    later = p.sd_model.forge_objects.unet.clone()
+    later.add_object_patch("predictor", Shifted())
+    x, context = torch.randn(2, IMAGE, 4), torch.randn(2, TEXT, 6)
+    got = tk.denoise(later, x, 0.75, context)[0]  # inside (−inf, 0.9]; outside (−inf, 0.5]
+    stock = tk.denoise(patcher, x, 0.75, context)[0]
+    assert (got - stock).abs().max() > 1e-3
+
+
 def test_joint_model_outside_forge_backend_is_left_alone(forge_host):
     """reForge's ldm_patched Flux has another layout (optional [img; txt] order): not patched."""
     from pladis.hosts.forge import apply

@@ -53,8 +53,23 @@ def reset(p):
     p.sd_model.forge_objects = SimpleNamespace(unet=p.sd_model.forge_objects_after_applying_lora.unet)
 
 
+_loaded = {}  # id(model) -> the patcher loaded on it (memory_management's current_loaded_models)
+
+
+def load(patcher):
+    """What sampling does first (``load_models_gpu``): unload another clone of the same model
+    (``unload_model_clones``: its object patches come off), then set this patcher's object patches."""
+    previous = _loaded.get(id(patcher.model))
+    if previous is not None and previous is not patcher:
+        previous.forge_unpatch_model()
+    patcher.forge_patch_model()
+    _loaded[id(patcher.model)] = patcher
+
+
 def denoise(patcher, x, sigma, cond, uncond=None, batch_together=True):
-    """One model evaluation through Forge's cond/uncond batching; returns (cond_pred, uncond_pred)."""
+    """One model evaluation through Forge's cond/uncond batching, the patcher loaded first; returns
+    (cond_pred, uncond_pred)."""
+    load(patcher)
     with torch.no_grad():
         sigmas = torch.full((x.shape[0],), float(sigma))
         return calc_cond_uncond_batch(

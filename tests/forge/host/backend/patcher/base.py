@@ -37,16 +37,29 @@ class ModelPatcher:
         """As upstream: only recorded here; set on the shared model when the patcher is loaded."""
         self.object_patches[name] = obj
 
+    def forge_patch_model(self, target_device=None):
+        """As upstream (``base.py:257``): set this patcher's object patches on the shared model, keeping
+        the originals; called when the patcher is loaded for sampling."""
+        for name, item in self.object_patches.items():
+            old = _get_attr(self.model, name)
+            if name not in self.object_patches_backup:
+                self.object_patches_backup[name] = old
+            _set_attr(self.model, name, item)
+        return self.model
+
+    def forge_unpatch_model(self, target_device=None):
+        """As upstream (``base.py:272``): put the originals back (another clone is being loaded)."""
+        for name, backup in self.object_patches_backup.items():
+            _set_attr(self.model, name, backup)
+        self.object_patches_backup = {}
+
     def get_model_object(self, name):
         """As upstream: this patcher's object patch, else the loaded original, else the model's own."""
         if name in self.object_patches:
             return self.object_patches[name]
         if name in self.object_patches_backup:
             return self.object_patches_backup[name]
-        target = self.model
-        for part in name.split("."):  # backend.utils.get_attr: a dotted path, AttributeError if missing
-            target = getattr(target, part)
-        return target
+        return _get_attr(self.model, name)
 
     def set_model_unet_function_wrapper(self, unet_wrapper_function):
         self.model_options["model_function_wrapper"] = unet_wrapper_function
@@ -81,3 +94,18 @@ class ModelPatcher:
             for key in table:
                 if hasattr(table[key], "to"):
                     table[key] = table[key].to(device)
+
+
+def _get_attr(obj, name):
+    """``backend.utils.get_attr``: a dotted path, AttributeError if missing."""
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_attr(obj, name, value):
+    """``backend.utils.set_attr_raw``: set the last part of a dotted path."""
+    *parents, last = name.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
