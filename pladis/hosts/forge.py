@@ -187,17 +187,24 @@ def _window_on(to_sigma: Callable[[float], float], params: PladisParams) -> tupl
 
 
 def live_sigma_window(model: Any, params: PladisParams, fallback: tuple[float, float]) -> Window:
-    """The window on the schedule ``model`` samples with, read when it is asked for.
+    """The window on the schedule the loaded ``model`` denoises with, read when it is asked for.
 
     Why: object patches (a schedule swapped in by reForge's Advanced Model Sampling or a
     ComfyUI-style node) are set on the shared model only when a patcher is loaded for sampling
     (``forge_patch_model``), and taken off when another clone is loaded. At apply time the clone's
     own patches are known (:func:`sigma_window`), but not one that an extension adds to a clone of
     it after PLADIS, and the model may still carry an earlier generation's patch that loading will
-    undo. During sampling the model carries exactly the schedule being sampled. The window is kept
-    for as long as the model's schedule object stays the same (one attribute read per call). A
+    undo. During sampling the model carries exactly the schedule it denoises with. The window is
+    kept for as long as the model's schedule object stays the same (one attribute read per call). A
     closure over the model (a reference: Forge's deep copies of ``model_options`` keep functions as
-    they are). ``fallback`` (the apply-time window) answers if the model has no schedule then.
+    they are). ``fallback`` (the apply-time window) answers if the model has no schedule then, or if
+    reading the window on it fails: this runs mid-sampling, where an error would end the generation.
+
+    Upstream caveat: Forge's sampler takes the range of the σ it steps through from the schedule on
+    the model when the sampler is created, before this generation's clone loads (reForge from its denoiser
+    wrapper of the checkpoint). So after a schedule swap the σ stepped may follow another schedule
+    than the one the model denoises with; the window follows the latter, as the model's own
+    ``timestep(sigma)`` does.
     """
     kept: list[Any] = [None, fallback]  # the schedule object the window was read on, the window
 
@@ -208,7 +215,12 @@ def live_sigma_window(model: Any, params: PladisParams, fallback: tuple[float, f
         if owner is not kept[0]:
             try:
                 bounds = _window_on(owner.percent_to_sigma, params)
-            except (RuntimeError, AttributeError, TypeError, ValueError):
+            except Exception as error:  # any failure of a foreign schedule: keep sampling
+                log.warning(
+                    "PLADIS: cannot read the start/end window on %s (%r); using the one read at apply time",
+                    type(owner).__name__,
+                    error,
+                )
                 bounds = fallback
             kept[:] = [owner, bounds]
         return kept[1]

@@ -45,7 +45,7 @@ CLIP_CHUNK = 77
 
 AttnReplacement = Callable[[Tensor, Tensor, Tensor, dict], Tensor]
 Window = Callable[[], tuple[float, float]]
-"""``(sigma_hi, sigma_lo)`` of the schedule being sampled, asked for at call time (see
+"""``(sigma_hi, sigma_lo)`` on the schedule the model denoises with, asked for at call time (see
 :func:`pladis.hosts.forge.live_sigma_window`)."""
 
 
@@ -286,7 +286,9 @@ def make_attn2_replacement(
         pladis_attn2.set_new_condition = prior.set_new_condition  # type: ignore[attr-defined]
     elif prior is None:
         pladis_attn2.set_new_condition = _ip_adapter_after_pladis  # type: ignore[attr-defined]
-    pladis_attn2.pladis_settings = {  # type: ignore[attr-defined]  # for logs/tests; plain values only
+    # For logs/tests; plain values only. With a ``window``, sigma_hi/sigma_lo are its apply-time
+    # fallback: the bounds in force are read during sampling (live_sigma_window).
+    pladis_attn2.pladis_settings = {  # type: ignore[attr-defined]
         "alpha": alpha,
         "lam": lam,
         "sigma_hi": sigma_hi,

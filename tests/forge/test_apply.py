@@ -1,6 +1,7 @@
 """``pladis.hosts.forge.apply`` on Forge stand-ins: sites, cloning, window, chaining, tiling, restore."""
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -327,7 +328,7 @@ class _EdmSchedule:
 
 
 @pytest.mark.parametrize("name", ["predictor", "model_sampling"])
-def test_window_follows_a_schedule_swapped_in_by_an_object_patch(forge_host, name):
+def test_window_follows_a_schedule_swapped_in_by_an_object_patch(forge_host, monkeypatch, name):
     # reForge's built-in Advanced Model Sampling (and ComfyUI-style sampling nodes) run before PLADIS
     # and record their schedule as an object patch of the clone; it reaches unet.model only when the
     # patcher is loaded for sampling. The window must be on the schedule that will be sampled.
@@ -348,20 +349,33 @@ def test_window_follows_a_schedule_swapped_in_by_an_object_patch(forge_host, nam
         fn.pladis_settings["sigma_hi"] for fn in installed_sites(p.sd_model.forge_objects.unet).values()
     } == {_EdmSchedule().percent_to_sigma(0.25)}
     assert own_schedule.calls == []  # the model's own schedule is not asked
+    # Loaded and evaluated (the window then in force is read on the loaded model): PLADIS acts
+    # inside EDM's (0.4, 5.66] only, not inside the model's own window.
+    patched = p.sd_model.forge_objects.unet
+    host = "backend.attention" if name == "predictor" else "ldm_patched.ldm.modules.attention"
+    sites = len(tk.sites_of("down", "up"))
+    own_hi, own_lo = own_schedule.percent_to_sigma(0.25), own_schedule.percent_to_sigma(0.5)
+    assert not own_lo < 0.5 <= own_hi and not own_lo < 5.0 <= own_hi  # these tell the two apart
+    outside = _host_attention_calls(tk, monkeypatch, patched, 8.0, host)  # reForge: attn1 too
+    assert outside >= sites
+    assert _host_attention_calls(tk, monkeypatch, patched, 0.3, host) == outside
+    assert _host_attention_calls(tk, monkeypatch, patched, 0.5, host) == outside - sites
+    assert _host_attention_calls(tk, monkeypatch, patched, 5.0, host) == outside - sites
 
 
-def _host_attention_calls(tk, monkeypatch, patcher, sigma) -> int:
-    """How many times the host's own attention ran in one evaluation (0: PLADIS on every site)."""
-    import backend.attention
+def _host_attention_calls(tk, monkeypatch, patcher, sigma, host="backend.attention") -> int:
+    """How many times the host's own attention ran in one evaluation (0: PLADIS on every site).
 
+    ``host``: the module of the host's attention function (Forge's ``attention_function``,
+    reForge's ``optimized_attention``)."""
+    module = importlib.import_module(host)
+    name = "attention_function" if host == "backend.attention" else "optimized_attention"
     calls = []
-    real = backend.attention.attention_function
-    monkeypatch.setattr(
-        backend.attention, "attention_function", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     x, cond, uncond = inputs()
     tk.denoise(patcher, x, sigma, cond, uncond)
-    monkeypatch.setattr(backend.attention, "attention_function", real)
+    monkeypatch.setattr(module, name, real)
     return len(calls)
 
 
@@ -391,7 +405,9 @@ def test_window_ignores_a_schedule_patch_an_earlier_generation_left_on_the_model
     # A clone of an earlier generation swapped the schedule and was loaded: its patch stays on the
     # shared model until another clone loads. Read at apply time the window was on that schedule;
     # loading this generation's clone takes the patch off, and the window follows (start 0.5, end
-    # 0.75: the model's own (0.70, 1.62], not EDM's (0.03, 0.4]).
+    # 0.75: the model's own (0.70, 1.62], not EDM's (0.03, 0.4]). Forge's sampler still takes that
+    # generation's σ range from the leftover schedule (upstream, README); the model denoises with
+    # its own, and the window follows the model.
     from pladis.hosts.forge import apply
 
     tk = forge_host

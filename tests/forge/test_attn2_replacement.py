@@ -103,7 +103,7 @@ def test_a_live_window_is_asked_at_call_time_and_overrides_the_numbers(forge_hos
     assert len(attention_spy) == 1 and len(asked) == 2  # no window: never asked
 
 
-def test_live_window_reads_the_schedule_on_the_model_and_rereads_it_when_swapped(forge_host):
+def test_live_window_reads_the_schedule_on_the_model_and_rereads_it_when_swapped(forge_host, caplog):
     # Forge's model.predictor or reForge's model.model_sampling, whichever the model has.
     from types import SimpleNamespace
 
@@ -128,6 +128,19 @@ def test_live_window_reads_the_schedule_on_the_model_and_rereads_it_when_swapped
         assert window() == (1.5, 1.0)
         setattr(model, name, None)
         assert window() == (9.0, 8.0)  # no schedule on the model: the apply-time window
+        setattr(model, name, Schedule(0.0))
+        model_schedule = getattr(model, name)
+        model_schedule.percent_to_sigma = lambda percent: 1.0 / 0.0  # a foreign schedule that fails
+        with caplog.at_level("WARNING", logger="pladis"):
+            assert window() == (9.0, 8.0)  # mid-sampling: the apply-time window, never an exception
+            assert window() == (9.0, 8.0)  # said once per schedule
+        assert [r.getMessage() for r in caplog.records] == [
+            "PLADIS: cannot read the start/end window on Schedule "
+            "(ZeroDivisionError('float division by zero')); using the one read at apply time"
+        ]
+        caplog.clear()
+        setattr(model, name, second)
+        assert window() == (1.5, 1.0)  # and the next schedule is read again
 
 
 def test_end_one_reaches_sigma_zero(forge_host, attention_spy):
