@@ -93,7 +93,7 @@ class Session:
 
     ``owner`` is a weak reference to the generation's processing object (None: not tied to one).
     Once that object is gone the session no longer applies, even while still ``live``: a second line
-    of defence after :func:`end_with_sampling` for a pass it could not guard. When sampling raises,
+    of defence after :func:`guard_sampling` for a pass it could not guard. When sampling raises,
     ``postprocess`` never runs, and the patches stay installed until the next generation; meanwhile
     UNet calls that bypass the samplers (textual-inversion or hypernetwork training call
     ``sd_model.forward`` directly) must run stock.
@@ -128,29 +128,38 @@ class _Record:
     armed: bool = True  # False once restore could not remove it (wrapped by someone else)
 
 
-GUARD_ATTR = "_pladis_ends_session"
-"""Marks a sampler's ``launch_sampling`` wrapped by :func:`end_with_sampling` (set on the wrapper)."""
+GUARD_ATTR = "_pladis_guards_pass"
+"""Marks a sampler's ``launch_sampling`` wrapped by :func:`guard_sampling` (set on the wrapper)."""
 
 
-def end_with_sampling(sampler: Any, end: Callable[[], Any]) -> bool:
-    """Call ``end`` when this sampler's sampling pass is over, however it ends; True if wrapped.
+def guard_sampling(sampler: Any, begin: Callable[[], Any], end: Callable[[], Any]) -> bool:
+    """Call ``begin`` when this sampler's pass starts sampling and ``end`` when it is over, however it
+    ends; True if its ``launch_sampling`` is guarded (wrapped now, or already by an earlier call,
+    which is not wrapped again), False if it cannot be wrapped.
 
-    Why: when sampling raises (out of memory, an error in some extension's forward), A1111 skips
-    ``postprocess``, and the patches stayed installed, applying until the garbage collector freed
-    the processing object (the sampler and its denoiser hold it in a reference cycle). Meanwhile
-    UNet calls that bypass the samplers (textual-inversion or hypernetwork training) ran PLADIS.
-    Every UNet call of a pass is made inside ``launch_sampling`` (A1111's k-diffusion and timestep
-    samplers alike; the refiner switch too), and the next pass re-patches in
-    ``process_before_every_sampling``, so the pass's end is a safe place to restore. The wrapper is
-    an instance attribute of this sampler object only (a new one is made for every pass).
+    Why ``end``: when sampling raises (out of memory, an error in some extension's forward), A1111
+    skips ``postprocess``, and the patches stayed installed, applying until the garbage collector
+    freed the processing object (the sampler and its denoiser hold it in a reference cycle).
+    Meanwhile UNet calls that bypass the samplers (textual-inversion or hypernetwork training) ran
+    PLADIS. Why ``begin`` (patching there, not in ``process_before_every_sampling``): between that
+    hook and ``launch_sampling`` A1111 still encodes the image conditioning (a VAE pass for
+    inpainting models), computes the sigmas and initialises the sampler (``processing.py``
+    ``sample``, ``sd_samplers_kdiffusion.py`` ``sample``); an error there would leave the patches
+    installed with nothing to remove them. Every UNet call of a pass is made inside
+    ``launch_sampling`` (A1111's k-diffusion and timestep samplers alike; the refiner switch too).
+    The wrapper is an instance attribute of this sampler object only (a new one is made for every
+    pass).
     """
     launch = getattr(sampler, "launch_sampling", None)
-    if not callable(launch) or getattr(launch, GUARD_ATTR, False):
+    if not callable(launch):
         return False
+    if getattr(launch, GUARD_ATTR, False):
+        return True
 
     @functools.wraps(launch)
     def launch_sampling(*args: Any, **kwargs: Any) -> Any:
         try:
+            begin()
             return launch(*args, **kwargs)
         finally:
             end()

@@ -1,12 +1,13 @@
 """Per-generation control: what the script hooks and WebUI callbacks do, host-independent.
 
 Flow (A1111 ``processing.py``): ``process`` (parse, infotext, clean up any previous generation) →
-``p.init`` → per sampling pass ``process_before_every_sampling`` (patch the UNet being sampled;
+``p.init`` → per sampling pass ``process_before_every_sampling`` (arm the patch of the UNet being sampled;
 on Forge/reForge hand over to ``pladis.hosts.forge.apply``) → ``on_cfg_denoiser`` before every UNet
 call (progress for the start/end window, and the model that the SDXL refiner switched to) →
-``postprocess`` (restore). ``postprocess`` is skipped when sampling raises, so each sampling pass
-also restores when its sampler's ``launch_sampling`` returns or raises; the next ``process``, a
-foreign generation seen in ``on_cfg_denoiser``, a model (re)load and script unload restore too.
+``postprocess`` (restore). ``postprocess`` is skipped when sampling raises, so on A1111 each
+sampling pass patches only when its sampler's ``launch_sampling`` starts and restores when it
+returns or raises; the next ``process``, a foreign generation seen in ``on_cfg_denoiser``, a model
+(re)load and script unload restore too.
 
 WebUI script hooks swallow exceptions, so a bad value cannot fail a request from ``process``; it is
 re-raised from ``p.init``, which ``process_images_inner`` calls unwrapped right after the hooks and
@@ -119,8 +120,15 @@ class Controller:
             return
         self._activate(p, generation)
         self.patcher.set_progress(0.0)
-        self.patcher.patch_model(p.sd_model)
-        a1111.end_with_sampling(getattr(p, "sampler", None), self.patcher.end)
+        owner = a1111.weak_owner(p)
+
+        def begin() -> None:  # patched when sampling starts: nothing is left installed if it never does
+            current = owner()
+            if current is not None:
+                self.patcher.patch_model(current.sd_model)
+
+        if not a1111.guard_sampling(getattr(p, "sampler", None), begin, self.patcher.end):
+            self.patcher.patch_model(p.sd_model)  # an unguarded sampler: now (the weak owner defends)
 
     def postprocess(self, p: Any) -> None:
         self.patcher.end()

@@ -201,10 +201,13 @@ def _direct_unet_call(model, data) -> torch.Tensor:
         return model.apply_model(data["noise"], torch.full((1,), 0.5), data["cond"])
 
 
-@pytest.mark.parametrize("where", ["sampling", "after sampling"])
+@pytest.mark.parametrize("where", ["before sampling", "sampling", "after sampling"])
 def test_direct_unet_calls_after_a_crash_run_stock_at_once(webui, no_gc, monkeypatch, where):
     """A crash skips postprocess; the sampling pass's own end must restore, not the garbage collector.
 
+    "before sampling": after ``process_before_every_sampling`` but before ``launch_sampling``, where
+    A1111's sampler still prepares the pass (``initialize(p)``, which ties p and the sampler in a
+    cycle, then e.g. the Brownian noise sampler of DPM++ SDE, whose ``torchsde`` may fail).
     "after sampling": e.g. A1111's NaN check on the decoded latents raises after sampling returned.
     """
     kit = webui.kit
@@ -212,7 +215,17 @@ def test_direct_unet_calls_after_a_crash_run_stock_at_once(webui, no_gc, monkeyp
     data = kit.inputs()
     clean = kit.baseline_copy(model)
     handle = None
-    if where == "sampling":
+    if where == "before sampling":
+        from modules import sd_samplers_common
+
+        initialize = sd_samplers_common.Sampler.initialize
+
+        def failing_initialize(self, p):
+            initialize(self, p)
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(sd_samplers_common.Sampler, "initialize", failing_initialize)
+    elif where == "sampling":
         handle = model.model.diffusion_model.middle_block.register_forward_pre_hook(
             lambda *_: (_ for _ in ()).throw(RuntimeError("boom"))
         )
@@ -232,7 +245,7 @@ def test_direct_unet_calls_after_crash_run_stock_once_the_generation_is_gone(web
     """Second line of defence, for a sampler whose pass could not be guarded (another extension
     replaced its ``launch_sampling``): stale patches stay installed until the next generation, but
     they must not apply once the crashed generation's processing object is gone."""
-    monkeypatch.setattr(a1111, "end_with_sampling", lambda sampler, end: False)
+    monkeypatch.setattr(a1111, "guard_sampling", lambda sampler, begin, end: False)
     kit = webui.kit
     model = kit.sd15()
     data = kit.inputs()
