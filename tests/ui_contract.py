@@ -9,7 +9,7 @@ from __future__ import annotations
 SUFFIXES = ["enable", "alpha", "lambda", "layers", "start", "end"]
 """``elem_id`` suffixes of the controls: ids are ``script_<tab>_pladis_<suffix>``."""
 
-INFOTEXT_KEYS = ["paste_enabled", "PLADIS alpha", "PLADIS lambda", "paste_layers", "paste_start", "paste_end"]
+INFOTEXT_KEYS = ["paste_enabled", "paste_alpha", "paste_lambda", "paste_layers", "paste_start", "paste_end"]
 """``infotext_fields`` keys, as strings or the names of the paste functions, in control order."""
 
 

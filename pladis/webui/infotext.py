@@ -94,39 +94,62 @@ def params_from_infotext(fields: Mapping[str, Any]) -> PladisParams:
 
 
 # -- paste-back: callables receive the parsed infotext dict; None leaves the control unchanged ------
+# A value that is there but malformed or out of range raises ValueError naming the key and what is
+# allowed. Why raise: the API's ``infotext`` field (``api.py`` ``apply_infotext``) lets it through,
+# failing the request with that message, where None would run PLADIS with the defaults instead of
+# what the infotext says; a UI paste reports it and leaves that control as it was
+# (``infotext_utils.connect_paste``). Plain key strings would reach the host's own ``float()``,
+# whose message names neither PLADIS nor the range.
 def paste_enabled(fields: Mapping[str, Any]) -> bool:
     """Turn the accordion on exactly when the image was made with PLADIS (off otherwise)."""
     return ALPHA_KEY in fields
 
 
+def paste_alpha(fields: Mapping[str, Any]) -> float | None:
+    return _paste(fields, ALPHA_KEY, lambda value: parse_params(alpha=value).alpha)
+
+
+def paste_lambda(fields: Mapping[str, Any]) -> float | None:
+    return _paste(fields, LAMBDA_KEY, lambda value: parse_params(lam=value).lam)
+
+
 def paste_layers(fields: Mapping[str, Any]) -> list[str] | None:
-    if LAYERS_KEY not in fields:
-        return None
-    try:
-        return list(parse_params(layers=fields[LAYERS_KEY]).layers)
-    except ValueError:
-        return None
-
-
-def _paste_range_part(fields: Mapping[str, Any], index: int) -> float | None:
-    if RANGE_KEY not in fields:
-        return None
-    try:
-        return parse_range(fields[RANGE_KEY])[index]
-    except ValueError:
-        return None
+    return _paste(fields, LAYERS_KEY, lambda value: list(parse_params(layers=value).layers))
 
 
 def paste_start(fields: Mapping[str, Any]) -> float | None:
-    return _paste_range_part(fields, 0)
+    return _paste(fields, RANGE_KEY, lambda value: _checked_range(value)[0])
 
 
 def paste_end(fields: Mapping[str, Any]) -> float | None:
-    return _paste_range_part(fields, 1)
+    return _paste(fields, RANGE_KEY, lambda value: _checked_range(value)[1])
 
 
-PASTE_TARGETS: tuple[Any, ...] = (paste_enabled, ALPHA_KEY, LAMBDA_KEY, paste_layers, paste_start, paste_end)
-"""The infotext target of each control, in control order: a key string, or a callable of the fields."""
+def _paste(fields: Mapping[str, Any], key: str, read: Any) -> Any:
+    if key not in fields:
+        return None
+    value = fields[key]
+    try:
+        return read(value)
+    except ValueError as error:
+        raise ValueError(f"{error} (from the infotext's '{key}: {value}')") from None
+
+
+def _checked_range(text: Any) -> tuple[float, float]:
+    start, end = parse_range(text)
+    params = parse_params(start=start, end=end)
+    return params.start, params.end
+
+
+PASTE_TARGETS: tuple[Any, ...] = (
+    paste_enabled,
+    paste_alpha,
+    paste_lambda,
+    paste_layers,
+    paste_start,
+    paste_end,
+)
+"""The infotext target of each control, in control order: a callable of the parsed fields."""
 
 
 def paste_fields(
@@ -141,8 +164,8 @@ def send_to_names() -> list[Any]:
 
     The WebUI copies a control from tab to tab when its target (the key string, or the callable)
     is in this list: it tests ``name in paste_field_names`` (``infotext_utils.py:168-174``), so the
-    paste callables are listed too. Without them only α and λ went across, and the img2img accordion
-    stayed off or kept stale layers and window. They are module-level functions, the same objects in
-    both tabs' paste fields.
+    paste callables are listed. They are module-level functions, the same objects in both tabs'
+    paste fields. (With only key strings listed, the img2img accordion stayed off or kept stale
+    layers and window.)
     """
-    return [ALPHA_KEY, LAMBDA_KEY, *(target for target in PASTE_TARGETS if callable(target))]
+    return list(PASTE_TARGETS)

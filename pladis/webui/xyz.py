@@ -50,10 +50,45 @@ def make_confirm(field: str) -> Callable[[Any, Iterable[Any]], None]:
     """Validate every cell value before the grid starts; ValueError names the parameter and range."""
 
     def confirm(_p: Any, values: Iterable[Any]) -> None:
-        for value in values:
-            parse_params(**{field: value})
+        values = list(values)
+        for index, value in enumerate(values):
+            try:
+                parse_params(**{field: value})
+            except ValueError as error:
+                raise ValueError(f"{error}{_overshoot_hint(values, index)}") from None
 
     return confirm
+
+
+def _overshoot_hint(values: list[Any], index: int) -> str:
+    """Why a range's last value can lie past the end the user typed, and what to write instead.
+
+    X/Y/Z expands ``a-b (+step)`` as ``np.arange(a, b + step, step)``, which can end one value past
+    ``b``: through float rounding (``1.5-2 (+0.1)`` ends at 2.1000000000000005), or where the step
+    does not divide the range (``0.5-0 (-0.2)`` ends at −0.1), a value the user never typed.
+    Recognised as a value that continues an even spacing of at least two values before it.
+    """
+    try:
+        numbers = [float(value) for value in values[: index + 1]]
+    except (TypeError, ValueError):
+        return ""
+    if index < 2:
+        return ""
+    step = numbers[index - 1] - numbers[index - 2]
+
+    def continues(i: int) -> bool:
+        return abs((numbers[i] - numbers[i - 1]) - step) <= 1e-9 * max(1.0, abs(step))
+
+    if step == 0 or not continues(index):
+        return ""
+    first = index - 2
+    while first > 0 and continues(first):
+        first -= 1
+    return (
+        f" (an X/Y/Z range 'start-end (+step)' can give one value past 'end', through float rounding"
+        f" or a step that does not divide the range; write"
+        f" '{numbers[first]:g}-{numbers[index - 1]:g} [{index - first}]' or list the values)"
+    )
 
 
 def _enabled_choices(module: Any) -> Callable[[], list[str]]:

@@ -97,11 +97,54 @@ def test_keys_fit_the_webui_infotext_grammar(webui):
         assert pattern.fullmatch(f"{key}: 1") is not None
 
 
-def test_bad_pasted_values_are_ignored_for_derived_fields(webui):
-    pasted, _ = _paste(
-        webui, "x\nSteps: 3, PLADIS alpha: 1.5, PLADIS lambda: 2, PLADIS layers: sideways, PLADIS range: soon"
-    )
-    assert pasted == [True, 1.5, 2.0, None, None, None]
+_BAD_PASTES = [
+    ("PLADIS alpha: strong", 1, ["PLADIS alpha", "[1, 2]", "'strong'"]),
+    ("PLADIS alpha: 5", 1, ["PLADIS alpha", "[1, 2]"]),
+    ("PLADIS lambda: 12", 2, ["PLADIS lambda", "[0, 10]"]),
+    ("PLADIS layers: sideways", 3, ["PLADIS layers", "down, mid, up", "'sideways'"]),
+    ("PLADIS range: soon", 4, ["PLADIS range", "start-end", "'soon'"]),
+    ("PLADIS range: 0.2-0.5-0.9", 4, ["PLADIS range", "start-end"]),
+    ("PLADIS range: 0.2-1.5", 4, ["PLADIS end", "[0, 1]", "PLADIS range: 0.2-1.5"]),
+]
+
+
+@pytest.mark.parametrize(("bad", "control", "fragments"), _BAD_PASTES)
+def test_a_bad_pladis_value_in_an_api_infotext_fails_the_request_naming_it(webui, bad, control, fragments):
+    # The API's infotext field (api.py apply_infotext) sets the script args from the same paste
+    # targets and lets their errors through: a malformed value must fail the request with a message
+    # naming it, not run PLADIS with the defaults (None = "not mentioned") or fail in the host's own
+    # float() ("could not convert string to float", naming neither PLADIS nor the range).
+    script = webui.kit.pladis_script(webui.runner)
+    good = "x\nSteps: 3, PLADIS alpha: 1.5, PLADIS lambda: 2, PLADIS layers: down+up, PLADIS range: 0-1"
+    key = bad.split(":")[0]
+    text = ", ".join([part for part in good.split(", ") if not part.startswith(key)] + [bad])
+    with pytest.raises(ValueError) as info:
+        webui.infotext_utils.api_script_values(script.infotext_fields, text)
+    assert all(fragment in str(info.value) for fragment in fragments), str(info.value)
+    assert webui.infotext_utils.api_script_values(script.infotext_fields, good) == [
+        True,
+        1.5,
+        2.0,
+        ["down", "up"],
+        0.0,
+        1.0,
+    ]
+
+
+@pytest.mark.parametrize(("bad", "control", "fragments"), _BAD_PASTES)
+def test_a_bad_pladis_value_pasted_in_the_ui_is_reported_and_leaves_its_control(
+    webui, bad, control, fragments
+):
+    # The UI paste (infotext_utils.connect_paste) reports a failing target and leaves its control
+    # unchanged; the others are pasted.
+    pasted, _ = _paste(webui, f"x\nSteps: 3, PLADIS alpha: 1.75, PLADIS lambda: 3, {bad}")
+    expected = [True, 1.75, 3.0, None, None, None]
+    expected[control] = None
+    if control == 4:
+        expected[5] = None  # start and end come from the one range value
+    assert pasted == expected
+    messages = [str(error) for _, error in webui.errors.reported]
+    assert messages and all(fragment in messages[-1] for fragment in fragments), messages
 
 
 def test_send_to_img2img_copies_every_control(webui):

@@ -21,6 +21,17 @@ def _xyz(webui):
     return webui.loaded["xyz_grid.py"]
 
 
+def _refused_axis_message(webui, label: str, values: str) -> str:
+    """The error of an X/Y/Z plot whose axis ``label`` with text ``values`` is refused before the grid."""
+    webui.script_callbacks.before_ui_callback()
+    kit = webui.kit
+    kit.use_models(kit.sd15())
+    script = _xyz(webui).script_class()
+    with pytest.raises(ValueError) as info:
+        script.run_axis(kit.txt2img(webui.runner, kit.script_args(webui.runner, True)), label, values)
+    return str(info.value)
+
+
 def test_axes_register_once(webui):
     module = _xyz(webui).module
     webui.script_callbacks.before_ui_callback()  # what the WebUI does before building the UI
@@ -47,13 +58,8 @@ def test_missing_xyz_module_is_fine(webui):
     ],
 )
 def test_bad_axis_values_are_rejected_before_the_grid(webui, label, values, fragments):
-    webui.script_callbacks.before_ui_callback()
-    kit = webui.kit
-    kit.use_models(kit.sd15())
-    script = _xyz(webui).script_class()
-    with pytest.raises(ValueError) as info:
-        script.run_axis(kit.txt2img(webui.runner, kit.script_args(webui.runner, True)), label, values)
-    assert all(f in str(info.value) for f in fragments)
+    message = _refused_axis_message(webui, label, values)
+    assert all(f in message for f in fragments)
 
 
 def test_cells_override_ui_values(webui):
@@ -120,6 +126,33 @@ def test_float_ranges_of_the_xyz_syntax_reach_the_bounds(webui):
     make_confirm("end")(None, list(ends))
     with pytest.raises(ValueError, match=r"alpha: 2\.001 is outside the allowed range \[1, 2\]"):
         make_confirm("alpha")(None, [2.001])
+
+
+@pytest.mark.parametrize(
+    ("label", "text", "last", "advice"),
+    [
+        ("[PLADIS] Alpha", "1.5-2 (+0.1)", "2.1000000000000005", "'1.5-2 [6]'"),
+        ("[PLADIS] Alpha", "1.2-2 (+0.2)", "2.1999999999999997", "'1.2-2 [5]'"),
+        ("[PLADIS] Start", "0.5-0 (-0.2)", "-0.10000000000000009", "'0.5-0.1 [3]'"),
+        ("[PLADIS] Alpha", "1.1, 1.5-2 (+0.1), 1.3", "2.1000000000000005", "'1.5-2 [6]'"),
+    ],
+)
+def test_a_range_that_np_arange_carries_past_its_end_is_refused_with_advice(webui, label, text, last, advice):
+    # Upstream's own expansion (np.arange(a, b + step, step)) adds a value one step past b for
+    # these: the grid is refused (the value is out of range), and the message says why and what
+    # to write instead, since the user never typed that value.
+    message = _refused_axis_message(webui, label, text)
+    assert f"{last} is outside the allowed range" in message and advice in message, message
+    assert "np.arange" not in message  # a user-facing message: the cause in the WebUI's terms
+
+
+def test_an_out_of_range_value_typed_by_hand_gets_no_range_advice(webui):
+    from pladis.webui.xyz import make_confirm
+
+    for values in ([1.5, 2.5], [1.2, 1.4, 1.6, 1.8, 2.5], [2.5], [1.2, 1.4, "x"]):
+        with pytest.raises(ValueError) as info:
+            make_confirm("alpha")(None, values)
+        assert "X/Y/Z range" not in str(info.value) and "PLADIS alpha" in str(info.value)
 
 
 def test_an_end_axis_can_repair_the_accordions_start_after_end(webui):

@@ -1,10 +1,13 @@
 """Stand-in ``modules.infotext_utils``.
 
-Quoting (:56-61), the parse regex (:16-17) and the paste conversion (:476-517).
+Quoting (:56-61), the parse regex (:16-17), the paste conversion (:476-517) and the API's use of the
+same paste fields (``modules/api/api.py`` ``apply_infotext``).
 """
 
 import json
 import re
+
+from modules import errors
 
 re_param_code = r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)'
 re_param = re.compile(re_param_code)
@@ -46,7 +49,8 @@ def paste_values(paste_fields, params):
         if callable(key):
             try:
                 v = key(params)
-            except Exception:
+            except Exception:  # as upstream (v1.10): reported, and the control is left as it was
+                errors.report(f"Error executing {key}", exc_info=True)
                 v = None
         else:
             v = params.get(key, None)
@@ -65,6 +69,22 @@ def paste_values(paste_fields, params):
                 res.append(val)
             except Exception:
                 res.append(None)
+    return res
+
+
+def api_script_values(paste_fields, infotext):
+    """What the API's ``infotext`` request field gives each script control (``api.py``
+    ``apply_infotext`` → ``get_field_value``): the target's value converted to the type of the
+    control's value, or None (not mentioned). Nothing is caught: an exception fails the request."""
+    params = parse_generation_parameters(infotext)
+    res = []
+    for component, key in paste_fields:
+        value = key(params) if callable(key) else params.get(key)
+        if value is not None:
+            target_type = type(component.value)
+            if not isinstance(value, target_type):
+                value = target_type(value)
+        res.append(value)
     return res
 
 
