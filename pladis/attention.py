@@ -155,7 +155,7 @@ def _attention(
             return fused(q, k, v, alpha=alpha, lam=lam, scale=scale, mask=mask, checked=True)
         except TritonUnsupported:
             pass  # tile too large for this GPU: the kernel marks the shape, the torch path answers
-    return _pladis_attention_torch(q, k, v, alpha, lam, scale, mask, memory_budget, heads_last)
+    return _pladis_attention_torch(q, k, v, alpha, lam, scale, mask, int(memory_budget), heads_last)
 
 
 SCALE_MAX = 1e30
@@ -212,7 +212,12 @@ def check_attention_inputs(
 
 
 def check_memory_budget(memory_budget: int) -> None:
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+    """A positive whole number of bytes (a Python or numpy integer; bools are refused)."""
+    if (
+        isinstance(memory_budget, bool)
+        or not isinstance(memory_budget, numbers.Integral)
+        or memory_budget <= 0
+    ):
         raise ValueError(f"PLADIS memory_budget: {memory_budget!r} must be a positive number of bytes")
 
 

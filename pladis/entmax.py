@@ -47,6 +47,7 @@ import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,6 +149,25 @@ def check_real(label: str, value: float, low: float, high: float) -> float:
     return float(value)
 
 
+def check_scores(function: str, scores: Any, dim: Any) -> None:
+    """Refuse what is not a floating-point tensor, or a ``dim`` it does not have, naming them.
+
+    Why: an int or bool tensor would be taken as scores silently (and a complex one lose its
+    imaginary part), a list fail with an AttributeError and a bad ``dim`` with an IndexError.
+    """
+    if not isinstance(scores, Tensor) or not scores.dtype.is_floating_point:
+        got = scores.dtype if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(
+            f"{function}: scores must be a floating-point tensor (fp16, bf16, fp32, fp64), got {got}"
+        )
+    ndim = max(scores.dim(), 1)
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -ndim <= dim < ndim:
+        raise ValueError(
+            f"{function}: dim must be an int in [{-ndim}, {ndim - 1}] for scores of shape "
+            f"{tuple(scores.shape)}, got {dim!r}"
+        )
+
+
 def check_no_grad(function: str, **tensors: Tensor | None) -> None:
     """Refuse inputs that ask for gradients: the solvers work in place and have no backward.
 
@@ -175,6 +195,7 @@ def entmax(scores: Tensor, alpha: float, dim: int = -1) -> Tensor:
     producing NaN is caught by the host's own NaN check (the softmax term of the blend is NaN).
     """
     alpha = check_alpha(alpha)
+    check_scores("entmax", scores, dim)
     check_no_grad("entmax", scores=scores)
     if scores.dim() == 0:  # one key, as torch.softmax takes it: weight 1 (0 when masked)
         return entmax(scores.reshape(1), alpha).reshape(())
@@ -779,7 +800,7 @@ def _halley_solve(
             step = halley
         # Settled rows finish with Halley's step (the more accurate one), so it is the one checked.
         unsettled = halley.abs().squeeze(-1) > tolerance
-        _flag_entering_keys(x, tau, halley, beta, unsettled)
+        _flag_crossing_keys(x, tau, halley, beta, unsettled)
         count = int(unsettled.sum())
         if count == 0 or (robust and evaluation == _HALLEY_ROUNDS):
             break
@@ -823,7 +844,7 @@ def _finish_far_rows(
     step, halley = _safeguarded_step(None, total, first, lowest.sum(-1, keepdim=True), beta)
     weights = _taylor_weights(t_far, lowest, halley, beta, torch.empty_like(t_far))
     unsettled = halley.abs().squeeze(-1) > tolerance
-    _flag_entering_keys(x, tau, halley, beta, unsettled, rows=index)
+    _flag_crossing_keys(x, tau, halley, beta, unsettled, rows=index)
     if bool(unsettled.any()):
         pending = unsettled.nonzero().squeeze(-1)
         start = tau.index_select(0, index).index_select(0, pending).add_(step.index_select(0, pending))
@@ -834,7 +855,7 @@ def _finish_far_rows(
     sums.index_copy_(0, index, weights.sum(-1, keepdim=True))
 
 
-def _flag_entering_keys(
+def _flag_crossing_keys(
     x: Tensor | ScaledScores,
     tau: Tensor,
     step: Tensor,
@@ -842,26 +863,31 @@ def _flag_entering_keys(
     unsettled: Tensor,
     rows: Tensor | None = None,
 ) -> None:
-    """Mark unsettled (in place) the rows a final step ``δ < 0`` would finish wrongly: keys in
-    ``(τ + δ, τ]`` enter the support, but the second-order finish gives them 0.
+    """Mark unsettled (in place) the rows a final step ``δ`` would finish wrongly: keys that cross
+    τ in it, entering the support (in ``(τ + δ, τ]``, δ < 0) or leaving it (in ``(τ, τ + δ]``, δ > 0).
 
-    Why: each such key is owed up to ``|δ|^β``, and a step just within :func:`_step_tolerance`
-    from a start above the root left a tie group just below that start at 0 (measured: 1.3e-5 off
-    at α = 1.49, K = 77, 75 tied keys). Only rows whose step is below ``−(ROW_SUM_TOL/4K)^(1/β)``,
-    where that could matter, are looked at (a few rows in 10^3 on Gaussian scores); the rows
-    marked go on like any unsettled row. ``rows``: the rows of ``x`` and ``tau`` that ``step`` and
-    ``unsettled`` are about (all when None), so that only candidates are gathered.
+    Why: the sums have a kink where a key crosses τ, so Halley's step across it is only first-order
+    exact, and the second-order finish is wrong there too: entering keys, each owed up to
+    ``|δ|^β``, get 0. Measured: a step just within :func:`_step_tolerance` from a start above the
+    root left a tie group just below it at 0 (1.3e-5 off at α = 1.49, K = 77, 75 tied keys); one
+    from below stepped over 150 tied keys just below the root (4.2e-5 off at α = 1.4999, K = 158:
+    the row summed to 1 − 1.5e-4 before it was renormalised). Only rows whose step exceeds
+    ``(ROW_SUM_TOL/4K)^(1/β)`` in size, where a crossing could matter, are looked at (few rows on
+    Gaussian scores; the final steps are usually ~1e-6); the rows marked go on like any unsettled
+    row. ``rows``: the rows of ``x`` and ``tau`` that ``step`` and ``unsettled`` are about (all
+    when None), so that only candidates are gathered.
     """
     limit = (ROW_SUM_TOL / (4.0 * x.shape[-1])) ** (1.0 / beta)
-    candidates = ((step.squeeze(-1) < -limit) & ~unsettled).nonzero().squeeze(-1)
+    candidates = ((step.squeeze(-1).abs() > limit) & ~unsettled).nonzero().squeeze(-1)
     if candidates.numel() == 0:
         return
     source = candidates if rows is None else rows.index_select(0, candidates)
     picked = x.index_select(0, source)
     scores = picked.centred * picked.scale if isinstance(picked, ScaledScores) else picked
     tau_c, step_c = tau.index_select(0, source), step.index_select(0, candidates)
-    entering = ((scores > tau_c + step_c) & (scores <= tau_c)).any(-1)
-    unsettled.index_fill_(0, candidates[entering], True)
+    low, high = torch.minimum(tau_c, tau_c + step_c), torch.maximum(tau_c, tau_c + step_c)
+    crossing = ((scores > low) & (scores <= high)).any(-1)
+    unsettled.index_fill_(0, candidates[crossing], True)
 
 
 def _near_softmax_solve(
@@ -994,9 +1020,11 @@ def _step_tolerance(beta: float, keys: int) -> float:
     whatever the expansion). Measured: 1e-7 against a float64 oracle at this bound. A final δ < 0
     also lets keys enter the support with weight 0 (off by up to ``|δ|^β`` each, with no factor
     ``C``); a bound for that alone (``(ROW_SUM_TOL/4K)^(1/β)``) sent 7 % of the rows at α = 1.49 to
-    another evaluation (+12 % time), although most have no key there. Instead, rows with such a step
-    are checked for keys in ``(τ + δ, τ]`` (:func:`_flag_entering_keys`): a tie group just below a
-    start above the root was left at 0, 1.3e-5 off at α = 1.49.
+    another evaluation (+12 % time), although most have no key there. Instead, rows with a step
+    beyond that bound, of either sign, are checked for keys it carries across τ
+    (:func:`_flag_crossing_keys`): a tie group just below a start above the root was left at 0,
+    1.3e-5 off at α = 1.49, and one just below the root, stepped over from below, 4.2e-5 off at
+    α = 1.4999 (the kink makes Halley's step there only first-order exact).
     """
     remainder = beta * (beta - 1.0) * (beta - 2.0) / 6.0
     return (ROW_SUM_TOL / (4.0 * keys * max(remainder, 1e-3))) ** (1.0 / min(beta, 3.0))

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -593,6 +594,13 @@ def test_memory_budget_must_be_a_positive_number_of_bytes(bad) -> None:
     q, k, v = qkv(1, 1, 4, 8, 16, seed=1)
     with pytest.raises(ValueError, match=r"PLADIS memory_budget: .* must be a positive number of bytes"):
         pladis_attention(q, k, v, alpha=1.5, lam=2.0, memory_budget=bad)
+
+
+def test_a_numpy_integer_memory_budget_is_a_number_of_bytes() -> None:
+    q, k, v = qkv(1, 2, 40, 8, 16, seed=1)
+    want = pladis_attention(q, k, v, alpha=1.5, lam=2.0, scale=EXACT_SCALE, memory_budget=1000)
+    got = pladis_attention(q, k, v, alpha=1.5, lam=2.0, scale=EXACT_SCALE, memory_budget=np.int64(1000))
+    assert torch.equal(got, want)
 
 
 def test_no_keys_or_empty_heads_answer_like_sdpa() -> None:

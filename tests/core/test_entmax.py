@@ -222,6 +222,32 @@ def test_invalid_alpha_is_rejected_with_its_name(bad: object) -> None:
         entmax(torch.zeros(1, 4), bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("scores", "dim", "fragment"),
+    [
+        ([[1.0, 2.0]], -1, "scores must be a floating-point tensor"),
+        (torch.ones(2, 3, dtype=torch.int64), -1, "scores must be a floating-point tensor"),
+        (torch.ones(2, 3, dtype=torch.bool), -1, "scores must be a floating-point tensor"),
+        (torch.ones(2, 3, dtype=torch.complex64), -1, "scores must be a floating-point tensor"),
+        (torch.ones(2, 3), 2, r"dim must be an int in \[-2, 1\]"),
+        (torch.ones(2, 3), -3, r"dim must be an int in \[-2, 1\]"),
+        (torch.ones(2, 3), 1.0, r"dim must be an int in \[-2, 1\]"),
+        (torch.ones(2, 3), True, r"dim must be an int in \[-2, 1\]"),
+    ],
+)
+def test_invalid_scores_or_dim_are_rejected_with_their_name(scores, dim, fragment: str) -> None:
+    # An int or bool tensor was taken as scores, a complex one lost its imaginary part, a list
+    # failed with an AttributeError and a bad dim with an IndexError (a review found them).
+    with pytest.raises(ValueError, match=f"entmax: {fragment}"):
+        entmax(scores, 1.5, dim)
+
+
+def test_numpy_integer_dims_and_scalar_scores_are_accepted() -> None:
+    x = random_rows(6, 3, 77, 1.0)
+    assert torch.equal(entmax(x.t(), 1.75, np.int64(0)), entmax(x, 1.75).t())
+    assert entmax(torch.tensor(-3.0), 1.5, 0) == 1.0
+
+
 def test_does_not_modify_its_input() -> None:
     x = random_rows(5, 64, 77, 1.0)
     before = x.clone()
@@ -271,7 +297,7 @@ def test_fractional_beta_takes_two_fractional_powers_on_gaussian_scores(
     # power of every key (the old Newton solver took four or more) and no separate final pass. Below
     # α ≈ 1.43 a few rows may take a third evaluation on their own; above, from the start mapped from
     # the ℓ2 bound, at most a handful do, whose last step would let keys enter the support
-    # (_flag_entering_keys; the interpolated start left up to a fifth of them for a third).
+    # (_flag_crossing_keys; the interpolated start left up to a fifth of them for a third).
     x = random_rows(23, 2048, keys, 1.0)
     got, sizes = _with_fractional_powers_counted(monkeypatch, lambda: entmax(x, alpha))
     assert sizes[:2] == [x.numel(), x.numel()]
@@ -306,6 +332,28 @@ def test_a_tie_group_just_below_a_start_above_the_root_gets_its_weight(keys: int
     got = entmax(x, 1.49)
     assert (got.double() - reference_entmax(x, 1.49)).abs().max().item() <= 1e-6
     assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_tie_group_just_below_the_root_stepped_over_from_below_stays_at_zero(
+    variant: str, alone: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # α just below 1.5 (β just above 2, where the step tolerance is widest): 150 tied keys 1e-3
+    # below the root in X. Halley's last step from below crossed them within the step tolerance;
+    # at that kink it is only first-order exact, the row summed to 1 − 1.5e-4, and renormalising
+    # moved every weight of the support by up to 4.2e-5 (a review found it).
+    if variant == "gpu":
+        monkeypatch.setattr(_entmax_module(), "cpu_variant", lambda t: False)
+    base = [-0.40519338846206665, -1.452879786491394, -0.12556493282318115, -0.031943466514348984]
+    base += [-0.3872373700141907, 1.116718053817749, 0.11893243342638016, -1.4820711612701416]
+    x = torch.tensor([base + [-0.5899639129638672] * 150])
+    if not alone:
+        x = torch.cat([x.repeat(8, 1), random_rows(5, 256, x.shape[-1], 1.0)])
+    for alpha in (1.4999, 1.49999, 1.4995):
+        got = entmax(x, alpha)
+        assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6, alpha
+        assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("beta", [2.05, 2.5, 1 / 0.3, 4.5, 15.5])
