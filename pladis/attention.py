@@ -32,6 +32,7 @@ from .entmax import (
     check_alpha,
     check_no_grad,
     check_real,
+    check_scores,
     entmax_rows,
     is_softmax,
     row_max,
@@ -71,13 +72,7 @@ def pladis_weights(scores: Tensor, alpha: float, lam: float) -> Tensor:
     Rows whose keys are all masked (−inf) get zero weights.
     """
     alpha, lam = check_alpha(alpha), check_lam(lam)
-    if not isinstance(scores, Tensor) or scores.dim() == 0 or not scores.dtype.is_floating_point:
-        got = (
-            f"shape {tuple(scores.shape)}, {scores.dtype}"
-            if isinstance(scores, Tensor)
-            else type(scores).__name__
-        )
-        raise ValueError(f"PLADIS weights: scores must be a floating-point tensor (..., keys), got {got}")
+    check_scores("PLADIS weights", scores, keys_dim=True)
     check_no_grad("PLADIS weights", scores=scores)
     shape = scores.shape
     rows = scores.to(torch.float32).reshape(math.prod(shape[:-1]), shape[-1])  # no -1: 0-size inputs

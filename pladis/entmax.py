@@ -149,17 +149,17 @@ def check_real(label: str, value: float, low: float, high: float) -> float:
     return float(value)
 
 
-def check_scores(function: str, scores: Any, dim: Any) -> None:
-    """Refuse what is not a floating-point tensor, or a ``dim`` it does not have, naming them.
+def check_scores(function: str, scores: Any, dim: Any = -1, *, keys_dim: bool = False) -> None:
+    """Refuse what is not a floating-point tensor (or, with ``keys_dim``, one with no dims), or a
+    ``dim`` it does not have, naming them.
 
     Why: an int or bool tensor would be taken as scores silently (and a complex one lose its
     imaginary part), a list fail with an AttributeError and a bad ``dim`` with an IndexError.
     """
-    if not isinstance(scores, Tensor) or not scores.dtype.is_floating_point:
-        got = scores.dtype if isinstance(scores, Tensor) else type(scores).__name__
-        raise ValueError(
-            f"{function}: scores must be a floating-point tensor (fp16, bf16, fp32, fp64), got {got}"
-        )
+    is_tensor = isinstance(scores, Tensor)
+    if not is_tensor or not scores.dtype.is_floating_point or (keys_dim and scores.dim() == 0):
+        got = f"shape {tuple(scores.shape)}, {scores.dtype}" if is_tensor else type(scores).__name__
+        raise ValueError(f"{function}: scores must be a floating-point tensor (..., keys), got {got}")
     ndim = max(scores.dim(), 1)
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -ndim <= dim < ndim:
         raise ValueError(

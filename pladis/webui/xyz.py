@@ -68,11 +68,11 @@ def _overshoot_hint(values: list[Any], index: int) -> str:
     does not divide the range (``0.5-0 (-0.2)`` ends at −0.1), a value the user never typed.
     Recognised as a value that continues an even spacing of at least two values before it.
     """
+    if index < 2:
+        return ""
     try:
         numbers = [float(value) for value in values[: index + 1]]
     except (TypeError, ValueError):
-        return ""
-    if index < 2:
         return ""
     step = numbers[index - 1] - numbers[index - 2]
 
