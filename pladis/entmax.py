@@ -553,7 +553,8 @@ def _solve_on_candidates(
     if n > limit:
         return None
     gathered = _GatheredBuffers(ws, centred.device, n)
-    values = torch.index_select(centred.view(-1), 0, index, out=gathered.get("values", n)).mul_(scale)
+    # take() gathers on both threads; index_select from a source this large ran on one (~1.5× the time).
+    values = torch.take(centred, index, out=gathered.get("values", n)).mul_(scale)
     row = _row_of(index, keys, centred.numel(), out=gathered.get("row", n, torch.int64))
     start = _equal_keys_start(bound.view(-1).mul(scale), beta)
     long_rows = keys > _FLOAT32_ROW_KEYS
