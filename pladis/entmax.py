@@ -24,7 +24,9 @@ dominates the cost of a cross-attention layer, and their float32 cumulative sums
   be in the support: those keys (above the ℓ2 bound, taken on the unscaled scores) are gathered
   once into buffers kept from chunk to chunk, Newton runs on them only, from a start mapped from
   that bound, and the few rows still unsettled after three or four evaluations are finished in
-  numpy float64 (:func:`_solve_on_candidates`); the result is :class:`SparseRows`.
+  numpy float64 (:func:`_solve_on_candidates`); the result is :class:`SparseRows`. Narrow rows, with
+  more than ``CANDIDATE_FRACTION`` of their keys above the bound, take the same steps on whole rows
+  (:func:`_whole_row_newton`). Large whole β (α ≤ 1.125) take Halley's steps below, like fractional β.
 * For 1.05 ≤ α < 1.5 with a fractional β the support is too dense for gathering to pay, so the
   fractional powers themselves are the cost: Halley steps from a pow-free start, and the weights by
   a second-order expansion in the last step, take two such powers per key instead of four; rows
@@ -94,9 +96,16 @@ def float32_exact(alpha: float) -> bool:
     return is_softmax(alpha) or alpha - 1.0 >= 1.0 / FLOAT32_MAX_BETA
 
 
-CANDIDATE_FRACTION = 0.25
+CANDIDATE_FRACTION = 0.14
 """For 1.5 < α < 2 on CPU, the keys above the lower bound are solved on their own unless they exceed
-this fraction of all keys (measured on the benchmark shapes: 6–13 % at α 1.55–1.9, σ = 1)."""
+this fraction of all keys; then whole rows are (:func:`_whole_row_newton`).
+
+Measured per 1.5·2^20-score chunk: on the benchmark shapes (σ = 1) 9–13 % of the keys are above the
+bound at α 1.55–1.9 (K = 77), 3–6 % at K = 231; narrow rows have more (σ = 0.5, K = 77: 16–30 %).
+Gathering was 8.5 against 8.9 ms for whole rows at 13.5 % (α = 1.52, σ = 1), about even at 11 %
+(K = 231, σ = 0.5, α = 1.7), and 12–16 against 9.3–10 ms at 17–30 %: finding the keys (``nonzero``)
+and the per-key indexing grow with their number, a whole-row pass does not."""
+_SAMPLED_ROW_STEP = 8  # the candidate share is estimated on every 8th row (1/8 of a counting pass)
 _CANDIDATE_ROUNDS = 30  # evaluations per row: 3 for most, 4–5 for a few; the bound is never reached
 _FIRST_CHECK = 2  # gathered rows are checked from the 3rd evaluation on (see _newton_on_segments)
 _FLOAT32_ROW_KEYS = 96  # up to this many keys a row's float32 index_add_ sum is within ROW_SUM_TOL
@@ -113,7 +122,22 @@ _LINEAR_FINISH_SHARE = 1 / 16
 most this share (:func:`_finish_far_rows`); beyond it every row takes the curvature and the
 second-order finish."""
 _HALLEY_ROUNDS = 12  # evaluations per row for fractional β > 2: 2 for most, 3 for a few; never reached
+_HALLEY_MIN_WHOLE_BETA = 8.0
+"""From this whole β = 1/(α − 1) on (α ≤ 1.125), the CPU solver takes Halley's steps on a fractional
+power, as for fractional β, rather than Newton's on a power by multiplications (:func:`_dense_solve`).
+
+Why: Newton from the power-mean bound leaves more rows unsettled the larger β is, and those go to
+the float64 finish. Measured per 1.5·2^20-score chunk (σ 0.3–3, K = 77): β = 20 (α = 1.05)
+12.5–13.8 ms against 8.8–9.3 with Halley, β = 10 9.5–10.3 against 8.3–9.2, β = 8 9.5–9.9 against
+8.2–9.2; at β = 4–6 multiplications stay as fast or faster (8.2–9.2 against 8.1–10.1 ms)."""
 _L2_START_MAX_BETA = 2.35  # below it (α > 1.4255) _halley_solve starts from the mapped ℓ2 bound
+_L2_START_MAX_BETA_CPU = 4.0
+"""The same limit for the CPU variant (α > 1.25), whose ℓ2 bound works in place (:func:`_l2_bound_in_place`).
+
+Measured per 1.5·2^20-score chunk (σ 0.5–3): at K = 77 the mapped ℓ2 start was 0–25 % faster than
+the interpolated one at every α in 1.28–1.42 (e.g. α = 1.4: 6.9–8.1 against 7.9–9.3 ms), even where
+some rows then need a third evaluation; at K = 231 within ±4 % at α 1.27–1.35 and 7–16 % faster at
+α 1.4–1.42. At α 1.05–1.15 the interpolated start stays faster (up to 10 %)."""
 _TINY = 1e-30
 _LEAVING_MASS = 1e-9  # weight a row may keep on keys a last Taylor step takes out (see _taylor_weights)
 _LOG2_E = 1.0 / math.log(2.0)
@@ -380,7 +404,8 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
     if beta > FLOAT32_MAX_BETA:
         return _near_softmax_solve(centred, alpha, ws)
     gathers, halley = gathers_keys(alpha), beta > 2.0 and not _is_whole(beta)
-    tau = None
+    # On CPU, large whole β also take Halley's steps (see _HALLEY_MIN_WHOLE_BETA).
+    cpu_halley = halley or (beta >= _HALLEY_MIN_WHOLE_BETA and cpu_variant(centred))
     if gathers and cpu_variant(centred):
         # On GPUs the dense passes are cheap and gathering would cost a host synchronisation. On
         # CPU the ℓ2 bound is taken on the centred scores themselves, sparing the pass that scales
@@ -389,16 +414,15 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
         sparse = _solve_on_candidates(centred, bound, above, alpha - 1.0, beta, ws)
         if sparse is not None:
             return sparse
-        tau = bound.mul_(alpha - 1.0)
-    if halley and cpu_variant(centred):
+        return _whole_row_newton(centred, bound, alpha - 1.0, beta, ws)
+    if cpu_halley and cpu_variant(centred):
         return _halley_solve(ScaledScores(centred, alpha - 1.0), beta, ws)
     # X = (α − 1)·(S − max S); sparsemax (α = 2) uses the scores as they are.
     x = centred if alpha == 2.0 else torch.mul(centred, alpha - 1.0, out=ws.get("x", centred))
     if gathers:
-        # Whole rows (GPUs, or too many candidates to gather): Newton from the mapped start, which
-        # also spares the unsettled-row finish (a GPU-variant chunk at α = 1.75: 87 ops, not 137).
-        tau = _lower_bound(x, beta, ws) if tau is None else tau
-        return _dense_solve(x, beta, ws, _equal_keys_start(tau, beta))
+        # Whole rows on GPUs: Newton from the mapped start, which also spares the unsettled-row
+        # finish (a GPU-variant chunk at α = 1.75: 87 ops, not 137).
+        return _dense_solve(x, beta, ws, _equal_keys_start(_lower_bound(x, beta, ws), beta))
     if halley:
         return _halley_solve(x, beta, ws)
     return _dense_solve(x, beta, ws)
@@ -542,11 +566,15 @@ def _solve_on_candidates(
     once makes each step cost a tenth. See :func:`_newton_on_segments` for the steps.
     """
     rows, keys = centred.shape
-    limit = int(CANDIDATE_FRACTION * centred.numel())
+    # The share is estimated on a sample of rows before the costly nonzero (a full count was ~1.5 %
+    # of the solve); nonzero() counts the keys itself, and gathers unless they are twice as many.
+    sample = above[::_SAMPLED_ROW_STEP]
+    if float(sample.sum()) > CANDIDATE_FRACTION * sample.numel():
+        return None
+    limit = int(2 * CANDIDATE_FRACTION * centred.numel())
     # A float comparison copied into a bool buffer is ~3× faster on CPU than a bool-valued comparison.
     mask = ws.get("mask", centred, torch.bool).copy_(above)
-    # nonzero() counts the keys itself (a count beforehand was a pass of its own, ~1.5 % of the
-    # solve): its out buffer holds as many as may be gathered, and grows beyond (then unused).
+    # The out buffer holds as many keys as may be gathered, and grows beyond (then unused).
     room = ws.buffer("gathered-index", (limit + 1,), centred.device, torch.int64)[:0].view(0, 1)
     index = torch.nonzero(mask.view(-1), out=room).squeeze(1)
     n = index.numel()
@@ -560,6 +588,38 @@ def _solve_on_candidates(
     long_rows = keys > _FLOAT32_ROW_KEYS
     weights = _newton_on_segments(values, row, start, rows, beta, buffers=gathered, long_rows=long_rows)
     return SparseRows(index, weights)
+
+
+def _whole_row_newton(
+    centred: Tensor, bound: Tensor, scale: float, beta: float, ws: Workspace
+) -> UnnormalisedRows:
+    """Newton for 1 < β < 2 on whole rows (CPU), where too many keys are above the bound to gather.
+
+    The steps of :func:`_newton_on_segments` (from the same mapped start, checked from the same
+    evaluation on, with the same per-row arithmetic, :class:`_RowSteps`) on every key of the rows:
+    each evaluation's ``t^β`` are the weights when the row settles, so no evaluation is spent on
+    them alone (:func:`_dense_solve`, the GPU variant, spends one). ``bound`` is the ℓ2 bound in
+    units of ``centred`` (:func:`_candidate_bound`). Rows left unsettled are finished in float64
+    (:func:`_settle_rows`).
+    """
+    rows = centred.shape[0]
+    x = ScaledScores(centred, scale)
+    tau = _equal_keys_start(bound.view(-1).mul(scale), beta)
+    t, powered = ws.get("t", centred), ws.get("p", centred)
+    sums = torch.empty(2, rows, dtype=centred.dtype, device=centred.device)
+
+    def evaluate() -> None:
+        # Keys off the support sit at 2^-126 instead of 0: their power is exactly 0 (see _moments).
+        _shifted(x, tau.view(-1, 1), t, _LOG_FLOOR)
+        lower = _exp2_scaled_(_log2(t, powered), beta - 1.0)
+        torch.sum(lower, -1, out=sums[0])
+        torch.sum(lower.mul_(t), -1, out=sums[1])  # t^β: the weights
+
+    settled = _RowSteps(sums, tau, beta).iterate(evaluate)
+    total = sums[1].clone().view(-1, 1)
+    if not bool(settled.all()):
+        _settle_rows(x, tau.view(-1, 1), beta, powered, total, settled.logical_not_())
+    return UnnormalisedRows(powered, total.clamp_min_(_TINY))
 
 
 class _GatheredBuffers:
@@ -640,29 +700,17 @@ def _newton_on_segments(
     sums = torch.empty(2, rows, dtype=values.dtype, device=values.device)
     parts = buffers.get("parts", n, values.dtype, lead=2)  # t^(β−1), t^β
     shifted, gathered = buffers.get("shifted", n, values.dtype), buffers.get("tau", n, values.dtype)
-    # The per-row arithmetic is numpy's, on views of these tensors (see _RowSteps).
-    steps = _RowSteps(sums, tau, beta)
-    settled = None
-    for step_number in range(_CANDIDATE_ROUNDS):
+
+    def evaluate() -> None:
         # Keys off the support sit at 2^-126 instead of 0: their power is exactly 0 (see _moments).
         _shifted(values, torch.index_select(tau, 0, row, out=gathered), shifted, _LOG_FLOOR)
         lower = _exp2_scaled_(_log2(shifted, parts[0]), beta - 1.0)
         torch.mul(lower, shifted, out=parts[1])
         sums.zero_().index_add_(1, row, parts)
-        steps.newton()
-        if step_number >= _FIRST_CHECK:
-            # A step ≤ 0 means τ no longer moves at this precision: the row stops either way.
-            unsettled, wrong = steps.check()
-            # Rows that stopped with a wrong sum are finished in float64 too, whatever their share
-            # (float32 τ steps can move a large tie group's mass by more than ROW_SUM_TOL).
-            if unsettled == 0 or 0 < wrong <= _FINISH_SHARE * rows:
-                settled = steps.settled_rows()
-                break
-            steps.hold_done()
-        steps.advance()
-    else:  # never reached (see _CANDIDATE_ROUNDS); the last step is already in tau
-        settled = steps.settled_rows()
-        steps.step.fill(0.0)
+
+    # The per-row arithmetic is numpy's, on views of these tensors (see _RowSteps).
+    steps = _RowSteps(sums, tau, beta)
+    settled = steps.iterate(evaluate)
     step, total = torch.from_numpy(steps.step), sums[1]
     if long_rows and values.dtype == torch.float32:
         # float64 row sums: index_add_ adds a row's terms one after the other, and in float32 terms
@@ -680,7 +728,8 @@ def _newton_on_segments(
 
 
 class _RowSteps:
-    """The per-row part of :func:`_newton_on_segments`' evaluations: Newton's step and the checks, in numpy.
+    """The per-row part of Newton for 1 < β < 2 (:func:`_newton_on_segments`, :func:`_whole_row_newton`),
+    in numpy: the steps, the checks and the loop that runs the evaluations.
 
     Why numpy: these are ~20 small ops per evaluation on arrays of one value per row (~20k per
     chunk), where torch's per-op cost (dispatch, a fresh tensor each) dominated: 0.28 ms per
@@ -722,12 +771,29 @@ class _RowSteps:
         rows = settled.size
         return rows - int(np.count_nonzero(done)), rows - int(np.count_nonzero(settled))
 
-    def hold_done(self) -> None:
-        """Zero the steps of the rows that are done, so that they stay where they are."""
-        np.putmask(self.step, self._done, 0)
+    def iterate(self, evaluate: Callable[[], None]) -> Tensor:
+        """Evaluate (``evaluate`` fills the sums at the current τ) and step, until every row stops or
+        the rows whose sum is wrong are few enough (``_FINISH_SHARE``) to be finished alone.
 
-    def advance(self) -> None:
-        self._tau += self.step
+        Rows are checked from evaluation ``_FIRST_CHECK + 1`` on: by then every row is below the
+        root, so a step ≤ 0 means τ no longer moves at this precision and the row stops either way.
+        Rows that stopped with a wrong sum are left to the caller's float64 finish, whatever their
+        share (float32 τ steps can move a large tie group's mass by more than ``ROW_SUM_TOL``).
+        Returns the settled rows of the last check; the last evaluation was at ``tau``, and its
+        Newton step is in ``step`` (not added).
+        """
+        rows = self._total.size
+        for step_number in range(_CANDIDATE_ROUNDS):
+            evaluate()
+            self.newton()
+            if step_number >= _FIRST_CHECK:
+                unsettled, wrong = self.check()
+                if unsettled == 0 or 0 < wrong <= _FINISH_SHARE * rows:
+                    return self.settled_rows()
+                np.putmask(self.step, self._done, 0)  # rows that are done stay where they are
+            self._tau += self.step
+        self.step.fill(0.0)  # never reached (see _CANDIDATE_ROUNDS); the last step is already in tau
+        return self.settled_rows()
 
     def settled_rows(self) -> Tensor:
         """The settled rows of the last check, as a new bool tensor."""
@@ -1128,10 +1194,12 @@ def _halley_start(
     mapped as for equal keys (:func:`_equal_keys_start`) lands nearer to it (median 6e-3 against
     2e-2 at α = 1.45, σ = 1) for fewer passes than :func:`_interpolated_start`. Measured at K 77
     and 231, σ 0.3–10: from α 1.43 on, no row then needs a third evaluation at σ ≤ 1 (interpolated:
-    up to 900 rows of 4096 at α = 1.49); below α 1.42 the interpolated start needs fewer.
-    ``t`` and ``powered`` are the workspace's "t" and "p" buffers (or scratch when ``ws`` is None).
+    up to 900 rows of 4096 at α = 1.49); below α 1.42 the interpolated start needs fewer. On CPU,
+    where the ℓ2 bound costs fewer passes, the mapped start pays down to α = 1.25 even so
+    (``_L2_START_MAX_BETA_CPU``). ``t`` and ``powered`` are the workspace's "t" and "p" buffers (or
+    scratch when ``ws`` is None).
     """
-    if beta < _L2_START_MAX_BETA:
+    if beta < (_L2_START_MAX_BETA_CPU if cpu_variant(x) else _L2_START_MAX_BETA):
         if isinstance(x, ScaledScores) and ws is not None:  # the CPU variant: in place, in units of S
             bound = _l2_bound_in_place(x.centred, ws, 1.0 / x.scale)[0].mul_(x.scale)
         else:
@@ -1502,7 +1570,9 @@ def _is_whole(exponent: float) -> bool:
     return abs(exponent - round(exponent)) <= 1e-9 and 0 <= round(exponent) <= _MAX_WHOLE_EXPONENT
 
 
-def _settle_rows(x: Tensor, tau: Tensor, beta: float, weights: Tensor, total: Tensor, rows: Tensor) -> None:
+def _settle_rows(
+    x: Tensor | ScaledScores, tau: Tensor, beta: float, weights: Tensor, total: Tensor, rows: Tensor
+) -> None:
     """Finish the few rows whose support had not settled: more Newton + exact steps, in float64.
 
     Writes the finished rows of ``weights`` and ``total`` in place (``tau`` is only read). Uses
@@ -1514,7 +1584,11 @@ def _settle_rows(x: Tensor, tau: Tensor, beta: float, weights: Tensor, total: Te
     """
     index = rows.nonzero().squeeze(-1)
     wide = _float64_device(x.device)
-    xs = x.index_select(0, index).to(wide, torch.float64)
+    picked = x.index_select(0, index)
+    if isinstance(picked, ScaledScores):  # the few rows' scores, scaled in float64
+        xs = picked.centred.to(wide, torch.float64).mul_(picked.scale)
+    else:
+        xs = picked.to(wide, torch.float64)
     taus = tau.index_select(0, index).to(wide, torch.float64)
     ws, totals = torch.empty_like(xs), torch.empty_like(taus)
     pending = torch.arange(index.shape[0], device=wide)

@@ -168,6 +168,27 @@ def test_candidate_and_whole_row_solvers_agree(alpha: float, monkeypatch: pytest
     assert torch.equal(gathered > 0, whole > 0)
 
 
+@pytest.mark.parametrize("alpha", [1.55, 1.9])
+def test_narrow_rows_are_solved_whole_without_gathering(
+    alpha: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Narrow rows (σ = 0.5) have about a third of their keys above the bound: finding and indexing
+    # them would cost more than whole-row passes (16 against 10 ms a chunk at α = 1.55). The share,
+    # sampled before any gathering, sends them to Newton on whole rows; the few rows it leaves
+    # unsettled are finished in float64, from scores scaled only for them.
+    module = _entmax_module()
+    calls: dict[str, list[int]] = {"segments": [], "whole": [], "settle": []}
+    spies = {"segments": "_newton_on_segments", "whole": "_whole_row_newton", "settle": "_settle_rows"}
+    for key, name in spies.items():
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _k=key, **k: calls[_k].append(1) or _r(*a, **k))
+    x = random_rows(51, 2048, 77, 0.5)
+    got = entmax(x, alpha)
+    assert (len(calls["segments"]), len(calls["whole"]), len(calls["settle"])) == (0, 1, 1)
+    assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
+
+
 @pytest.mark.parametrize("exponent", [0.0, 1.0, 2.0, 3.0, 9.0, 1 / (1.1 - 1) - 1, 10.0, 19.0, 2.5, 40.0])
 def test_power_by_multiplication_matches_float64_pow(
     exponent: float, monkeypatch: pytest.MonkeyPatch
@@ -259,7 +280,8 @@ def test_does_not_modify_its_input() -> None:
 def test_fractional_beta_finishes_the_few_unsettled_rows_on_their_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Wide rows settle after one evaluation; the narrow eighth needs a second, which runs on them alone.
+    # Wide rows settle after one evaluation from the interpolated start (α < 1.25); the narrow eighth
+    # needs a second, which runs on them alone.
     module = _entmax_module()
     solve, sizes = module._halley_solve, []
     monkeypatch.setattr(
@@ -268,10 +290,30 @@ def test_fractional_beta_finishes_the_few_unsettled_rows_on_their_own(
     x = random_rows(21, 512, 77, 8.0)
     x[::8] = random_rows(22, 64, 77, 0.5)
     x[3::16, 30:] = -math.inf
-    got = entmax(x, 1.3)
+    got = entmax(x, 1.22)
     assert sizes[0] == 512 and len(sizes) == 2 and 0 < sizes[1] <= 128
-    assert (got.double() - reference_entmax(x, 1.3)).abs().max().item() <= 1e-6
+    assert (got.double() - reference_entmax(x, 1.22)).abs().max().item() <= 1e-6
     assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("alpha", "halley"), [(1.05, True), (1.1, True), (1.125, True), (1.2, False), (1.25, False)]
+)
+def test_large_whole_beta_takes_halley_steps_on_cpu(
+    alpha: float, halley: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # β = 1/(α − 1) whole and ≥ 8: Newton on powers by multiplications left many rows to the float64
+    # finish (α = 1.05 cost 2× the α = 1.5 attention); Halley's steps on a fractional power do not.
+    # Smaller whole β keep the multiplications, which are as fast there.
+    module = _entmax_module()
+    real, calls = module._halley_solve, []
+    monkeypatch.setattr(module, "_halley_solve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = random_rows(43, 1024, 77, 1.0)
+    x[::5, 40:] = -math.inf
+    got = entmax(x, alpha)
+    assert bool(calls) is halley
+    assert (got.double() - near_one_oracle(x, alpha)).abs().max().item() <= 1e-6
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-6 and (got[x == -math.inf] == 0).all()
 
 
 def _with_fractional_powers_counted(monkeypatch: pytest.MonkeyPatch, run):
@@ -388,7 +430,7 @@ def test_last_halley_evaluation_finishes_linearly_when_its_steps_are_small(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # On Gaussian scores the second evaluation's Newton steps are within the first-order limit
-    # (2.9e-5 at α = 1.3, 4.9e-5 at α = 1.45, K = 77): it needs no Σt^(β−2), no Halley step (one
+    # (2.0e-5 at α = 1.22, 4.9e-5 at α = 1.45, K = 77): it needs no Σt^(β−2), no Halley step (one
     # _safeguarded_step in all) and no second-order finish. At α = 1.45 that needs Halley's step from
     # the start for rows above the root too: after Newton's step there, 8 % of the rows were over it.
     module = _entmax_module()
@@ -396,7 +438,7 @@ def test_last_halley_evaluation_finishes_linearly_when_its_steps_are_small(
     monkeypatch.setattr(module, "_linear_weights", lambda *a: calls.append(a[2].numel()) or real(*a))
     real_step, steps = module._safeguarded_step, []
     monkeypatch.setattr(module, "_safeguarded_step", lambda *a: steps.append(1) or real_step(*a))
-    for alpha in (1.3, 1.45):
+    for alpha in (1.22, 1.45):
         calls.clear()
         steps.clear()
         x = random_rows(31, 2048, 77, 1.0)
@@ -408,11 +450,12 @@ def test_last_halley_evaluation_finishes_linearly_when_its_steps_are_small(
 
 @pytest.mark.parametrize("robust", [False, True])
 def test_rows_over_the_linear_limit_are_finished_alone(monkeypatch: pytest.MonkeyPatch, robust: bool) -> None:
-    # At α = 1.4 (K = 77, σ = 1) a few percent of the rows step further than the first-order finish
-    # allows: only they take the curvature and the second-order finish (they used to send every row
-    # through it). With the Halley tolerance made unreachable, those rows go on to their own robust
-    # solve instead, and are put back in the right places.
+    # At α = 1.4 (K = 77, σ = 1), from the interpolated start, a few percent of the rows step further
+    # than the first-order finish allows: only they take the curvature and the second-order finish
+    # (they used to send every row through it). With the Halley tolerance made unreachable, those rows
+    # go on to their own robust solve instead, and are put back in the right places.
     module = _entmax_module()
+    monkeypatch.setattr(module, "_L2_START_MAX_BETA_CPU", module._L2_START_MAX_BETA)
     real_taylor, taylor_rows = module._taylor_weights, []
     monkeypatch.setattr(
         module, "_taylor_weights", lambda t, *a: taylor_rows.append(t.shape[0]) or real_taylor(t, *a)
