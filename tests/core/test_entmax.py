@@ -316,6 +316,39 @@ def test_large_whole_beta_takes_halley_steps_on_cpu(
     assert (got.sum(-1) - 1).abs().max().item() <= 1e-6 and (got[x == -math.inf] == 0).all()
 
 
+@pytest.mark.parametrize("beta", [2.05, 3.3, 4.76, 5.26, 7.1, 9.2, 13.3, 17.4, 20.0])
+def test_underflow_floor_powers_to_exactly_zero_away_from_exp2_slow_inputs(beta: float) -> None:
+    # Floored keys' power must be exactly 0 without a masking pass, and its exponent e·log₂(floor)
+    # must stay near −600, away from the inputs where torch's exp2 took a slow path (β = 5.26 with
+    # the floor at 2^-126 gave −663: that evaluation took 7× its time).
+    module = _entmax_module()
+    floor = module._underflow_floor(beta)
+    exponent = beta * math.log2(floor)
+    assert floor >= 2.0**-126 and -601.0 <= exponent <= -200.0
+    assert torch.log2(torch.tensor(floor)).mul(beta).exp2().item() == 0.0
+    x = random_rows(47, 512, 77, 1.0)
+    x[::3, 20:] = -math.inf
+    got = entmax(x, 1.0 + 1.0 / beta)
+    assert (got[x == -math.inf] == 0).all()
+    assert (got.double() - near_one_oracle(x, 1.0 + 1.0 / beta)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("alpha", [1.15, 1.19])
+def test_interpolated_start_in_inverse_root_p_needs_one_evaluation(
+    alpha: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From the whole norms' Halley steps interpolated in 1/√p (CPU), nearly every narrow row (σ = 0.5)
+    # lands within the one-evaluation tolerance: one fractional power of the whole block, not two
+    # (interpolated in 1/p, 2 % and 0 % of the rows did at these α).
+    module = _entmax_module()
+    real, blocks = module._top_moments, []
+    monkeypatch.setattr(module, "_top_moments", lambda x, *a: blocks.append(x.shape[0]) or real(x, *a))
+    x = random_rows(53, 2048, 77, 0.5)
+    got = entmax(x, alpha)
+    assert blocks.count(2048) == 1 and sum(blocks) < 2 * 2048
+    assert (got.double() - near_one_oracle(x, alpha)).abs().max().item() <= 1e-6
+
+
 def _with_fractional_powers_counted(monkeypatch: pytest.MonkeyPatch, run):
     """``run()``'s result and the sizes of the fractional powers it took (they all end in _exp2_scaled_)."""
     module = _entmax_module()
