@@ -254,9 +254,54 @@ def _exp_into(x: Tensor, out: Tensor) -> Tensor:
     2e-6 for the keys that carry weight. On GPUs, where the torch path is bound by kernel launches,
     it stays one ``exp``.
     """
-    if cpu_variant(x) and exp2_is_faster():
-        return torch.mul(x, _LOG2_E, out=out).exp2_()
+    if cpu_variant(x):
+        slow = _mostly_slow_for_exp(x)
+        if slow or exp2_is_faster():
+            return _exp2_flushed_(torch.mul(x, _LOG2_E, out=out), slow or None)
     return torch.exp(x, out=out)
+
+
+def _mostly_slow_for_exp(x: Tensor) -> bool:
+    """Whether more than ``_EXP_SLOW_SHARE`` of every 8th row of ``x`` is below ``_EXP_SLOW_BELOW``.
+
+    Why a sample: the check must cost little where nothing is that low (the common case: the
+    sample's minimum, ~0.07 ms a chunk, 1 % of the α = 1.5 attention); a few low scores are cheaper
+    through ``exp``'s slow path than three passes (see ``_EXP_SLOW_SHARE``).
+    """
+    sample = x[::_SAMPLED_ROW_STEP]
+    if sample.numel() == 0 or not float(sample.amin()) < _EXP_SLOW_BELOW:  # NaN: not slow
+        return False
+    # A float comparison is several times faster on CPU than a bool-valued one.
+    low = torch.lt(sample, _EXP_SLOW_BELOW, out=torch.empty(sample.shape, dtype=x.dtype, device=x.device))
+    return float(low.sum()) > _EXP_SLOW_SHARE * sample.numel()
+
+
+_EXP_SLOW_SHARE = 1 / 256
+"""About where three passes cost what ``exp``'s slow path does (~50–100 ns per element in a chunk,
+~0.3 ns on the fast path): σ = 20 scores, 4.6 % of them below −87, took 5.7 ms a chunk by ``exp``
+against 1.0 flushed through ``exp2``; σ = 10 scores, a handful below, 0.49 against 0.98."""
+_EXP_SLOW_BELOW = -87.0
+"""Below this, torch's CPU ``exp`` takes a slow path (AVX-512 build, torch 2.13: ~17× per element for
+every input ≤ −87.5, −∞ included), and ``exp2`` below the matching −125.5 for results under 2^-126
+(but not for −∞).
+
+Why it matters: centred scores reach it with large logits (an attention sink 100 above the other
+keys) or masked keys: at score σ ≈ 20 the α = 1.5 attention took 53 ms instead of 22. A chunk where
+many scores are below it (:func:`_mostly_slow_for_exp`) takes ``2^(x·log₂e)`` with 2^-126 and below
+flushed to 0 (exactly 0 for −∞, as before; the others are under float32's normal range), three
+passes instead of one."""
+
+
+def _exp2_flushed_(y: Tensor, flush: bool | None = None) -> Tensor:
+    """``2^y`` in place; on CPU, values at or below −126 are made −∞ first (:data:`_EXP_SLOW_BELOW`).
+
+    ``flush``: whether any value is that low, when the caller knows; otherwise it is looked up.
+    """
+    if flush is None:
+        flush = cpu_variant(y) and float(y.amin()) < _EXP_SLOW_BELOW * _LOG2_E
+    if flush:
+        torch.nn.functional.threshold_(y, -126.0, -math.inf)
+    return y.exp2_()
 
 
 EXP2_ENV = "PLADIS_EXP2"
@@ -1101,9 +1146,9 @@ def _near_softmax_weights(
     torch.mul(centred, torch.mul(u, -a).exp_().mul_(a), out=v).clamp_min_(-1.0)
     log_w = torch.log1p(v, out=scratch)
     if cpu_variant(centred) and exp2_is_faster():  # as in _exp_into; log₂e folded into the add
-        torch.add(u * _LOG2_E, log_w, alpha=beta * _LOG2_E, out=p).exp2_()
+        _exp2_flushed_(torch.add(u * _LOG2_E, log_w, alpha=beta * _LOG2_E, out=p))
     else:
-        torch.add(u, log_w, alpha=beta, out=p).exp_()
+        _exp_into(torch.add(u, log_w, alpha=beta, out=p), p)
     return p.sum(-1, keepdim=True)
 
 

@@ -947,6 +947,25 @@ def test_exp2_choice_can_be_pinned(forced: str, expected: bool, monkeypatch: pyt
     assert ticks == []  # nothing timed
 
 
+@pytest.mark.parametrize(("alpha", "use_exp2"), [(1.0, False), (1.0, True), (1.01, False), (1.01, True)])
+def test_scores_far_below_the_maximum_take_exp2_flushed(
+    alpha: float, use_exp2: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch's CPU exp takes a slow path for every input at or below −87.5, −∞ included: a chunk where
+    # many scores are that far below their row's maximum (masked keys, attention sinks) takes
+    # 2^(x·log₂e) with 2^-126 and below flushed to 0, whatever the timed choice, in the softmax and
+    # in the near-softmax solver alike. Masked keys stay exactly 0; the rest matches float64.
+    monkeypatch.setattr(_entmax_module(), "exp2_is_faster", lambda: use_exp2)
+    x = random_rows(73, 256, 77, 3.0)
+    x[::5, 10:] = -math.inf
+    x[1::5, :3] += 150.0  # attention sinks: the row's other keys weigh less than float32's normal range
+    got, names = _with_op_names(lambda: entmax(x, alpha))
+    assert "exp2_" in names and "exp" not in names and "threshold_" in names
+    want = torch.softmax(x.double(), -1) if alpha == 1.0 else near_one_oracle(x, alpha)
+    assert (got.double() - want).abs().max().item() <= 1e-6 and (got[x == -math.inf] == 0).all()
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
+
+
 @pytest.mark.parametrize("use_exp2", [False, True])
 def test_softmax_takes_exp_or_exp2_whichever_this_cpu_runs_faster(
     use_exp2: bool, monkeypatch: pytest.MonkeyPatch
@@ -955,8 +974,7 @@ def test_softmax_takes_exp_or_exp2_whichever_this_cpu_runs_faster(
     module = _entmax_module()
     timed = module.exp2_is_faster
     monkeypatch.setattr(module, "exp2_is_faster", lambda: use_exp2)
-    x = random_rows(71, 256, 77, 3.0)
-    x[::5, 10:] = -math.inf
+    x = random_rows(71, 256, 77, 3.0)  # every score within 87 of its row's maximum (see below)
     got, names = _with_op_names(lambda: entmax(x, 1.0))
     assert ("exp2_" in names) is use_exp2 and ("exp" in names) is not use_exp2
     assert (got.double() - torch.softmax(x.double(), -1)).abs().max().item() <= 1e-6
