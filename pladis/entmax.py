@@ -264,24 +264,25 @@ def _exp_into(x: Tensor, out: Tensor) -> Tensor:
     it stays one ``exp``.
     """
     if cpu_variant(x):
-        slow = _mostly_slow_for_exp(x)
+        slow = _mostly_slow_for_exp(x, _EXP_SLOW_BELOW)
         if slow or exp2_is_faster():
-            return _exp2_flushed_(torch.mul(x, _LOG2_E, out=out), slow or None)
+            return _exp2_flushed_(torch.mul(x, _LOG2_E, out=out), slow)
     return torch.exp(x, out=out)
 
 
-def _mostly_slow_for_exp(x: Tensor) -> bool:
-    """Whether more than ``_EXP_SLOW_SHARE`` of every 8th row of ``x`` is below ``_EXP_SLOW_BELOW``.
+def _mostly_slow_for_exp(x: Tensor, below: float) -> bool:
+    """Whether more than ``_EXP_SLOW_SHARE`` of every 8th row of ``x`` is below ``below``
+    (``_EXP_SLOW_BELOW`` for ``exp``'s input, times log₂e for ``exp2``'s).
 
     Why a sample: the check must cost little where nothing is that low (the common case: the
     sample's minimum, ~0.07 ms a chunk, 1 % of the α = 1.5 attention); a few low scores are cheaper
     through ``exp``'s slow path than three passes (see ``_EXP_SLOW_SHARE``).
     """
     sample = x[::_SAMPLED_ROW_STEP]
-    if sample.numel() == 0 or not float(sample.amin()) < _EXP_SLOW_BELOW:  # NaN: not slow
+    if sample.numel() == 0 or not float(sample.amin()) < below:  # NaN: not slow
         return False
     # A float comparison is several times faster on CPU than a bool-valued one.
-    low = torch.lt(sample, _EXP_SLOW_BELOW, out=torch.empty(sample.shape, dtype=x.dtype, device=x.device))
+    low = torch.lt(sample, below, out=torch.empty(sample.shape, dtype=x.dtype, device=x.device))
     return float(low.sum()) > _EXP_SLOW_SHARE * sample.numel()
 
 
@@ -301,13 +302,12 @@ flushed to 0 (exactly 0 for −∞, as before; the others are under float32's no
 passes instead of one."""
 
 
-def _exp2_flushed_(y: Tensor, flush: bool | None = None) -> Tensor:
-    """``2^y`` in place; on CPU, values at or below −126 are made −∞ first (:data:`_EXP_SLOW_BELOW`).
+def _exp2_flushed_(y: Tensor, flush: bool) -> Tensor:
+    """``2^y`` in place; with ``flush``, values at or below −126 are made −∞ first (``_EXP_SLOW_BELOW``).
 
-    ``flush``: whether any value is that low, when the caller knows; otherwise it is looked up.
+    ``flush`` comes from :func:`_mostly_slow_for_exp`: a few such values cost less through ``exp2``'s
+    slow path than a look at every value would.
     """
-    if flush is None:
-        flush = cpu_variant(y) and float(y.amin()) < _EXP_SLOW_BELOW * _LOG2_E
     if flush:
         torch.nn.functional.threshold_(y, -126.0, -math.inf)
     return y.exp2_()
@@ -458,8 +458,6 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
     if beta > FLOAT32_MAX_BETA:
         return _near_softmax_solve(centred, alpha, ws)
     gathers, halley = gathers_keys(alpha), beta > 2.0 and not _is_whole(beta)
-    # On CPU, large whole β also take Halley's steps (see _HALLEY_MIN_WHOLE_BETA).
-    cpu_halley = halley or (beta >= _HALLEY_MIN_WHOLE_BETA and cpu_variant(centred))
     if gathers and cpu_variant(centred):
         # On GPUs the dense passes are cheap and gathering would cost a host synchronisation. On
         # CPU the ℓ2 bound is taken on the centred scores themselves, sparing the pass that scales
@@ -469,7 +467,8 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
         if sparse is not None:
             return sparse
         return _whole_row_newton(centred, bound, alpha - 1.0, beta, ws)
-    if cpu_halley and cpu_variant(centred):
+    # On CPU, large whole β also take Halley's steps (see _HALLEY_MIN_WHOLE_BETA).
+    if cpu_variant(centred) and (halley or beta >= _HALLEY_MIN_WHOLE_BETA):
         return _halley_solve(ScaledScores(centred, alpha - 1.0), beta, ws)
     # X = (α − 1)·(S − max S); sparsemax (α = 2) uses the scores as they are.
     x = centred if alpha == 2.0 else torch.mul(centred, alpha - 1.0, out=ws.get("x", centred))
@@ -580,12 +579,13 @@ def _candidate_bound(centred: Tensor, ws: Workspace, radius: float) -> tuple[Ten
     The keys above ``τ₂ = τ₁ + δ₂`` are those with ``t = (s − τ₁)₊ > δ₂``: compared in place, not
     against the scores in a second buffer (an in-place pass takes about half the time on CPU).
     """
-    bound, t, last_step = _l2_bound_in_place(centred, ws, radius)
+    bound, t, last_step = _l2_bound_in_place(centred, ws.get("t", centred), radius)
     return bound, torch.gt(t, last_step, out=t)
 
 
-def _l2_bound_in_place(centred: Tensor, ws: Workspace, radius: float) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_l2_bound` with ``radius`` (a new tensor), the workspace buffer ``"t"`` left holding
+def _l2_bound_in_place(centred: Tensor, t: Tensor, radius: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Two pow-free Newton steps from −radius towards the root of ``‖(s − τ)₊‖₂ = radius``: a bound
+    τ₂ at or below it (a new tensor), ``t`` (a buffer shaped like ``centred``) left holding
     ``(s − τ₁)₊`` of the first step's ``τ₁``, and the second step ``δ₂`` (so ``τ₂ = τ₁ + δ₂``).
 
     Why: the second step shifts the first step's ``t`` in place (``(t − δ₁)₊ = (s − τ₁)₊`` for
@@ -593,7 +593,7 @@ def _l2_bound_in_place(centred: Tensor, ws: Workspace, radius: float) -> tuple[T
     time of an in-place one on CPU. Newton's steps from below are ≥ 0; rounding that makes one
     negative is clamped to 0, which keeps τ at or below the root.
     """
-    t = torch.add(centred, radius, out=ws.get("t", centred)).clamp_min_(0.0)
+    t = torch.add(centred, radius, out=t).clamp_min_(0.0)
     steps: list[Tensor] = []
     for _ in range(2):
         if steps:
@@ -1155,7 +1155,8 @@ def _near_softmax_weights(
     torch.mul(centred, torch.mul(u, -a).exp_().mul_(a), out=v).clamp_min_(-1.0)
     log_w = torch.log1p(v, out=scratch)
     if cpu_variant(centred) and exp2_is_faster():  # as in _exp_into; log₂e folded into the add
-        _exp2_flushed_(torch.add(u * _LOG2_E, log_w, alpha=beta * _LOG2_E, out=p))
+        y = torch.add(u * _LOG2_E, log_w, alpha=beta * _LOG2_E, out=p)
+        _exp2_flushed_(y, _mostly_slow_for_exp(y, _EXP_SLOW_BELOW * _LOG2_E))
     else:
         _exp_into(torch.add(u, log_w, alpha=beta, out=p), p)
     return p.sum(-1, keepdim=True)
@@ -1254,11 +1255,7 @@ def _halley_start(
     scratch when ``ws`` is None).
     """
     if beta < (_L2_START_MAX_BETA_CPU if cpu_variant(x) else _L2_START_MAX_BETA):
-        if isinstance(x, ScaledScores) and ws is not None:  # the CPU variant: in place, in units of S
-            bound = _l2_bound_in_place(x.centred, ws, 1.0 / x.scale)[0].mul_(x.scale)
-        else:
-            bound = _l2_bound(x, ws)
-        return _equal_keys_start(bound, beta)
+        return _equal_keys_start(_l2_bound(x, ws), beta)
     return _interpolated_start(x, beta, t, powered, scratch)
 
 
@@ -1432,10 +1429,16 @@ def _lower_bound(x: Tensor, beta: float, ws: Workspace) -> Tensor:
     return _l2_bound(x, ws)
 
 
-def _l2_bound(x: Tensor | ScaledScores, ws: Workspace | None, radius: float = 1.0) -> Tensor:
-    """Two pow-free Newton steps from −radius towards the root of ``‖(x − τ)₊‖₂ = radius``: at or below it."""
-    tau = torch.full((*x.shape[:-1], 1), -radius, dtype=x.dtype, device=x.device)
-    return _newton(x, tau, 2.0, 2, ws, radius=radius)
+def _l2_bound(x: Tensor | ScaledScores, ws: Workspace | None) -> Tensor:
+    """Two pow-free Newton steps from −1 towards the root of ``‖(x − τ)₊‖₂ = 1``: at or below it.
+
+    :func:`_l2_bound_in_place` on the scores as they are held (for :class:`ScaledScores`, the centred
+    scores with radius 1/scale, the bound scaled back), in the workspace's ``"t"`` buffer.
+    """
+    centred, scale = (x.centred, x.scale) if isinstance(x, ScaledScores) else (x, 1.0)
+    t = _empty_like(centred) if ws is None else ws.get("t", centred)
+    bound = _l2_bound_in_place(centred, t, 1.0 / scale)[0]
+    return bound if scale == 1.0 else bound.mul_(scale)
 
 
 def _power_mean_bound(x: Tensor | ScaledScores, p: float) -> Tensor:
@@ -1448,13 +1451,10 @@ def _power_mean_bound(x: Tensor | ScaledScores, p: float) -> Tensor:
     return bound.nan_to_num_(nan=-1.0, neginf=-1.0).clamp_min_(-1.0)
 
 
-def _newton(
-    x: Tensor | ScaledScores, tau: Tensor, beta: float, steps: int, ws: Workspace | None, radius: float = 1.0
-) -> Tensor:
+def _newton(x: Tensor | ScaledScores, tau: Tensor, beta: float, steps: int, ws: Workspace | None) -> Tensor:
     """``steps`` Newton steps on ``h(τ) = ‖(x − τ)₊‖_β − 1`` from below (monotone, no overshoot).
 
     A start above the root (:func:`_equal_keys_start`) lands below it in one step, ``h`` being convex.
-    For β = 2 the norm may be set to ``radius`` instead of 1 (the ℓ2 bound on unscaled scores).
     """
     t_buf = _empty_like(x) if ws is None else ws.get("t", x)
     scratch = t_buf  # β = 2 takes norms and sums of t only: no second buffer (kept memory, cache)
@@ -1470,7 +1470,7 @@ def _newton(
             # ‖t‖₂ = sqrt(Σt²); d‖t‖₂/dτ = −Σt/‖t‖₂, so the step is (‖t‖₂ − 1)·‖t‖₂/Σt: two small
             # ops fewer than dividing by the slope (GPUs are launch-bound here).
             norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-            numerator = norm.sub(radius).mul_(norm)
+            numerator = norm.sub(1.0).mul_(norm)
             denominator = t.sum(-1, keepdim=True)
         else:
             # ‖t‖_β = (Σt^β)^(1/β); d‖t‖_β/dτ = −‖t‖_β^(1−β)·Σt^(β−1).
