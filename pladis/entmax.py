@@ -63,13 +63,39 @@ ROW_SUM_TOL = 1e-6
 NEWTON_STEPS = 3
 """Newton steps before the exact step and the row-sum check (all α but a fractional β > 2).
 
-Measured on Gaussian scores (σ 0.3–100, K = 77, 154, 231) from :func:`_lower_bound`: α = 2 leaves
-no row unsettled after 3 steps, nor does α = 1.5 with a counted support (GPU); on CPU α = 1.5 takes
-one more evaluation and the support size from its slope, which sends up to 4 % of rows at
+Measured on iid Gaussian scores (σ 0.3–100, K = 77, 154, 231) from :func:`_lower_bound`: α = 2
+leaves no row unsettled after 3 steps, nor does α = 1.5 with a counted support (GPU); on CPU α = 1.5
+takes one more evaluation and the support size from its slope, which sends up to 4 % of rows at
 K = 154–231, σ 0.3–0.6 (none at K = 77) to the float64 finish (:func:`_entmax15_solve`). Other α
 leave 0–20 % of rows, which the gathered finish handles more cheaply than a fourth full-size step
-with its ``pow`` (measured both ways).
+with its ``pow`` (measured both ways). Attention's scores (q·kᵀ, one key set for every query) can
+leave far more: see ``_RETRY_SHARE``, and ``GPU_NEWTON_STEPS`` for the GPU variant.
 """
+
+GPU_NEWTON_STEPS = 4
+"""``NEWTON_STEPS`` for the GPU variant (:func:`_dense_solve`) but at α = 1.5, where every op is a
+kernel launch and host time per launch dominates.
+
+Why one more: the rows a third step leaves unsettled go to the float64 finish (:func:`_settle_rows`),
+~50 launches and 3 host syncs however few they are. Measured with the GPU variant on CPU (81920 rows
+of scores q·kᵀ with one shared key set, σ 0.3–2, K 77–231): after three steps α = 1.75 and 1.9 left
+rows unsettled in every case (1–19569 rows), α = 2 in 7 of 12, α = 1.25 at K ≥ 154 (up to 26723, a
+third of them, in float64); after four none did but α = 1.9 at σ ≤ 0.5 (3–652) and α 1.75–2 at
+σ = 0.3 (1–39). A step costs 8–13 launches and no sync. α = 1.5 (its exact step counts the support)
+left rows only at K ≥ 154 with σ ≤ 0.5, or 6 rows at K = 231, σ = 1: it keeps three steps, the eight
+launches of a fourth being more than the finish costs on average (``_RETRY_SHARE`` covers the worst)."""
+
+_RETRY_SHARE = 1 / 16
+"""When more than this share of a chunk's rows is unsettled after the Newton steps and the exact
+step, every row takes one more step (:func:`_dense_solve`, :func:`_entmax15_solve`) before the
+float64 finish takes the rest.
+
+Why: wide, flat rows (K = 231, σ ≤ 1) can leave most of a chunk unsettled after three steps, and
+the float64 finish costs ~3.5 µs per such row on CPU against ~0.2 µs for a step of every row.
+Measured per 1.5·2^20-score chunk (q·kᵀ scores, one shared key set): α = 1.5 at K = 231, σ = 0.5
+left 84 % of the rows to the float64 finish (27 ms against 6 for the chunk with a fourth step);
+α = 1.25 at K = 231, σ = 1 a third (12.6 against 9.3 ms). Where few rows are unsettled, finishing
+them alone stays cheaper than a step for all (α = 2, K = 77: 3 steps 8.6 ms, 4 steps 9.1)."""
 
 SOFTMAX_LIMIT = 1e-7
 """α − 1 at or below this gives softmax: α-entmax differs from it by about 2·(α − 1), which the blend
@@ -523,14 +549,21 @@ def _dense_solve(x: Tensor, beta: float, ws: Workspace | None, tau: Tensor | Non
         return _entmax15_solve(x, ws)
     if tau is None:
         tau = _lower_bound(x, beta, ws)
-    tau = _newton(x, tau, beta, NEWTON_STEPS, ws)
+    steps = NEWTON_STEPS if cpu_variant(x) or beta == 2.0 else GPU_NEWTON_STEPS
+    tau = _newton(x, tau, beta, steps, ws)
     out, scratch = (
         (torch.empty_like(x), torch.empty_like(x)) if ws is None else (ws.get("t", x), ws.get("p", x))
     )
     weights, total = _exact_step(x, tau, beta, out, scratch)
     # A total of 0 means a row with no finite key: nothing to settle, its weights stay 0.
     unsettled = _settled(total).logical_not_()
-    if bool(unsettled.any()):
+    count = int(unsettled.sum())
+    if count > _RETRY_SHARE * unsettled.numel():  # one more step for every row (see _RETRY_SHARE)
+        tau = _newton(x, tau, beta, 1, ws)
+        weights, total = _exact_step(x, tau, beta, out, scratch)
+        unsettled = _settled(total).logical_not_()
+        count = int(unsettled.sum())
+    if count:
         _settle_rows(x, tau, beta, weights, total, unsettled.squeeze(-1))
     return UnnormalisedRows(weights, total.clamp_min_(_TINY))
 
@@ -545,31 +578,51 @@ def _entmax15_solve(x: Tensor, ws: Workspace | None) -> UnnormalisedRows:
     ``(Σt(τ₂) − Σt(τ₃))/(τ₃ − τ₂)``, which costs nothing. Where keys still left the support between
     them this is too large, the step overshoots, and the row sum check sends the row to the float64
     finish (:func:`_settle_rows`), like a row whose support had not settled. Measured on Gaussian
-    scores σ 0.1–100: no row at K = 77, up to 4 % at K = 154–231 for σ 0.3–0.6 (the count: 0.2 %).
+    scores σ 0.1–100: no row at K = 77, up to 4 % at K = 154–231 for σ 0.3–0.6 (the count: 0.2 %);
+    on attention's scores (one key set for all rows) up to 84 % at K = 231, σ 0.5: when more than
+    ``_RETRY_SHARE`` of the rows are left, every row takes one more step and quadratic first.
     ``s2`` is taken as a norm (one pass, not a product and a sum). Newton's iterates only rise, so
     the weights are the last ``t`` shifted by δ ≥ 0 in place. Normalisation is left to the caller.
     """
     t = _empty_like(x) if ws is None else ws.get("t", x)
     tau = torch.full((*x.shape[:-1], 1), -1.0, dtype=x.dtype, device=x.device)
-    for step_number in range(NEWTON_STEPS + 1):
-        _shifted(x, tau, t)
-        norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-        s1 = t.sum(-1, keepdim=True)
-        if step_number == NEWTON_STEPS:
+    norm, s1 = _l2_moments(x, tau, t)
+    for steps in (NEWTON_STEPS, 1):  # the second round: one more step for every row (_RETRY_SHARE)
+        for _ in range(steps):
+            step = norm.sub(1.0).mul_(norm).div_(s1.clamp_min(_TINY))
+            tau, s1_previous = tau + step, s1
+            norm, s1 = _l2_moments(x, tau, t)
+        weights, total = _support_quadratic(t, norm, s1, s1_previous, step)  # t is consumed
+        unsettled = _settled(total).logical_not_()  # a total of 0: no finite key, weights stay 0
+        count = int(unsettled.sum())
+        if count <= _RETRY_SHARE * unsettled.numel():
             break
-        step = norm.sub(1.0).mul_(norm).div_(s1.clamp_min(_TINY))
-        tau, s1_previous = tau + step, s1
-    count = (s1_previous - s1).div_(step.clamp_min_(_TINY)).clamp_(0.0, x.shape[-1])
+    if count:
+        _settle_rows(x, tau, 2.0, weights, total, unsettled.squeeze(-1))
+    return UnnormalisedRows(weights, total.clamp_min_(_TINY))
+
+
+def _l2_moments(x: Tensor, tau: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``‖t‖₂`` and ``Σt`` of ``t = (x − τ)₊``, written into ``t``."""
+    _shifted(x, tau, t)
+    return torch.linalg.vector_norm(t, dim=-1, keepdim=True), t.sum(-1, keepdim=True)
+
+
+def _support_quadratic(
+    t: Tensor, norm: Tensor, s1: Tensor, s1_previous: Tensor, step: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The weights ``(t − δ)₊²`` (in place in ``t``) and their row sums, δ from the support quadratic.
+
+    ``t = (x − τ)₊`` at the last iterate, ``norm`` and ``s1`` its ‖t‖₂ and Σt, ``s1_previous`` Σt at
+    the iterate before, ``step`` the Newton step between them (:func:`_entmax15_solve`).
+    """
+    count = (s1_previous - s1).div_(step.clamp_min(_TINY)).clamp_(0.0, t.shape[-1])
     s2m1 = (norm - 1.0).mul_(norm + 1.0)
     # Σ_S (t − δ)² = s2 − 2δ·s1 + |S|·δ² = 1: the smaller root, free of cancellation.
     root = torch.addcmul(s1 * s1, count, s2m1, value=-1.0).clamp_min_(0.0).sqrt_()
     delta = s2m1.div_(root.add_(s1).clamp_min_(_TINY)).clamp_min_(0.0)
     weights = t.sub_(delta).clamp_min_(0.0).square_()
-    total = weights.sum(-1, keepdim=True)
-    unsettled = _settled(total).logical_not_()  # a total of 0: no finite key, weights stay 0
-    if bool(unsettled.any()):
-        _settle_rows(x, tau, 2.0, weights, total, unsettled.squeeze(-1))
-    return UnnormalisedRows(weights, total.clamp_min_(_TINY))
+    return weights, weights.sum(-1, keepdim=True)
 
 
 def _candidate_bound(centred: Tensor, ws: Workspace, radius: float) -> tuple[Tensor, Tensor]:

@@ -475,10 +475,11 @@ def test_gpu_variant_of_the_torch_path_matches_the_oracle(
     assert (got.double() - reference_pladis(q, k, v, alpha, 2.0)).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize(("alpha", "most"), [(1.5, 70), (2.0, 78), (1.75, 110), (1.01, 85)])
+@pytest.mark.parametrize(("alpha", "most"), [(1.5, 70), (2.0, 86), (1.75, 104), (1.01, 80)])
 def test_torch_path_stays_lean_in_ops(alpha: float, most: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Without Triton (common on Windows) CUDA runs the torch path, where every op is a kernel launch
     # and host time per launch dominates at these sizes (issue 6): count the ops of one chunk.
+    # α ≠ 1.5 include a fourth Newton step (8–13 ops), which spares the float64 finish's ~50.
     import collections
     import sys
 
