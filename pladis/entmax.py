@@ -165,6 +165,19 @@ Why: Newton from the power-mean bound leaves more rows unsettled the larger β i
 the float64 finish. Measured per 1.5·2^20-score chunk (σ 0.3–3, K = 77): β = 20 (α = 1.05)
 12.5–13.8 ms against 8.8–9.3 with Halley, β = 10 9.5–10.3 against 8.3–9.2, β = 8 9.5–9.9 against
 8.2–9.2; at β = 4–6 multiplications stay as fast or faster (8.2–9.2 against 8.1–10.1 ms)."""
+_THIRD_ORDER_MIN_BETA = 4.0
+"""From this β on (α ≤ 1.25), the CPU Halley solver may finish rows to third order in its last step
+(:func:`_third_order_weights`), whose tolerance (:func:`_third_order_tolerance`) is ~5× the
+second-order one's, when that lets all but a quarter of the rows finish after the evaluation.
+
+Why: at α 1.16–1.25 the interpolated start (:func:`_interpolated_start`) lands 1–3e-3 from the root
+on σ = 1 scores, beyond the second-order tolerance (5–8e-4) for 91–96 % of the rows, so every row
+took a second evaluation (eight passes) and α = 1.19 cost 1.6× α = 1.5; the third-order finish costs
+one pass more than the second-order one. Measured per 1.5·2^20-score chunk (K = 77): α 1.17–1.19
+9.3 → 8.3 ms at σ = 1, α 1.21 2–6 % faster, elsewhere within noise; at K = 231, σ = 1 most rows stay
+beyond it (no change). Below β = 4 (the mapped ℓ2 start) 4–35 % of the rows were within it (float64,
+σ 0.5–2)."""
+_THIRD_ORDER_SHARE = 0.75  # of the remainder bound's step (see _third_order_tolerance)
 _L2_START_MAX_BETA = 2.35  # below it (α > 1.4255) _halley_solve starts from the mapped ℓ2 bound
 _L2_START_MAX_BETA_CPU = 4.0
 """The same limit for the CPU variant (α > 1.25), whose ℓ2 bound works in place (:func:`_l2_bound_in_place`).
@@ -1036,7 +1049,7 @@ def _halley_solve(
         tau = _halley_start(x, beta, ws, t, powered, weights)
     tau.clamp_(-1.0, upper)
     flags = torch.zeros((rows, 2), dtype=torch.bool, device=x.device) if robust else None
-    pending = None
+    pending, third_order = None, False
     on_cpu, linear_limit = cpu_variant(x), _linear_step_limit(beta, keys)
     for evaluation in range(1, _HALLEY_ROUNDS + 1):
         if not on_cpu:
@@ -1074,13 +1087,21 @@ def _halley_solve(
         unsettled = halley.abs().squeeze(-1) > tolerance
         _flag_crossing_keys(x, tau, halley, beta, unsettled)
         count = int(unsettled.sum())
+        if on_cpu and flags is None and 4 * count > rows and beta >= _THIRD_ORDER_MIN_BETA:
+            # A third-order finish, if it lets all but a quarter of the rows finish now.
+            wider = halley.abs().squeeze(-1) > _third_order_tolerance(beta, keys)
+            _flag_crossing_keys(x, tau, halley, beta, wider)
+            wider_count = int(wider.sum())
+            if 4 * wider_count <= rows:
+                third_order, unsettled, count = True, wider, wider_count
         if count == 0 or (robust and evaluation == _HALLEY_ROUNDS):
             break
         if 4 * count <= rows or evaluation == _HALLEY_ROUNDS:
             pending = unsettled.nonzero().squeeze(-1)
             break
         tau.add_(step).clamp_(-1.0, upper)
-    out = _taylor_weights(t, powered, halley, beta, weights)
+    finish = _third_order_weights if third_order else _taylor_weights
+    out = finish(t, powered, halley, beta, weights)
     if pending is not None:
         start = tau.index_select(0, pending).add_(step.index_select(0, pending))
         sub = _halley_solve(x.index_select(0, pending), beta, None, start, robust=True)
@@ -1456,12 +1477,52 @@ def _taylor_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, out: 
     return torch.addcmul(quadratic, linear, t, out=out).mul_(powered)
 
 
-def _keys_may_leave(step: Tensor, beta: float, keys: int) -> bool:
-    """Whether keys leaving the support could weigh ``_LEAVING_MASS`` in some row (NaN steps: yes)."""
+def _keys_may_leave(step: Tensor, beta: float, keys: int, coefficient: float | None = None) -> bool:
+    """Whether keys leaving the support could weigh ``_LEAVING_MASS`` in some row (NaN steps: yes).
+
+    A key with ``0 < t ≤ δ`` gets at most ``coefficient·δ^β`` from the finish unmasked
+    (second order, the default: ``1 + β(β−1)/2``; see :func:`_taylor_weights`).
+    """
     largest = float(step.max()) if step.numel() else 0.0
-    return (
-        not largest <= 0.0 and not keys * (1.0 + beta * (beta - 1.0) / 2.0) * largest**beta <= _LEAVING_MASS
-    )
+    if coefficient is None:
+        coefficient = 1.0 + beta * (beta - 1.0) / 2.0
+    return not largest <= 0.0 and not keys * coefficient * largest**beta <= _LEAVING_MASS
+
+
+def _third_order_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, out: Tensor) -> Tensor:
+    """``(t − δ)₊^β`` to third order in δ from ``t^(β−2)`` (CPU, β ≥ 3; ``powered`` consumed), into ``out``.
+
+    ``(t − δ)^β ≈ t^(β−2)·(t² − βδt + β(β−1)/2·δ² − β(β−1)(β−2)/6·δ³/t)``, for a step tolerance ~5×
+    that of :func:`_taylor_weights` (:func:`_third_order_tolerance`).
+    ``t`` is floored above 0 on CPU (:func:`_top_moments`), so ``δ³/t`` is finite, and keys off the
+    support (``t^(β−2) = 0``) stay 0. Keys leaving the support (``0 < t ≤ δ``) are masked out as in
+    :func:`_taylor_weights`; unmasked, each would get at most ``(1 + β + β(β−1)/2 + β(β−1)(β−2)/6)·δ^β``
+    (each term at most its coefficient times ``δ^β`` there, β ≥ 3). Two passes more than
+    :func:`_taylor_weights` when some step is positive (the clamp), one otherwise.
+    """
+    c2, c3 = beta * (beta - 1.0) / 2.0, beta * (beta - 1.0) * (beta - 2.0) / 6.0
+    if _keys_may_leave(step, beta, t.shape[-1], 1.0 + beta + c2 + c3):
+        powered.mul_(torch.gt(t, step, out=out))
+    linear = torch.sub(t, step * beta, out=out)  # t − βδ
+    poly = torch.addcmul(step.square().mul_(c2), linear, t, out=out)  # t² − βδt + c2·δ²
+    weights = poly.addcdiv_(step.pow(3).mul_(-c3), t).mul_(powered)
+    # For δ > 0 the cubic can dip below 0 (by at most the remainder, ~C·δ^β) just above t = δ, where
+    # (t − δ)^β is about 0 itself; for δ ≤ 0 every term is ≥ 0.
+    return weights.clamp_min_(0.0) if float(step.max()) > 0.0 else weights
+
+
+def _third_order_tolerance(beta: float, keys: int) -> float:
+    """Largest final Halley step |δ| whose third-order finish keeps a row's sum within ROW_SUM_TOL/4.
+
+    The fourth-order remainder of ``(t − δ)^β`` is ``β(β−1)(β−2)(β−3)/24·δ⁴·ξ^(β−4)``: at most
+    ``C·δ⁴`` per key for β ≥ 4 (``t ≤ 1``), and ``C·δ^β`` for 3 ≤ β < 4 (as in
+    :func:`_step_tolerance`). Keys a step carries across τ are flagged as for that tolerance
+    (:func:`_flag_crossing_keys`). ``_THIRD_ORDER_SHARE`` of that step is taken: Halley's own error
+    (cubic in the step) adds to the finish's, and at the whole bound it moved weights by up to 4.9e-7
+    (α = 1.2499, K = 231, σ = 0.5); at 3/4 of it by 2.1e-7, as after a second evaluation (2.0e-7).
+    """
+    remainder = beta * (beta - 1.0) * (beta - 2.0) * (beta - 3.0) / 24.0
+    return _THIRD_ORDER_SHARE * (ROW_SUM_TOL / (4.0 * keys * max(remainder, 1e-3))) ** (1.0 / min(beta, 4.0))
 
 
 def _support(t: Tensor, out: Tensor) -> Tensor:

@@ -520,6 +520,8 @@ def test_last_halley_evaluation_finishes_linearly_when_its_steps_are_small(
     monkeypatch.setattr(module, "_linear_weights", lambda *a: calls.append(a[2].numel()) or real(*a))
     real_step, steps = module._safeguarded_step, []
     monkeypatch.setattr(module, "_safeguarded_step", lambda *a: steps.append(1) or real_step(*a))
+    # α ≤ 1.25 may finish to third order after one evaluation instead: not here.
+    monkeypatch.setattr(module, "_THIRD_ORDER_MIN_BETA", math.inf)
     for alpha in (1.22, 1.45):
         calls.clear()
         steps.clear()
@@ -528,6 +530,42 @@ def test_last_halley_evaluation_finishes_linearly_when_its_steps_are_small(
         assert (len(calls), len(steps)) == (1, 1), alpha
         assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
         assert (got.sum(-1) - 1).abs().max().item() <= 1e-6 and (got >= 0).all()
+
+
+@pytest.mark.parametrize(("alpha", "keys", "sigma"), [(1.17, 77, 1.0), (1.19, 77, 1.0), (1.21, 77, 2.0)])
+def test_alpha_near_one_fifth_finishes_to_third_order_after_one_evaluation(
+    alpha: float, keys: int, sigma: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interpolated start lands 1–3e-3 from the root there: beyond the second-order finish's
+    # tolerance for 91–96 % of the rows, which took a second evaluation (α = 1.19 cost 1.6× α = 1.5),
+    # within the third-order finish's for nearly all.
+    module = _entmax_module()
+    real, evaluations = module._top_moments, []
+    monkeypatch.setattr(module, "_top_moments", lambda x, *a: evaluations.append(x.shape[0]) or real(x, *a))
+    x = attention_scores(53, 2048, keys, sigma)
+    got = entmax(x, alpha)
+    assert evaluations.count(2048) == 1, evaluations  # then, at most, a few rows on their own
+    assert (got.double() - reference_entmax(x, alpha)).abs().max().item() <= 1e-6
+    assert (got.sum(-1) - 1).abs().max().item() <= 1e-6 and (got >= 0).all()
+
+
+@pytest.mark.parametrize("beta", [4.0, 5.26, 10.0])
+def test_third_order_finish_matches_the_power_it_expands(beta: float) -> None:
+    # (t − δ)₊^β from t^(β−2) to third order, against float64: keys well inside, near the edge,
+    # leaving (0 < t ≤ δ) and off the support (t^(β−2) = 0, t floored above 0 as on CPU).
+    module = _entmax_module()
+    gen = torch.Generator().manual_seed(54)
+    t = torch.rand(64, 77, generator=gen)
+    t[:, :4] = torch.tensor([2e-3, 9e-4, 3e-4, 1e-5])  # the edge, and keys a step of 1e-3 takes out
+    t[:, 70:] = 2.0**-100  # off the support: floored, power 0
+    powered = t.double().pow(beta - 2.0).float()
+    powered[:, 70:] = 0.0
+    step = (torch.rand(64, 1, generator=gen) - 0.5) * 2e-3
+    got = module._third_order_weights(t, powered.clone(), step, beta, torch.empty_like(t)).double()
+    want = (t.double() - step.double()).clamp_min(0.0).pow(beta)
+    want[:, 70:] = 0.0
+    assert (got - want).abs().max().item() <= 2e-7  # float32 rounding of weights up to 1
+    assert (got[:, 70:] == 0).all() and (got >= 0).all()
 
 
 @pytest.mark.parametrize("robust", [False, True])
