@@ -167,16 +167,16 @@ the float64 finish. Measured per 1.5·2^20-score chunk (σ 0.3–3, K = 77): β 
 8.2–9.2; at β = 4–6 multiplications stay as fast or faster (8.2–9.2 against 8.1–10.1 ms)."""
 _THIRD_ORDER_MIN_BETA = 4.0
 """From this β on (α ≤ 1.25), the CPU Halley solver may finish rows to third order in its last step
-(:func:`_third_order_weights`), whose tolerance (:func:`_third_order_tolerance`) is ~5× the
-second-order one's, when that lets all but a quarter of the rows finish after the evaluation.
+(:func:`_third_order_weights`), whose tolerance (:func:`_third_order_tolerance`) is 5–7× the
+second-order one's (K 77–231), when that lets all but a quarter of the rows finish after the evaluation.
 
 Why: at α 1.16–1.25 the interpolated start (:func:`_interpolated_start`) lands 1–3e-3 from the root
 on σ = 1 scores, beyond the second-order tolerance (5–8e-4) for 91–96 % of the rows, so every row
 took a second evaluation (eight passes) and α = 1.19 cost 1.6× α = 1.5; the third-order finish costs
-one pass more than the second-order one. Measured per 1.5·2^20-score chunk (K = 77): α 1.17–1.19
-9.3 → 8.3 ms at σ = 1, α 1.21 2–6 % faster, elsewhere within noise; at K = 231, σ = 1 most rows stay
-beyond it (no change). Below β = 4 (the mapped ℓ2 start) 4–35 % of the rows were within it (float64,
-σ 0.5–2)."""
+at most two passes more than the second-order one (and no mask for leaving keys). Measured per
+1.5·2^20-score chunk (K = 77): α 1.17–1.19 9.3 → 8.3 ms at σ = 1, α 1.21 2–6 % faster, elsewhere
+within noise; at K = 231, σ = 1 most rows stay beyond it (no change). Below β = 4 (the mapped ℓ2
+start) 4–35 % of the rows were within it (float64, σ 0.5–2)."""
 _THIRD_ORDER_SHARE = 0.75  # of the remainder bound's step (see _third_order_tolerance)
 _L2_START_MAX_BETA = 2.35  # below it (α > 1.4255) _halley_solve starts from the mapped ℓ2 bound
 _L2_START_MAX_BETA_CPU = 4.0
@@ -520,7 +520,7 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
         x = torch.mul(centred, alpha - 1.0, out=ws.get("x", centred))
     if gathers:
         # Whole rows on GPUs: Newton from the mapped start, which also spares the unsettled-row
-        # finish (a GPU-variant chunk at α = 1.75: 87 ops, not 137).
+        # finish.
         return _dense_solve(x, beta, ws, _equal_keys_start(_lower_bound(x, beta, ws), beta))
     if halley:
         return _halley_solve(x, beta, ws)
@@ -530,9 +530,10 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
 class ScaledScores:
     """The scores ``X = scale·centred`` of a row block, never written out as a whole.
 
-    Why: the CPU Halley solver reads X only as ``X − τ`` (one op either way:
-    ``torch.add(−τ, centred, alpha=scale)`` runs as fast as a subtraction), so scaling every score
-    first was a pass of its own (~3 % of the solve). Offers what the solver uses of a tensor.
+    Why: the CPU solvers (Halley's, and the dense ones for whole β and α = 1.5) read X only as
+    ``X − τ`` (one op either way: ``torch.add(−τ, centred, alpha=scale)`` runs as fast as a
+    subtraction), so scaling every score first was a pass of its own, and a buffer: ~3 % of the
+    Halley solve, ~14 % of the α = 1.5 one. Offers what the solvers use of a tensor.
     """
 
     __slots__ = ("centred", "scale")
@@ -1477,52 +1478,48 @@ def _taylor_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, out: 
     return torch.addcmul(quadratic, linear, t, out=out).mul_(powered)
 
 
-def _keys_may_leave(step: Tensor, beta: float, keys: int, coefficient: float | None = None) -> bool:
-    """Whether keys leaving the support could weigh ``_LEAVING_MASS`` in some row (NaN steps: yes).
-
-    A key with ``0 < t ≤ δ`` gets at most ``coefficient·δ^β`` from the finish unmasked
-    (second order, the default: ``1 + β(β−1)/2``; see :func:`_taylor_weights`).
-    """
+def _keys_may_leave(step: Tensor, beta: float, keys: int) -> bool:
+    """Whether keys leaving the support could weigh ``_LEAVING_MASS`` in some row (NaN steps: yes)."""
     largest = float(step.max()) if step.numel() else 0.0
-    if coefficient is None:
-        coefficient = 1.0 + beta * (beta - 1.0) / 2.0
-    return not largest <= 0.0 and not keys * coefficient * largest**beta <= _LEAVING_MASS
+    return (
+        not largest <= 0.0 and not keys * (1.0 + beta * (beta - 1.0) / 2.0) * largest**beta <= _LEAVING_MASS
+    )
 
 
 def _third_order_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, out: Tensor) -> Tensor:
     """``(t − δ)₊^β`` to third order in δ from ``t^(β−2)`` (CPU, β ≥ 3; ``powered`` consumed), into ``out``.
 
-    ``(t − δ)^β ≈ t^(β−2)·(t² − βδt + β(β−1)/2·δ² − β(β−1)(β−2)/6·δ³/t)``, for a step tolerance ~5×
-    that of :func:`_taylor_weights` (:func:`_third_order_tolerance`).
-    ``t`` is floored above 0 on CPU (:func:`_top_moments`), so ``δ³/t`` is finite, and keys off the
-    support (``t^(β−2) = 0``) stay 0. Keys leaving the support (``0 < t ≤ δ``) are masked out as in
-    :func:`_taylor_weights`; unmasked, each would get at most ``(1 + β + β(β−1)/2 + β(β−1)(β−2)/6)·δ^β``
-    (each term at most its coefficient times ``δ^β`` there, β ≥ 3). Two passes more than
-    :func:`_taylor_weights` when some step is positive (the clamp), one otherwise.
+    ``(t − δ)^β ≈ t^(β−2)·(t² − βδt + β(β−1)/2·δ² − β(β−1)(β−2)/6·δ³/t)``, for a step tolerance 5–7×
+    that of :func:`_taylor_weights` at K 77–231 (:func:`_third_order_tolerance`). ``t`` is floored
+    above 0 on CPU (:func:`_top_moments`), so ``δ³/t`` is finite, and keys off the support
+    (``t^(β−2) = 0``) stay 0. Keys leaving the support (``0 < t ≤ δ``) need no mask: the cubic is ≤ 0
+    there for β ≥ 3 (``u³ − βu² + β(β−1)/2·u − β(β−1)(β−2)/6 ≤ 0`` for ``u = t/δ ≤ 1``, checked for
+    β 3–20), so the clamp that a positive step brings zeroes them. Four passes, five with the clamp
+    (:func:`_taylor_weights`: three, five when keys may leave).
     """
     c2, c3 = beta * (beta - 1.0) / 2.0, beta * (beta - 1.0) * (beta - 2.0) / 6.0
-    if _keys_may_leave(step, beta, t.shape[-1], 1.0 + beta + c2 + c3):
-        powered.mul_(torch.gt(t, step, out=out))
     linear = torch.sub(t, step * beta, out=out)  # t − βδ
     poly = torch.addcmul(step.square().mul_(c2), linear, t, out=out)  # t² − βδt + c2·δ²
     weights = poly.addcdiv_(step.pow(3).mul_(-c3), t).mul_(powered)
-    # For δ > 0 the cubic can dip below 0 (by at most the remainder, ~C·δ^β) just above t = δ, where
-    # (t − δ)^β is about 0 itself; for δ ≤ 0 every term is ≥ 0.
+    # For δ > 0 the cubic is ≤ 0 on keys leaving the support (0 < t ≤ δ), and can dip below 0 (by at
+    # most the remainder, ~C·δ^β) just above t = δ, where (t − δ)^β is about 0 itself: the clamp
+    # zeroes both. For δ ≤ 0 every term is ≥ 0.
     return weights.clamp_min_(0.0) if float(step.max()) > 0.0 else weights
 
 
 def _third_order_tolerance(beta: float, keys: int) -> float:
     """Largest final Halley step |δ| whose third-order finish keeps a row's sum within ROW_SUM_TOL/4.
 
-    The fourth-order remainder of ``(t − δ)^β`` is ``β(β−1)(β−2)(β−3)/24·δ⁴·ξ^(β−4)``: at most
-    ``C·δ⁴`` per key for β ≥ 4 (``t ≤ 1``), and ``C·δ^β`` for 3 ≤ β < 4 (as in
-    :func:`_step_tolerance`). Keys a step carries across τ are flagged as for that tolerance
-    (:func:`_flag_crossing_keys`). ``_THIRD_ORDER_SHARE`` of that step is taken: Halley's own error
-    (cubic in the step) adds to the finish's, and at the whole bound it moved weights by up to 4.9e-7
-    (α = 1.2499, K = 231, σ = 0.5); at 3/4 of it by 2.1e-7, as after a second evaluation (2.0e-7).
+    The fourth-order remainder of ``(t − δ)^β`` is ``C·δ⁴·ξ^(β−4)``, ``C = β(β−1)(β−2)(β−3)/24``,
+    ξ between ``t − δ`` and ``t``: at most ``(1 + |δ|)^(β−4)·C·δ⁴`` per key for β ≥ 4
+    (``_THIRD_ORDER_MIN_BETA``; ``t ≤ 1``; the factor is below 1.01 here). Keys a step carries
+    across τ are flagged as for the second-order tolerance (:func:`_flag_crossing_keys`).
+    ``_THIRD_ORDER_SHARE`` of that step is taken: Halley's own error (cubic in the step) adds to the
+    finish's, and at the whole bound it moved weights by up to 4.9e-7 (α = 1.2499, K = 231,
+    σ = 0.5); at 3/4 of it by 2.1e-7, as after a second evaluation (2.0e-7).
     """
     remainder = beta * (beta - 1.0) * (beta - 2.0) * (beta - 3.0) / 24.0
-    return _THIRD_ORDER_SHARE * (ROW_SUM_TOL / (4.0 * keys * max(remainder, 1e-3))) ** (1.0 / min(beta, 4.0))
+    return _THIRD_ORDER_SHARE * (ROW_SUM_TOL / (4.0 * keys * remainder)) ** 0.25
 
 
 def _support(t: Tensor, out: Tensor) -> Tensor:

@@ -566,6 +566,8 @@ def test_third_order_finish_matches_the_power_it_expands(beta: float) -> None:
     want[:, 70:] = 0.0
     assert (got - want).abs().max().item() <= 2e-7  # float32 rounding of weights up to 1
     assert (got[:, 70:] == 0).all() and (got >= 0).all()
+    leaving = t <= step  # no mask: the cubic is ≤ 0 there, and the clamp makes it exactly 0
+    assert leaving.any() and (got[leaving] == 0).all()
 
 
 @pytest.mark.parametrize("robust", [False, True])
