@@ -509,9 +509,9 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
     # On CPU, large whole β also take Halley's steps (see _HALLEY_MIN_WHOLE_BETA).
     if cpu_variant(centred) and (halley or beta >= _HALLEY_MIN_WHOLE_BETA):
         return _halley_solve(ScaledScores(centred, alpha - 1.0), beta, ws)
-    # X = (α − 1)·(S − max S); sparsemax (α = 2) uses the scores as they are. On CPU X is never written
-    # out (see ScaledScores: a pass less, ~4 % of the α = 1.5 solve); on GPUs each shift by τ would
-    # take a launch more (−τ), which costs more than the pass.
+    # X = (α − 1)·(S − max S); sparsemax (α = 2) uses the scores as they are. On CPU X is never
+    # written out (see ScaledScores: a pass and a buffer less, ~14 % of the α = 1.5 solve); on GPUs
+    # each shift by τ would take a launch more (−τ), which costs more than the pass.
     if alpha == 2.0:
         x: Tensor | ScaledScores = centred
     elif cpu_variant(centred):
@@ -567,7 +567,8 @@ def _empty_like(x: Tensor | ScaledScores) -> Tensor:
 def _dense_solve(
     x: Tensor | ScaledScores, beta: float, ws: Workspace | None, tau: Tensor | None = None
 ) -> UnnormalisedRows:
-    """Newton from the lower bound (or a start ``tau``), the exact step, and the gathered finish."""
+    """Newton from the lower bound (or a start ``tau``) and the exact step; when many rows are left
+    unsettled, one more of each for every row (``_RETRY_SHARE``); the rest finished in float64."""
     if beta == 2.0 and tau is None and cpu_variant(x):
         return _entmax15_solve(x, ws)
     if tau is None:
