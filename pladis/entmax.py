@@ -122,15 +122,17 @@ def float32_exact(alpha: float) -> bool:
     return is_softmax(alpha) or alpha - 1.0 >= 1.0 / FLOAT32_MAX_BETA
 
 
-CANDIDATE_FRACTION = 0.14
+CANDIDATE_FRACTION = 0.125
 """For 1.5 < α < 2 on CPU, the keys above the lower bound are solved on their own unless they exceed
 this fraction of all keys; then whole rows are (:func:`_whole_row_newton`).
 
-Measured per 1.5·2^20-score chunk: on the benchmark shapes (σ = 1) 9–13 % of the keys are above the
-bound at α 1.55–1.9 (K = 77), 3–6 % at K = 231; narrow rows have more (σ = 0.5, K = 77: 16–30 %).
-Gathering was 8.5 against 8.9 ms for whole rows at 13.5 % (α = 1.52, σ = 1), about even at 11 %
-(K = 231, σ = 0.5, α = 1.7), and 12–16 against 9.3–10 ms at 17–30 %: finding the keys (``nonzero``)
-and the per-key indexing grow with their number, a whole-row pass does not."""
+Measured per 1.5·2^20-score chunk: on the benchmark shapes (σ = 1) 9–14 % of the keys are above the
+bound at α 1.52–1.9 (K = 77), 3–6 % at K = 231; narrow rows have more (σ = 0.5, K = 77: 16–30 %).
+Gathering took 12–16 against 9.3–10 ms for whole rows at 17–30 %: the per-key indexing grows with
+the keys' number, a whole-row pass does not (``nonzero`` costs the same at 4 and 14 %). Since whole
+rows take ``t^β`` first (``_TOP_FIRST_MIN_EXPONENT``), at K = 77, σ = 1: 13.6 % (α = 1.52) 9.4
+against 9.8 ms gathered, 12.7 % even, 11.4 % (α = 1.6) 10.1 against 9.5; at K = 231 the break-even
+is lower (11.3 %: whole rows 4 % faster), which this single limit leaves to gathering."""
 _SAMPLED_ROW_STEP = 8  # the candidate share is estimated on every 8th row (1/8 of a counting pass)
 _CANDIDATE_ROUNDS = 30  # evaluations per row: 3 for most, 4–5 for a few; the bound is never reached
 _FIRST_CHECK = 2  # gathered rows are checked from the 3rd evaluation on (see _newton_on_segments)
