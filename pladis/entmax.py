@@ -581,18 +581,16 @@ def _dense_solve(
         return _entmax15_solve(x, ws)
     if tau is None:
         tau = _lower_bound(x, beta, ws)
-    steps = NEWTON_STEPS if cpu_variant(x) or beta == 2.0 else GPU_NEWTON_STEPS
-    tau = _newton(x, tau, beta, steps, ws)
     out, scratch = (_empty_like(x), _empty_like(x)) if ws is None else (ws.get("t", x), ws.get("p", x))
-    weights, total = _exact_step(x, tau, beta, out, scratch)
-    # A total of 0 means a row with no finite key: nothing to settle, its weights stay 0.
-    unsettled = _settled(total).logical_not_()
-    count = int(unsettled.sum())
-    if count > _RETRY_SHARE * unsettled.numel():  # one more step for every row (see _RETRY_SHARE)
-        tau = _newton(x, tau, beta, 1, ws)
+    first = NEWTON_STEPS if cpu_variant(x) or beta == 2.0 else GPU_NEWTON_STEPS
+    for steps in (first, 1):  # the second round: one more step for every row (_RETRY_SHARE)
+        tau = _newton(x, tau, beta, steps, ws)
         weights, total = _exact_step(x, tau, beta, out, scratch)
+        # A total of 0 means a row with no finite key: nothing to settle, its weights stay 0.
         unsettled = _settled(total).logical_not_()
         count = int(unsettled.sum())
+        if count <= _RETRY_SHARE * unsettled.numel():
+            break
     if count:
         _settle_rows(x, tau, beta, weights, total, unsettled.squeeze(-1))
     return UnnormalisedRows(weights, total.clamp_min_(_TINY))
@@ -746,7 +744,7 @@ def _whole_row_newton(
     t, powered = ws.get("t", centred), ws.get("p", centred)
     sums = torch.empty(2, rows, dtype=centred.dtype, device=centred.device)
 
-    top_first = beta * 126.0 >= _TOP_FIRST_MIN_EXPONENT  # α ≤ 1.787
+    top_first = -beta * math.log2(_LOG_FLOOR) >= _TOP_FIRST_MIN_EXPONENT  # α ≤ 1.787
 
     def evaluate() -> None:
         # Keys off the support sit at 2^-126 instead of 0: their power is exactly 0 (see _moments).
@@ -1491,9 +1489,13 @@ def _taylor_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, out: 
     """
     if not cpu_variant(t) or _keys_may_leave(step, beta, t.shape[-1]):  # GPUs: no sync for the test
         powered.mul_(torch.gt(t, step, out=out))
+    return _taylor_quadratic(t, step, beta, out).mul_(powered)
+
+
+def _taylor_quadratic(t: Tensor, step: Tensor, beta: float, out: Tensor) -> Tensor:
+    """``t² − βδt + β(β−1)/2·δ²`` into ``out`` (two passes): ``(t − δ)^β/t^(β−2)`` to second order."""
     linear = torch.sub(t, step * beta, out=out)  # t − βδ
-    quadratic = step.square().mul_(beta * (beta - 1.0) / 2.0)
-    return torch.addcmul(quadratic, linear, t, out=out).mul_(powered)
+    return torch.addcmul(step.square().mul_(beta * (beta - 1.0) / 2.0), linear, t, out=out)
 
 
 def _keys_may_leave(step: Tensor, beta: float, keys: int) -> bool:
@@ -1515,10 +1517,8 @@ def _third_order_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, 
     β 3–20), so the clamp that a positive step brings zeroes them. Four passes, five with the clamp
     (:func:`_taylor_weights`: three, five when keys may leave).
     """
-    c2, c3 = beta * (beta - 1.0) / 2.0, beta * (beta - 1.0) * (beta - 2.0) / 6.0
-    linear = torch.sub(t, step * beta, out=out)  # t − βδ
-    poly = torch.addcmul(step.square().mul_(c2), linear, t, out=out)  # t² − βδt + c2·δ²
-    weights = poly.addcdiv_(step.pow(3).mul_(-c3), t).mul_(powered)
+    cubic = step.pow(3).mul_(-beta * (beta - 1.0) * (beta - 2.0) / 6.0)
+    weights = _taylor_quadratic(t, step, beta, out).addcdiv_(cubic, t).mul_(powered)
     # For δ > 0 the cubic is ≤ 0 on keys leaving the support (0 < t ≤ δ), and can dip below 0 (by at
     # most the remainder, ~C·δ^β) just above t = δ, where (t − δ)^β is about 0 itself: the clamp
     # zeroes both. For δ ≤ 0 every term is ≥ 0.
