@@ -152,7 +152,8 @@ _FINISH_SHARE = 1 / 16
 Why not more: gathering a row's keys again costs about a whole evaluation of all the candidates'
 (measured at α = 1.75, σ = 1: 19 % of the rows unsettled after three evaluations, 0.02 % after
 four; one more evaluation for all rows, then a finish of a few rows, was 3–6 % faster per chunk than
-finishing the 19 % at once; at α = 1.6 the 3 % left are finished at once as before)."""
+finishing the 19 % at once). Rows within the linear finish's limit do not count: they need no
+further evaluation (at α = 1.6, σ = 1 all of the 3 % left; see :func:`_linear_rows_limit`)."""
 _FALLBACK_ROUNDS = 50  # bound for the rare unsettled rows (2 Newton steps a round); never reached.
 _LINEAR_FINISH_SHARE = 1 / 16
 """Rows whose last Newton step is over the linear finish's limit are finished alone while they are at
@@ -721,8 +722,7 @@ def _solve_on_candidates(
     values = torch.take(centred, index, out=gathered.get("values", n)).mul_(scale)
     row = _row_of(index, keys, centred.numel(), out=gathered.get("row", n, torch.int64))
     start = _equal_keys_start(bound.view(-1).mul(scale), beta)
-    long_rows = keys > _FLOAT32_ROW_KEYS
-    weights = _newton_on_segments(values, row, start, rows, beta, buffers=gathered, long_rows=long_rows)
+    weights = _newton_on_segments(values, row, start, rows, beta, buffers=gathered, keys=keys)
     return SparseRows(index, weights)
 
 
@@ -735,8 +735,8 @@ def _whole_row_newton(
     evaluation on, with the same per-row arithmetic, :class:`_RowSteps`) on every key of the rows:
     each evaluation's ``t^β`` are the weights when the row settles, so no evaluation is spent on
     them alone (:func:`_dense_solve`, the GPU variant, spends one). ``bound`` is the ℓ2 bound in
-    units of ``centred`` (:func:`_candidate_bound`). Rows left unsettled are finished in float64
-    (:func:`_settle_rows`).
+    units of ``centred`` (:func:`_candidate_bound`). Rows left unsettled are finished to first order
+    where their last step allows (:func:`_linear_rows_limit`), else in float64 (:func:`_settle_rows`).
     """
     rows = centred.shape[0]
     x = ScaledScores(centred, scale)
@@ -760,10 +760,26 @@ def _whole_row_newton(
         torch.sum(lower, -1, out=sums[0])
         torch.sum(lower.mul_(t), -1, out=sums[1])  # t^β: the weights
 
-    settled = _RowSteps(sums, tau, beta).iterate(evaluate)
+    # t^(β−1) is left in t only when t^β is taken first: otherwise no row is finished linearly.
+    steps = _RowSteps(sums, tau, beta, _linear_rows_limit(beta, centred.shape[1]) if top_first else 0.0)
+    settled, linear = steps.iterate(evaluate), steps.linear_rows()
     total = sums[1].clone().view(-1, 1)
-    if not bool(settled.all()):
-        _settle_rows(x, tau.view(-1, 1), beta, powered, total, settled.logical_not_())
+    count = int(linear.sum())
+    if count:
+        # (t − δ)₊^β ≈ max(t^β − βδ·t^(β−1), 0) on the linear rows (see _linear_rows_limit), whose
+        # sums are F − βδ·D; all rows at once (βδ = 0 elsewhere) unless they are few (the share
+        # below which Halley's far rows are finished alone too).
+        shift = torch.from_numpy(steps.step).mul_(beta).masked_fill_(linear.logical_not(), 0.0).view(-1, 1)
+        if count <= _LINEAR_FINISH_SHARE * rows:
+            index = linear.nonzero().squeeze(1)
+            near = powered.index_select(0, index).addcmul_(t.index_select(0, index), shift[index], value=-1.0)
+            powered.index_copy_(0, index, near.clamp_min_(0.0))
+        else:
+            powered.addcmul_(t, shift, value=-1.0).clamp_min_(0.0)
+        total.addcmul_(shift, sums[0].view(-1, 1), value=-1.0)
+    pending = settled.logical_or_(linear).logical_not_()
+    if bool(pending.any()):
+        _settle_rows(x, tau.view(-1, 1), beta, powered, total, pending)
     return UnnormalisedRows(powered, total.clamp_min_(_TINY))
 
 
@@ -822,7 +838,7 @@ def _newton_on_segments(
     rows: int,
     beta: float,
     buffers: _GatheredBuffers,
-    long_rows: bool = False,
+    keys: int,
 ) -> Tensor:
     """Normalised weights of gathered keys (``values``, their ``row``) by Newton from ``tau``.
 
@@ -836,10 +852,12 @@ def _newton_on_segments(
     and go on alone (:func:`_finish_unsettled`, once), instead of every row paying for the one or
     two more evaluations a few need.
 
-    A row that stops with a wrong sum (τ no longer moves in float32) is finished in float64 too,
-    whatever the share. ``long_rows`` (more than ``_FLOAT32_ROW_KEYS`` keys): the final sums are
-    taken again in float64, and rows they show unsettled are finished in float64 as well. The
-    key-sized arrays come from ``buffers`` (the result is one of them).
+    Rows whose last Newton step is within :func:`_linear_rows_limit` (``keys``: the rows' length)
+    need neither: they are finished to first order from the last evaluation
+    (:func:`_finish_linear_rows`). A row that stops with a wrong sum (τ no longer moves in float32)
+    is finished in float64 too, whatever the share. Rows of more than ``_FLOAT32_ROW_KEYS`` keys:
+    the final sums are taken again in float64, and the checks and steps with them. The key-sized
+    arrays come from ``buffers`` (the result is one of them).
     """
     n = values.numel()
     sums = torch.empty(2, rows, dtype=values.dtype, device=values.device)
@@ -854,22 +872,62 @@ def _newton_on_segments(
         sums.zero_().index_add_(1, row, parts)
 
     # The per-row arithmetic is numpy's, on views of these tensors (see _RowSteps).
-    steps = _RowSteps(sums, tau, beta)
-    settled = steps.iterate(evaluate)
-    step, total = torch.from_numpy(steps.step), sums[1]
-    if long_rows and values.dtype == torch.float32:
+    limit = _linear_rows_limit(beta, keys)
+    steps = _RowSteps(sums, tau, beta, limit)
+    settled, linear = steps.iterate(evaluate), steps.linear_rows()
+    start = tau.double().add_(torch.from_numpy(steps.step))  # of a float64 finish: not rounded
+    if keys > _FLOAT32_ROW_KEYS and values.dtype == torch.float32:
         # float64 row sums: index_add_ adds a row's terms one after the other, and in float32 terms
         # below half an ulp of the running sum vanish (a weight ~1 then 2047 tied keys of 4e-8 summed
-        # to the first alone: the row looked settled, and was 8e-5 off once normalised).
-        exact = torch.zeros(rows, dtype=torch.float64, device=values.device).index_add_(
-            0, row, parts[1].double()
+        # to the first alone: the row looked settled, and was 8e-5 off once normalised). The checks
+        # and the linear rows' steps are taken again on them.
+        sums = torch.zeros(2, rows, dtype=torch.float64, device=values.device).index_add_(
+            1, row, parts.double()
         )
-        settled = _settled(exact) if settled is None else settled.logical_and_(_settled(exact))
-        total = exact.to(values.dtype)
-    if settled is not None and not bool(settled.all()):
-        start = tau.double().add_(step)  # not rounded to float32, where it could lie above the root
-        return _finish_unsettled(values, row, start, settled, parts[1], total, beta, gathered)
-    return parts[1].div_(torch.index_select(total, 0, row, out=gathered))
+        exact = _RowSteps(sums, tau, beta, limit)
+        exact.newton()
+        exact.check()
+        settled.logical_and_(exact.settled_rows())
+        linear = exact.linear_rows().logical_and_(settled.logical_not())
+        steps = exact
+    weights = _finish_linear_rows(
+        parts, row, sums, torch.from_numpy(steps.step), linear, beta, gathered, shifted
+    )
+    pending = settled.logical_or_(linear).logical_not_()
+    if bool(pending.any()):
+        return _finish_unsettled(values, row, start, pending, weights, beta)
+    return weights
+
+
+def _finish_linear_rows(
+    parts: Tensor,
+    row: Tensor,
+    sums: Tensor,
+    step: Tensor,
+    linear: Tensor,
+    beta: float,
+    scratch: Tensor,
+    scratch2: Tensor,
+) -> Tensor:
+    """Normalised weights of gathered keys from an evaluation (``parts``: ``t^(β−1)``, ``t^β``; its
+    row ``sums``), the ``linear`` rows' advanced by their Newton ``step`` to first order (see
+    :func:`_linear_rows_limit`), in place in ``parts[1]``.
+
+    Why: a row whose last step is within the limit needs no further evaluation; the expansion
+    ``(t^β − βδ·t^(β−1))/(F − βδ·D)`` costs one gather and two passes more than normalising
+    (``scratch``, ``scratch2``: key-sized buffers).
+    """
+    total = sums[1].to(parts.dtype)
+    if not bool(linear.any()):
+        return parts[1].div_(torch.index_select(total, 0, row, out=scratch))
+    # βδ per row, 0 where the row is not finished linearly; the sum F − βδ·D of the expansion.
+    shift = torch.mul(step.to(sums.dtype), beta).masked_fill_(linear.logical_not(), 0.0)
+    total = torch.addcmul(sums[1], shift, sums[0], value=-1.0).clamp_min_(_TINY)
+    inverse = total.reciprocal_().to(parts.dtype)
+    per_key = torch.index_select(inverse, 0, row, out=scratch)
+    drop = torch.index_select(torch.mul(shift.to(parts.dtype), inverse), 0, row, out=scratch2)
+    weights = parts[1].mul_(per_key)
+    return weights.addcmul_(parts[0], drop, value=-1.0).clamp_min_(0.0)
 
 
 class _RowSteps:
@@ -883,13 +941,15 @@ class _RowSteps:
     ``tau`` moves in place for the next evaluation.
     """
 
-    def __init__(self, sums: Tensor, tau: Tensor, beta: float) -> None:
+    def __init__(self, sums: Tensor, tau: Tensor, beta: float, linear_limit: float = 0.0) -> None:
         self._slope, self._total = sums.numpy()
         self._tau = tau.numpy()
         dtype = self._total.dtype.type
         self._exponent, self._tiny, self._tol = dtype(1.0 - 1.0 / beta), dtype(_TINY), dtype(ROW_SUM_TOL)
+        self._limit = dtype(linear_limit)
         self.step = np.empty_like(self._total)
         self._settled = np.empty(self._total.shape, dtype=bool)
+        self._linear = np.empty(self._total.shape, dtype=bool)
         self._done = np.empty(self._total.shape, dtype=bool)
 
     def newton(self) -> None:
@@ -906,19 +966,29 @@ class _RowSteps:
         step /= np.maximum(self._slope, self._tiny)
 
     def check(self) -> tuple[int, int]:
-        """How many rows still move (not settled, step > 0), and how many are not settled."""
-        settled, done = self._settled, self._done
+        """How many rows still move (not settled, step > 0), and how many are not finished: neither
+        settled nor within the linear finish's limit (``linear_limit``, see :func:`_linear_rows_limit`).
+
+        Rows that stopped (step ≤ 0) have their step set to 0, so that they stay where they are if
+        the others take another evaluation; rows within the linear limit take their step then.
+        """
+        settled, linear, done = self._settled, self._linear, self._done
         off = np.abs(self._total - 1)
         np.less_equal(off, self._tol, out=settled)
         settled |= self._total == 0
         np.less_equal(self.step, 0, out=done)
         done |= settled
+        np.less_equal(self.step, self._limit, out=linear)
+        linear &= ~done  # 0 < step ≤ limit, not settled
+        np.putmask(self.step, done, 0)
         rows = settled.size
-        return rows - int(np.count_nonzero(done)), rows - int(np.count_nonzero(settled))
+        moving = rows - int(np.count_nonzero(done)) - int(np.count_nonzero(linear))
+        return moving, rows - int(np.count_nonzero(settled)) - int(np.count_nonzero(linear))
 
     def iterate(self, evaluate: Callable[[], None]) -> Tensor:
         """Evaluate (``evaluate`` fills the sums at the current τ) and step, until every row stops or
-        the rows whose sum is wrong are few enough (``_FINISH_SHARE``) to be finished alone.
+        the rows that are neither settled nor within the linear finish's limit are few enough
+        (``_FINISH_SHARE``) to be finished alone.
 
         Rows are checked from evaluation ``_FIRST_CHECK + 1`` on: by then every row is below the
         root, so a step ≤ 0 means τ no longer moves at this precision and the row stops either way.
@@ -932,17 +1002,42 @@ class _RowSteps:
             evaluate()
             self.newton()
             if step_number >= _FIRST_CHECK:
-                unsettled, wrong = self.check()
-                if unsettled == 0 or 0 < wrong <= _FINISH_SHARE * rows:
+                moving, wrong = self.check()
+                if moving == 0 or 0 < wrong <= _FINISH_SHARE * rows:
                     return self.settled_rows()
-                np.putmask(self.step, self._done, 0)  # rows that are done stay where they are
             self._tau += self.step
         self.step.fill(0.0)  # never reached (see _CANDIDATE_ROUNDS); the last step is already in tau
+        self._linear.fill(False)
         return self.settled_rows()
 
     def settled_rows(self) -> Tensor:
         """The settled rows of the last check, as a new bool tensor."""
         return torch.from_numpy(self._settled.copy())
+
+    def linear_rows(self) -> Tensor:
+        """The rows of the last check to finish linearly with their ``step`` (not settled, 0 < step ≤
+        ``linear_limit``), as a new bool tensor."""
+        return torch.from_numpy(self._linear.copy())
+
+
+def _linear_rows_limit(beta: float, keys: int) -> float:
+    """Largest Newton step δ > 0 after which a row of ``keys`` keys (1 < β < 2) may be finished to
+    first order, ``(t − δ)₊^β ≈ max(t^β − βδ·t^(β−1), 0)`` (:func:`_finish_linear_rows`), instead of
+    by another evaluation: ``K·δ^β ≤ ROW_SUM_TOL/4``.
+
+    Why this bound: per key, the expansion is off by at most ``δ^β``. Keys with ``t ≥ 2δ`` by
+    ``β(β−1)/2·δ²·ξ^(β−2)`` with ``ξ ≥ t − δ ≥ δ``; keys with ``δ ≤ t < 2δ`` weigh at most ``δ^β``
+    either way (the expansion ``t^(β−1)(t − βδ) ≤ (2δ)^(β−1)(2 − β)δ``); keys with ``t < δ`` leave
+    the support and come out exactly 0 (their expansion is negative: clamped). The clamp takes at
+    most ``(β−1)^(β−1)·δ^β ≤ δ^β`` per key off the row sum ``F − βδ·D`` taken for the weights, so
+    rows still sum to 1 within ``ROW_SUM_TOL``/4.
+
+    Measured on q·kᵀ scores (σ 0.5–2, K 77–231): after the third evaluation every row that is not
+    settled is within it at α 1.52–1.6, and most at 1.65–1.7, where 2–10 % of the rows were left to
+    the float64 finish or (wide rows: 70–98 %) to a fourth evaluation; at α ≥ 1.8 it is below
+    float32's resolution of the steps and finishes nothing.
+    """
+    return (ROW_SUM_TOL / (4.0 * keys)) ** (1.0 / beta)
 
 
 def _settled(total: Tensor) -> Tensor:
@@ -951,16 +1046,10 @@ def _settled(total: Tensor) -> Tensor:
 
 
 def _finish_unsettled(
-    values: Tensor,
-    row: Tensor,
-    tau: Tensor,
-    done: Tensor,
-    powered: Tensor,
-    total: Tensor,
-    beta: float,
-    scratch: Tensor,
+    values: Tensor, row: Tensor, tau: Tensor, pending: Tensor, weights: Tensor, beta: float
 ) -> Tensor:
-    """The settled rows' weights from this evaluation; the unsettled rows' keys gathered and solved on.
+    """The ``pending`` rows' keys gathered and solved on in float64; their weights written into
+    ``weights`` (normalised, the other rows' from the last evaluation), which is returned.
 
     ``row`` is sorted (the keys come from a row-major ``nonzero``), so each pending row's keys are
     one contiguous run, found by binary search instead of a pass over all the keys (the pending
@@ -970,18 +1059,17 @@ def _finish_unsettled(
     few thousand, where torch's per-op overhead made a three-row finish cost 6 % of a chunk.
     """
     rows = row.numpy()
-    pending = np.flatnonzero(~done.numpy())
-    first = np.searchsorted(rows, pending)
-    counts = np.searchsorted(rows, pending, side="right") - first
+    pending_rows = np.flatnonzero(pending.numpy())
+    first = np.searchsorted(rows, pending_rows)
+    counts = np.searchsorted(rows, pending_rows, side="right") - first
     # The pending keys' rows, renumbered 0 … len(pending) − 1, and their positions: the j-th pending
     # key is key j − offset[r] of its row r's run, offset being the runs' exclusive sums.
-    sub_row = np.repeat(np.arange(pending.size), counts)
+    sub_row = np.repeat(np.arange(pending_rows.size), counts)
     keys = np.arange(sub_row.size) + np.repeat(first - (np.cumsum(counts) - counts), counts)
     # float64, as in _settle_rows (tied keys at the edge)
     sub_weights = _float64_segments(
-        values.numpy()[keys].astype(np.float64), sub_row, tau.numpy()[pending], beta
+        values.numpy()[keys].astype(np.float64), sub_row, tau.numpy()[pending_rows], beta
     )
-    weights = powered.div_(torch.index_select(total, 0, row, out=scratch))  # scratch: key-sized
     return weights.index_copy_(0, torch.from_numpy(keys), torch.from_numpy(sub_weights.astype(np.float32)))
 
 
