@@ -890,9 +890,7 @@ def _newton_on_segments(
         settled.logical_and_(exact.settled_rows())
         linear = exact.linear_rows().logical_and_(settled.logical_not())
         steps = exact
-    weights = _finish_linear_rows(
-        parts, row, sums, torch.from_numpy(steps.step), linear, beta, gathered, shifted
-    )
+    weights = _finish_linear_rows(parts, row, sums, torch.from_numpy(steps.step), linear, beta, gathered)
     pending = settled.logical_or_(linear).logical_not_()
     if bool(pending.any()):
         return _finish_unsettled(values, row, start, pending, weights, beta)
@@ -900,34 +898,40 @@ def _newton_on_segments(
 
 
 def _finish_linear_rows(
-    parts: Tensor,
-    row: Tensor,
-    sums: Tensor,
-    step: Tensor,
-    linear: Tensor,
-    beta: float,
-    scratch: Tensor,
-    scratch2: Tensor,
+    parts: Tensor, row: Tensor, sums: Tensor, step: Tensor, linear: Tensor, beta: float, scratch: Tensor
 ) -> Tensor:
     """Normalised weights of gathered keys from an evaluation (``parts``: ``t^(β−1)``, ``t^β``; its
     row ``sums``), the ``linear`` rows' advanced by their Newton ``step`` to first order (see
-    :func:`_linear_rows_limit`), in place in ``parts[1]``.
+    :func:`_linear_rows_limit`), in place in ``parts[1]`` (``scratch``: a key-sized buffer).
 
-    Why: a row whose last step is within the limit needs no further evaluation; the expansion
-    ``(t^β − βδ·t^(β−1))/(F − βδ·D)`` costs one gather and two passes more than normalising
-    (``scratch``, ``scratch2``: key-sized buffers).
+    Why: a row whose last step is within the limit needs no further evaluation. Every key is
+    normalised, by ``F − βδ·D`` on the linear rows, whose keys then lose ``βδ·t^(β−1)/(F − βδ·D)``
+    (0 elsewhere): a gather and two passes more than normalising. Finishing only the linear rows'
+    runs of keys, in numpy, was no faster even for 8 rows of 20k (per-op costs).
     """
     total = sums[1].to(parts.dtype)
     if not bool(linear.any()):
         return parts[1].div_(torch.index_select(total, 0, row, out=scratch))
     # βδ per row, 0 where the row is not finished linearly; the sum F − βδ·D of the expansion.
     shift = torch.mul(step.to(sums.dtype), beta).masked_fill_(linear.logical_not(), 0.0)
-    total = torch.addcmul(sums[1], shift, sums[0], value=-1.0).clamp_min_(_TINY)
-    inverse = total.reciprocal_().to(parts.dtype)
-    per_key = torch.index_select(inverse, 0, row, out=scratch)
-    drop = torch.index_select(torch.mul(shift.to(parts.dtype), inverse), 0, row, out=scratch2)
-    weights = parts[1].mul_(per_key)
+    exact = torch.addcmul(sums[1], shift, sums[0], value=-1.0).clamp_min_(_TINY)
+    weights = parts[1].div_(torch.index_select(exact.to(parts.dtype), 0, row, out=scratch))
+    drop = torch.index_select(shift.div_(exact).to(parts.dtype), 0, row, out=scratch)
     return weights.addcmul_(parts[0], drop, value=-1.0).clamp_min_(0.0)
+
+
+def _runs_of_rows(row: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The keys of the ``chosen`` rows (sorted) in gathered keys whose ``row`` is sorted: each key's
+    position in ``chosen`` (0 … len − 1) and its index.
+
+    Each row's keys are one contiguous run (the keys come from a row-major ``nonzero``), found by
+    binary search instead of a pass over all the keys: the j-th chosen key is key j − offset[r] of
+    its row r's run, offset being the runs' exclusive sums.
+    """
+    first = np.searchsorted(row, chosen)
+    counts = np.searchsorted(row, chosen, side="right") - first
+    sub_row = np.repeat(np.arange(chosen.size), counts)
+    return sub_row, np.arange(sub_row.size) + np.repeat(first - (np.cumsum(counts) - counts), counts)
 
 
 class _RowSteps:
@@ -1051,21 +1055,14 @@ def _finish_unsettled(
     """The ``pending`` rows' keys gathered and solved on in float64; their weights written into
     ``weights`` (normalised, the other rows' from the last evaluation), which is returned.
 
-    ``row`` is sorted (the keys come from a row-major ``nonzero``), so each pending row's keys are
-    one contiguous run, found by binary search instead of a pass over all the keys (the pending
-    rows are few: at most ``_FINISH_SHARE`` of the rows, or rows float32 could not settle). ``tau``
-    is the float64 start of the pending rows' float64 Newton (:func:`_float64_segments`). The
-    gathered path runs on CPU only, so this is numpy: the pending keys number from a handful to a
-    few thousand, where torch's per-op overhead made a three-row finish cost 6 % of a chunk.
+    The pending rows are few (at most ``_FINISH_SHARE`` of the rows, or rows float32 could not
+    settle): their runs of keys are found by binary search (:func:`_runs_of_rows`). ``tau`` is the
+    float64 start of their float64 Newton (:func:`_float64_segments`). The gathered path runs on
+    CPU only, so this is numpy: the pending keys number from a handful to a few thousand, where
+    torch's per-op overhead made a three-row finish cost 6 % of a chunk.
     """
-    rows = row.numpy()
     pending_rows = np.flatnonzero(pending.numpy())
-    first = np.searchsorted(rows, pending_rows)
-    counts = np.searchsorted(rows, pending_rows, side="right") - first
-    # The pending keys' rows, renumbered 0 … len(pending) − 1, and their positions: the j-th pending
-    # key is key j − offset[r] of its row r's run, offset being the runs' exclusive sums.
-    sub_row = np.repeat(np.arange(pending_rows.size), counts)
-    keys = np.arange(sub_row.size) + np.repeat(first - (np.cumsum(counts) - counts), counts)
+    sub_row, keys = _runs_of_rows(row.numpy(), pending_rows)
     # float64, as in _settle_rows (tied keys at the edge)
     sub_weights = _float64_segments(
         values.numpy()[keys].astype(np.float64), sub_row, tau.numpy()[pending_rows], beta

@@ -744,9 +744,9 @@ def test_linear_rows_finish_within_the_row_tolerance_up_to_their_step_limit(alph
     sums = parts.double().sum(-1).float()
     row = torch.arange(rows).repeat_interleave(keys)
     steps = torch.full((rows,), step, dtype=torch.float32)
-    scratch = [torch.empty(rows * keys) for _ in range(2)]
     unchanged = parts[1] / sums[1][:, None]  # the other rows: normalised only
-    got = module._finish_linear_rows(parts.view(2, -1), row, sums, steps, linear, beta, *scratch)
+    scratch = torch.empty(rows * keys)
+    got = module._finish_linear_rows(parts.view(2, -1), row, sums, steps, linear, beta, scratch)
     got = got.view(rows, keys).double()
     want = torch.where(linear[:, None], (t - step).clamp_min(0.0), t).pow(beta)
     want = want / want.sum(-1, keepdim=True)
