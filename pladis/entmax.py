@@ -154,6 +154,18 @@ Why not more: gathering a row's keys again costs about a whole evaluation of all
 four; one more evaluation for all rows, then a finish of a few rows, was 3–6 % faster per chunk than
 finishing the 19 % at once). Rows within the linear finish's limit do not count: they need no
 further evaluation (at α = 1.6, σ = 1 all of the 3 % left; see :func:`_linear_rows_limit`)."""
+_SUBSET_SHARE = 1 / 2
+"""Rows still moving after a check go on alone (when they are more than ``_FINISH_SHARE``) once they
+are at most this share of the rows: their keys are gathered (whole rows: the rows), and the others
+are finished.
+
+Why: keys tied just inside the support edge (a prompt's padding tokens, ~65 near-equal keys) make
+Newton's steps short and slow the rows they sit in: on such scores 7–34 % of the rows were still
+moving after three evaluations and every row took 4–6 (one evaluation of every row takes ~2 ms
+per 1.5·2^20-score chunk). Rows alone: α 1.6–1.9 12–26 % faster per chunk there (e.g. α = 1.9
+16.3 → 12.1 ms). Whole rows only: gathered keys evaluate about four times as fast, and setting
+a few rows' keys apart cost more than one more evaluation of all (α = 1.75, σ = 1, 19 % of the
+rows moving: 8.7 → 9.8 ms)."""
 _FALLBACK_ROUNDS = 50  # bound for the rare unsettled rows (2 Newton steps a round); never reached.
 _LINEAR_FINISH_SHARE = 1 / 16
 """Rows whose last Newton step is over the linear finish's limit are finished alone while they are at
@@ -514,7 +526,8 @@ def entmax_rows(centred: Tensor, alpha: float, ws: Workspace) -> Tensor | Sparse
         sparse = _solve_on_candidates(centred, bound, above, alpha - 1.0, beta, ws)
         if sparse is not None:
             return sparse
-        return _whole_row_newton(centred, bound, alpha - 1.0, beta, ws)
+        start = _equal_keys_start(bound.view(-1).mul(alpha - 1.0), beta)
+        return _whole_row_newton(centred, start, alpha - 1.0, beta, ws)
     # On CPU, large whole β also take Halley's steps (see _HALLEY_MIN_WHOLE_BETA).
     if cpu_variant(centred) and (halley or beta >= _HALLEY_MIN_WHOLE_BETA):
         return _halley_solve(ScaledScores(centred, alpha - 1.0), beta, ws)
@@ -727,21 +740,31 @@ def _solve_on_candidates(
 
 
 def _whole_row_newton(
-    centred: Tensor, bound: Tensor, scale: float, beta: float, ws: Workspace
+    centred: Tensor,
+    tau: Tensor,
+    scale: float,
+    beta: float,
+    ws: Workspace | None,
+    finish_rows: float | None = None,
 ) -> UnnormalisedRows:
     """Newton for 1 < β < 2 on whole rows (CPU), where too many keys are above the bound to gather.
 
     The steps of :func:`_newton_on_segments` (from the same mapped start, checked from the same
     evaluation on, with the same per-row arithmetic, :class:`_RowSteps`) on every key of the rows:
     each evaluation's ``t^β`` are the weights when the row settles, so no evaluation is spent on
-    them alone (:func:`_dense_solve`, the GPU variant, spends one). ``bound`` is the ℓ2 bound in
-    units of ``centred`` (:func:`_candidate_bound`). Rows left unsettled are finished to first order
-    where their last step allows (:func:`_linear_rows_limit`), else in float64 (:func:`_settle_rows`).
+    them alone (:func:`_dense_solve`, the GPU variant, spends one). ``tau`` is the start, in units
+    of ``x = scale·centred``, and moves. Rows left unsettled are finished to first order where
+    their last step allows (:func:`_linear_rows_limit`); rows still moving go on alone when they
+    are more than ``finish_rows`` (``_SUBSET_SHARE``); the rest is finished in float64
+    (:func:`_settle_rows`). ``finish_rows`` is given for such continued rows (their start is below
+    the root, so their first evaluation is checked): ``_FINISH_SHARE`` of the first call's rows.
     """
     rows = centred.shape[0]
     x = ScaledScores(centred, scale)
-    tau = _equal_keys_start(bound.view(-1).mul(scale), beta)
-    t, powered = ws.get("t", centred), ws.get("p", centred)
+    if ws is None:
+        t, powered = torch.empty_like(centred), torch.empty_like(centred)
+    else:
+        t, powered = ws.get("t", centred), ws.get("p", centred)
     sums = torch.empty(2, rows, dtype=centred.dtype, device=centred.device)
 
     top_first = -beta * math.log2(_LOG_FLOOR) >= _TOP_FIRST_MIN_EXPONENT  # α ≤ 1.787
@@ -762,14 +785,17 @@ def _whole_row_newton(
 
     # t^(β−1) is left in t only when t^β is taken first: otherwise no row is finished linearly.
     steps = _RowSteps(sums, tau, beta, _linear_rows_limit(beta, centred.shape[1]) if top_first else 0.0)
-    settled, linear = steps.iterate(evaluate), steps.linear_rows()
+    continued = finish_rows is not None
+    finish_rows = _FINISH_SHARE * rows if finish_rows is None else finish_rows
+    settled = steps.iterate(evaluate, 0 if continued else _FIRST_CHECK, finish_rows, subsets=True)
+    linear, moving = steps.linear_rows(), steps.moving_rows()
     total = sums[1].clone().view(-1, 1)
     count = int(linear.sum())
     if count:
         # (t − δ)₊^β ≈ max(t^β − βδ·t^(β−1), 0) on the linear rows (see _linear_rows_limit), whose
         # sums are F − βδ·D; all rows at once (βδ = 0 elsewhere) unless they are few (the share
         # below which Halley's far rows are finished alone too).
-        shift = torch.from_numpy(steps.step).mul_(beta).masked_fill_(linear.logical_not(), 0.0).view(-1, 1)
+        shift = torch.from_numpy(steps.step).mul(beta).masked_fill_(linear.logical_not(), 0.0).view(-1, 1)
         if count <= _LINEAR_FINISH_SHARE * rows:
             index = linear.nonzero().squeeze(1)
             near = powered.index_select(0, index).addcmul_(t.index_select(0, index), shift[index], value=-1.0)
@@ -778,6 +804,13 @@ def _whole_row_newton(
             powered.addcmul_(t, shift, value=-1.0).clamp_min_(0.0)
         total.addcmul_(shift, sums[0].view(-1, 1), value=-1.0)
     pending = settled.logical_or_(linear).logical_not_()
+    if int(moving.sum()) > finish_rows:
+        index = moving.nonzero().squeeze(1)
+        start = tau.index_select(0, index).add_(torch.from_numpy(steps.step).index_select(0, index))
+        sub = _whole_row_newton(centred.index_select(0, index), start, scale, beta, None, finish_rows)
+        powered.index_copy_(0, index, sub.values)
+        total.index_copy_(0, index, sub.total)
+        pending.logical_and_(moving.logical_not_())
     if bool(pending.any()):
         _settle_rows(x, tau.view(-1, 1), beta, powered, total, pending)
     return UnnormalisedRows(powered, total.clamp_min_(_TINY))
@@ -989,12 +1022,19 @@ class _RowSteps:
         moving = rows - int(np.count_nonzero(done)) - int(np.count_nonzero(linear))
         return moving, rows - int(np.count_nonzero(settled)) - int(np.count_nonzero(linear))
 
-    def iterate(self, evaluate: Callable[[], None]) -> Tensor:
+    def iterate(
+        self,
+        evaluate: Callable[[], None],
+        first_check: int = _FIRST_CHECK,
+        finish_rows: float | None = None,
+        subsets: bool = False,
+    ) -> Tensor:
         """Evaluate (``evaluate`` fills the sums at the current τ) and step, until every row stops or
         the rows that are neither settled nor within the linear finish's limit are few enough
-        (``_FINISH_SHARE``) to be finished alone.
+        (``finish_rows``, by default ``_FINISH_SHARE`` of the rows) to be finished alone, or, with
+        ``subsets``, the rows still moving are few enough (``_SUBSET_SHARE``) to go on alone.
 
-        Rows are checked from evaluation ``_FIRST_CHECK + 1`` on: by then every row is below the
+        Rows are checked from evaluation ``first_check + 1`` on: by then every row is below the
         root, so a step ≤ 0 means τ no longer moves at this precision and the row stops either way.
         Rows that stopped with a wrong sum are left to the caller's float64 finish, whatever their
         share (float32 τ steps can move a large tie group's mass by more than ``ROW_SUM_TOL``).
@@ -1002,21 +1042,29 @@ class _RowSteps:
         Newton step is in ``step`` (not added).
         """
         rows = self._total.size
+        finish_rows = _FINISH_SHARE * rows if finish_rows is None else finish_rows
+        go_on_alone = _SUBSET_SHARE * rows if subsets else 0
         for step_number in range(_CANDIDATE_ROUNDS):
             evaluate()
             self.newton()
-            if step_number >= _FIRST_CHECK:
+            if step_number >= first_check:
                 moving, wrong = self.check()
-                if moving == 0 or 0 < wrong <= _FINISH_SHARE * rows:
+                if moving <= go_on_alone or 0 < wrong <= finish_rows:
                     return self.settled_rows()
             self._tau += self.step
         self.step.fill(0.0)  # never reached (see _CANDIDATE_ROUNDS); the last step is already in tau
         self._linear.fill(False)
+        self._done.fill(True)
         return self.settled_rows()
 
     def settled_rows(self) -> Tensor:
         """The settled rows of the last check, as a new bool tensor."""
         return torch.from_numpy(self._settled.copy())
+
+    def moving_rows(self) -> Tensor:
+        """The rows of the last check that still move (neither settled nor within the linear limit,
+        step > 0), as a new bool tensor."""
+        return torch.from_numpy(~(self._done | self._linear))
 
     def linear_rows(self) -> Tensor:
         """The rows of the last check to finish linearly with their ``step`` (not settled, 0 < step ≤
