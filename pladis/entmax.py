@@ -211,6 +211,7 @@ _TINY = 1e-30
 _LEAVING_MASS = 1e-9  # weight a row may keep on keys a last Taylor step takes out (see _taylor_weights)
 _LOG2_E = 1.0 / math.log(2.0)
 _LOG_FLOOR = 2.0**-126  # smallest normal float32: log₂ of it is exactly −126
+_FLOAT64_NORMAL = 2.0**-1022  # smallest normal float64
 NUMPY_LOG2_ENV = "PLADIS_NUMPY_LOG2"
 """Set to 1 or 0 to force numpy's ``log2`` on or off on CPU (default: whichever is faster, timed once)."""
 _MAX_WHOLE_EXPONENT = 32
@@ -1154,15 +1155,38 @@ def _float64_segments(values: np.ndarray, row: np.ndarray, tau: np.ndarray, beta
     One step from any start lands below the root (h is convex), so rows are checked from the second
     evaluation on: settled when the sum is within ``ROW_SUM_TOL`` (or 0: no key), or when τ no
     longer moves (step ≤ 0), within ``_FALLBACK_ROUNDS`` evaluations (never reached).
+
+    Key-sized arrays are allocated once; ``t^(β−1)`` is taken of ``t`` floored at the smallest
+    normal float64, then zeroed off the support; row sums are ``reduceat`` over the runs. Why:
+    numpy's float64 ``pow`` of 0 (and its masked loop) took 4× the time with a quarter of the keys
+    off the support (0.64 against 0.16 ms on 70k keys: a padded prompt's pending rows at α = 1.8),
+    ``bincount`` 9× that of ``reduceat`` (0.21 against 0.024 ms), and fresh arrays of this size
+    cost a page fault per page: 2.5–3× faster in all (α = 1.8 there: 4.0 → 1.6 ms per chunk).
     """
     count, exponent = tau.size, 1.0 - 1.0 / beta
     tau = tau.copy()
+    t, lower, inside = np.empty_like(values), np.empty_like(values), np.empty(values.shape, dtype=bool)
+    # Each row's keys are one run (row is sorted): its sum by reduceat; rows with no key sum to 0.
+    starts = np.searchsorted(row, np.arange(count))
+    empty = np.diff(starts, append=row.size) == 0
+    starts = np.minimum(starts, max(row.size - 1, 0))
+
+    def row_sums(x: np.ndarray) -> np.ndarray:
+        sums = np.add.reduceat(x, starts) if x.size else np.zeros(count)
+        sums[empty] = 0.0
+        return sums
+
     for evaluation in range(_FALLBACK_ROUNDS):
-        t = np.maximum(values - tau[row], 0.0)
-        lower = np.power(t, beta - 1.0)
-        powered = lower * t
-        total = np.bincount(row, powered, minlength=count)
-        slope = np.bincount(row, lower, minlength=count)
+        np.take(tau, row, out=t, mode="clip")  # rows are in range: no bounds check
+        np.maximum(np.subtract(values, t, out=t), 0.0, out=t)
+        np.greater(t, 0.0, out=inside)
+        if beta == 1.0:
+            lower[...] = inside  # t⁰ on the support only
+        else:
+            np.power(np.maximum(t, _FLOAT64_NORMAL, out=lower), beta - 1.0, out=lower)
+            lower *= inside
+        powered = np.multiply(lower, t, out=t)
+        total, slope = row_sums(powered), row_sums(lower)
         step = (total - np.power(total, exponent)) / np.maximum(slope, _TINY)
         if evaluation > 0:
             done = (np.abs(total - 1.0) <= ROW_SUM_TOL) | (total == 0.0) | (step <= 0.0)
@@ -1170,7 +1194,7 @@ def _float64_segments(values: np.ndarray, row: np.ndarray, tau: np.ndarray, beta
                 break
             step[done] = 0.0
         tau += step
-    return powered / np.maximum(total, _TINY)[row]
+    return np.divide(powered, np.maximum(total, _TINY)[row], out=powered)
 
 
 def _halley_solve(

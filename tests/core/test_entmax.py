@@ -848,6 +848,29 @@ def test_whole_rows_within_the_linear_limit_finish_without_another_evaluation(
     assert (got.sum(-1) - 1).abs().max().item() <= 1e-6 and (got >= 0).all()
 
 
+@pytest.mark.parametrize("alpha", [2.0, 1.9, 1.75, 1.5, 1.25])
+def test_float64_segments_match_the_reference_with_rows_of_no_key(alpha: float) -> None:
+    # The float64 finish of gathered rows sums each row's run of keys with reduceat: rows with no
+    # key (here the 3rd and the last) must sum to 0 and leave the other runs' sums alone. Keys off
+    # the support get exactly 0 (t^(β−1) of a floored t, zeroed there); β = 1 counts the support.
+    module = _entmax_module()
+    gen = torch.Generator().manual_seed(12)
+    lengths = [5, 9, 0, 1, 30, 0]
+    dense = torch.full((len(lengths), 30), -math.inf, dtype=torch.float64)
+    for r, n in enumerate(lengths):
+        dense[r, :n] = torch.randn(n, generator=gen, dtype=torch.float64) * 2
+    dense[[0, 1, 3, 4]] -= dense[[0, 1, 3, 4]].amax(1, keepdim=True)  # maximum 0: the root is ≥ −1
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    keys = torch.isfinite(dense)
+    values = (dense[keys] * (alpha - 1)).numpy()
+    got = module._float64_segments(values, row, np.full(len(lengths), -1.0), 1 / (alpha - 1))
+    want = reference_entmax(dense[[0, 1, 3, 4]], alpha)[keys[[0, 1, 3, 4]]].numpy()
+    assert np.abs(got - want).max() <= 1e-6
+    sums = np.bincount(row, got, minlength=len(lengths))
+    assert np.allclose(sums, [1, 1, 0, 1, 1, 0], rtol=0, atol=1e-12)
+    assert (got >= 0).all() and (got[want == 0] == 0).all()
+
+
 def padded_prompt_scores(seed: int, rows: int, keys: int = 77, dim: int = 64) -> torch.Tensor:
     """Scores ``q·kᵀ`` of a short prompt padded to ``keys`` tokens: a strong first key, 11 others,
     and near-equal padding keys (within 1 %), as a text encoder's repeated end tokens give."""
