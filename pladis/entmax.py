@@ -938,8 +938,8 @@ def _newton_on_segments(
     # The per-row arithmetic is numpy's, on views of these tensors (see _RowSteps).
     limit = _linear_rows_limit(beta, keys)
     steps = _RowSteps(sums, tau, beta, limit)
-    settled, linear = steps.iterate(evaluate), steps.linear_rows()
-    start = tau.double().add_(torch.from_numpy(steps.step))  # of a float64 finish: not rounded
+    steps.iterate(evaluate)
+    settled, linear, step = steps.settled, steps.linear, steps.step  # numpy, one value per row
     if keys > _FLOAT32_ROW_KEYS and values.dtype == torch.float32:
         # float64 row sums: index_add_ adds a row's terms one after the other, and in float32 terms
         # below half an ulp of the running sum vanish (a weight ~1 then 2047 tied keys of 4e-8 summed
@@ -951,18 +951,24 @@ def _newton_on_segments(
         exact = _RowSteps(sums, tau, beta, limit)
         exact.newton()
         exact.check()
-        settled.logical_and_(exact.settled_rows())
-        linear = exact.linear_rows().logical_and_(settled.logical_not())
-        steps = exact
-    weights = _finish_linear_rows(parts, row, sums, torch.from_numpy(steps.step), linear, beta, gathered)
-    pending = settled.logical_or_(linear).logical_not_()
-    if bool(pending.any()):
+        settled = settled & exact.settled
+        linear, step = exact.linear & ~settled, exact.step
+    weights = _finish_linear_rows(parts, row, sums, step, linear, beta, gathered)
+    pending = ~(settled | linear)
+    if pending.any():
+        start = tau.numpy().astype(np.float64) + step  # of the float64 finish: not rounded to float32
         return _finish_unsettled(values, row, start, pending, weights, beta)
     return weights
 
 
 def _finish_linear_rows(
-    parts: Tensor, row: Tensor, sums: Tensor, step: Tensor, linear: Tensor, beta: float, scratch: Tensor
+    parts: Tensor,
+    row: Tensor,
+    sums: Tensor,
+    step: np.ndarray,
+    linear: np.ndarray,
+    beta: float,
+    scratch: Tensor,
 ) -> Tensor:
     """Normalised weights of gathered keys from an evaluation (``parts``: ``t^(β−1)``, ``t^β``; its
     row ``sums``), the ``linear`` rows' advanced by their Newton ``step`` to first order (see
@@ -973,11 +979,10 @@ def _finish_linear_rows(
     (0 elsewhere): a gather and two passes more than normalising. Finishing only the linear rows'
     runs of keys, in numpy, was no faster even for 8 rows of 20k (per-op costs).
     """
-    total = sums[1].to(parts.dtype)
-    if not bool(linear.any()):
-        return parts[1].div_(torch.index_select(total, 0, row, out=scratch))
+    if not linear.any():
+        return parts[1].div_(torch.index_select(sums[1].to(parts.dtype), 0, row, out=scratch))
     # βδ per row, 0 where the row is not finished linearly; the sum F − βδ·D of the expansion.
-    shift = torch.mul(step.to(sums.dtype), beta).masked_fill_(linear.logical_not(), 0.0)
+    shift = torch.from_numpy(np.where(linear, step * beta, 0.0)).to(sums.dtype)
     exact = torch.addcmul(sums[1], shift, sums[0], value=-1.0).clamp_min_(_TINY)
     weights = parts[1].div_(torch.index_select(exact.to(parts.dtype), 0, row, out=scratch))
     drop = torch.index_select(shift.div_(exact).to(parts.dtype), 0, row, out=scratch)
@@ -1019,6 +1024,7 @@ class _RowSteps:
         self._settled = np.empty(self._total.shape, dtype=bool)
         self._linear = np.empty(self._total.shape, dtype=bool)
         self._done = np.empty(self._total.shape, dtype=bool)
+        self._off = np.empty_like(self._total)
 
     def newton(self) -> None:
         """Newton on ‖t‖_β − 1 with F = Σt^β = ‖t‖_β^β and D = Σt^(β−1): δ = (F − F^(2−α))/D.
@@ -1040,18 +1046,22 @@ class _RowSteps:
         Rows that stopped (step ≤ 0) have their step set to 0, so that they stay where they are if
         the others take another evaluation; rows within the linear limit take their step then.
         """
-        settled, linear, done = self._settled, self._linear, self._done
-        off = np.abs(self._total - 1)
+        settled, linear, done, off = self._settled, self._linear, self._done, self._off
+        np.abs(np.subtract(self._total, 1, out=off), out=off)
         np.less_equal(off, self._tol, out=settled)
-        settled |= self._total == 0
+        settled |= np.equal(self._total, 0, out=done)
+        rows, count = settled.size, int(np.count_nonzero(settled))
+        if count == rows:  # the usual last check: every row settled
+            done.fill(True)
+            linear.fill(False)
+            return 0, 0
         np.less_equal(self.step, 0, out=done)
         done |= settled
         np.less_equal(self.step, self._limit, out=linear)
-        linear &= ~done  # 0 < step ≤ limit, not settled
+        np.greater(linear, done, out=linear)  # 0 < step ≤ limit, not settled
         np.putmask(self.step, done, 0)
-        rows = settled.size
-        moving = rows - int(np.count_nonzero(done)) - int(np.count_nonzero(linear))
-        return moving, rows - int(np.count_nonzero(settled)) - int(np.count_nonzero(linear))
+        lin = int(np.count_nonzero(linear))
+        return rows - int(np.count_nonzero(done)) - lin, rows - count - lin
 
     def iterate(
         self,
@@ -1092,6 +1102,16 @@ class _RowSteps:
         """The settled rows of the last check, as a new bool tensor."""
         return torch.from_numpy(self._settled.copy())
 
+    @property
+    def settled(self) -> np.ndarray:
+        """The settled rows of the last check (a view, valid until the next check)."""
+        return self._settled
+
+    @property
+    def linear(self) -> np.ndarray:
+        """The rows of the last check to finish linearly (a view, valid until the next check)."""
+        return self._linear
+
     def moving_rows(self) -> Tensor:
         """The rows of the last check that still move (neither settled nor within the linear limit,
         step > 0), as a new bool tensor."""
@@ -1129,7 +1149,7 @@ def _settled(total: Tensor) -> Tensor:
 
 
 def _finish_unsettled(
-    values: Tensor, row: Tensor, tau: Tensor, pending: Tensor, weights: Tensor, beta: float
+    values: Tensor, row: Tensor, tau: np.ndarray, pending: np.ndarray, weights: Tensor, beta: float
 ) -> Tensor:
     """The ``pending`` rows' keys gathered and solved on in float64; their weights written into
     ``weights`` (normalised, the other rows' from the last evaluation), which is returned.
@@ -1140,12 +1160,10 @@ def _finish_unsettled(
     CPU only, so this is numpy: the pending keys number from a handful to a few thousand, where
     torch's per-op overhead made a three-row finish cost 6 % of a chunk.
     """
-    pending_rows = np.flatnonzero(pending.numpy())
+    pending_rows = np.flatnonzero(pending)
     sub_row, keys = _runs_of_rows(row.numpy(), pending_rows)
     # float64, as in _settle_rows (tied keys at the edge)
-    sub_weights = _float64_segments(
-        values.numpy()[keys].astype(np.float64), sub_row, tau.numpy()[pending_rows], beta
-    )
+    sub_weights = _float64_segments(values.numpy()[keys].astype(np.float64), sub_row, tau[pending_rows], beta)
     return weights.index_copy_(0, torch.from_numpy(keys), torch.from_numpy(sub_weights.astype(np.float32)))
 
 
@@ -1167,12 +1185,14 @@ def _float64_segments(values: np.ndarray, row: np.ndarray, tau: np.ndarray, beta
     tau = tau.copy()
     t, lower, inside = np.empty_like(values), np.empty_like(values), np.empty(values.shape, dtype=bool)
     # Each row's keys are one run (row is sorted): its sum by reduceat; rows with no key sum to 0.
-    starts = np.searchsorted(row, np.arange(count))
-    empty = np.diff(starts, append=row.size) == 0
-    starts = np.minimum(starts, max(row.size - 1, 0))
+    runs = np.bincount(row, minlength=count)
+    starts = np.minimum(np.cumsum(runs) - runs, max(row.size - 1, 0))
+    empty = np.flatnonzero(runs == 0)
 
     def row_sums(x: np.ndarray) -> np.ndarray:
-        sums = np.add.reduceat(x, starts) if x.size else np.zeros(count)
+        if not x.size:
+            return np.zeros(count)
+        sums = np.add.reduceat(x, starts)
         sums[empty] = 0.0
         return sums
 
