@@ -110,15 +110,36 @@ class Ops:
     ref: Callable[[float, float], object]  # (α, λ); needs the entmax package
 
 
-def make_ops(shape: Shape, layout: str, device: torch.device, dtype: torch.dtype) -> Ops:
-    """Seeded inputs of ``shape`` in ``layout``, and the calls on them."""
+KEYS = ("random", "padded")
+KEYS_HELP = (
+    "random: Gaussian keys; padded: a short prompt padded to K tokens with near-equal end tokens "
+    "(a first key of thrice the norm, 11 others, the rest within 1 %% of one another), as a text "
+    "encoder's repeated end token gives: keys tied near the support edge"
+)
+
+
+def _pad_prompt_(k: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Keys ``(..., K, features)`` made a padded prompt's in place (see ``KEYS_HELP``)."""
+    k.select(-2, 0).mul_(3.0)
+    padding = k[..., 12:, :]
+    base = torch.randn(k[..., :1, :].shape, generator=gen)
+    padding.copy_(base + 0.01 * torch.randn(padding.shape, generator=gen))
+    return k
+
+
+def make_ops(
+    shape: Shape, layout: str, device: torch.device, dtype: torch.dtype, keys: str = "random"
+) -> Ops:
+    """Seeded inputs of ``shape`` in ``layout`` (keys as ``keys`` says), and the calls on them."""
+    if keys not in KEYS:
+        raise ValueError(f"keys must be one of {KEYS}, got {keys!r}")
     batch, heads, n_queries, n_keys, dim = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
     if layout == "heads":
-        q, k, v = (
-            torch.randn(batch, heads, n, dim, generator=gen).to(device, dtype)
-            for n in (n_queries, n_keys, n_keys)
-        )
+        q, k, v = (torch.randn(batch, heads, n, dim, generator=gen) for n in (n_queries, n_keys, n_keys))
+        if keys == "padded":
+            _pad_prompt_(k, gen)
+        q, k, v = (t.to(device, dtype) for t in (q, k, v))
         return Ops(
             sdpa=lambda: F.scaled_dot_product_attention(q, k, v),
             ours=lambda a, lam: pladis_attention(q, k, v, alpha=a, lam=lam),
@@ -126,10 +147,10 @@ def make_ops(shape: Shape, layout: str, device: torch.device, dtype: torch.dtype
         )
     if layout != "packed":
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    packed = [
-        torch.randn(batch, n, heads * dim, generator=gen).to(device, dtype)
-        for n in (n_queries, n_keys, n_keys)
-    ]
+    packed = [torch.randn(batch, n, heads * dim, generator=gen) for n in (n_queries, n_keys, n_keys)]
+    if keys == "padded":
+        _pad_prompt_(packed[1], gen)
+    packed = [t.to(device, dtype) for t in packed]
     q, k, v = (t.view(batch, -1, heads, dim).transpose(1, 2) for t in packed)
 
     def merge(out: torch.Tensor) -> torch.Tensor:
@@ -174,7 +195,13 @@ def _status_kib(field: str) -> int:
 
 
 def _cpu_peak_child(
-    shape: Shape, variant: str, alpha: float, lam: float, dtype: str = "float32", layout: str = "heads"
+    shape: Shape,
+    variant: str,
+    alpha: float,
+    lam: float,
+    dtype: str = "float32",
+    layout: str = "heads",
+    keys: str = "random",
 ) -> int:
     """In a fresh process: peak resident memory (bytes) during one call of ``variant``, above before.
 
@@ -186,7 +213,7 @@ def _cpu_peak_child(
         small = make_ops(small_shape, layout, torch.device("cpu"), getattr(torch, dtype))
         small.sdpa()  # load kernels and libraries, not memory
         small.ours(alpha, lam)
-        ops = make_ops(shape, layout, torch.device("cpu"), getattr(torch, dtype))
+        ops = make_ops(shape, layout, torch.device("cpu"), getattr(torch, dtype), keys)
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # reset VmHWM to the current resident set
         before = _status_kib("VmRSS")
@@ -199,7 +226,13 @@ def _cpu_peak_child(
 
 
 def _cpu_peak_bytes(
-    shape: Shape, variant: str, alpha: float, lam: float, dtype: torch.dtype, layout: str = "heads"
+    shape: Shape,
+    variant: str,
+    alpha: float,
+    lam: float,
+    dtype: torch.dtype,
+    layout: str = "heads",
+    keys: str = "random",
 ) -> int:
     import subprocess
     import sys
@@ -209,7 +242,7 @@ def _cpu_peak_bytes(
         f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
         "from pladis.bench import _cpu_peak_child; "
         f"print(_cpu_peak_child({tuple(shape)!r}, {variant!r}, {alpha!r}, {lam!r}, "
-        f"{dtype_name!r}, {layout!r}))"
+        f"{dtype_name!r}, {layout!r}, {keys!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -225,8 +258,9 @@ def bench_shape(
     dtype: torch.dtype,
     with_reference: bool,
     layout: str = "heads",
+    keys: str = "random",
 ) -> Row:
-    ops = make_ops(shape, layout, device, dtype)
+    ops = make_ops(shape, layout, device, dtype, keys)
     variants: dict[str, Callable[[], object]] = {"sdpa": ops.sdpa}
     for alpha in alphas:
         variants[f"ours {alpha:g}"] = lambda a=alpha: ops.ours(a, lam)
@@ -251,8 +285,8 @@ def bench_shape(
             peak_sdpa = cuda_peak_bytes(variants["sdpa"], device)
             peaks = {a: cuda_peak_bytes(variants[f"ours {a:g}"], device) for a in alphas}
         else:
-            peak_sdpa = _cpu_peak_bytes(shape, "sdpa", alphas[0], lam, dtype, layout)
-            peaks = {a: _cpu_peak_bytes(shape, "ours", a, lam, dtype, layout) for a in alphas}
+            peak_sdpa = _cpu_peak_bytes(shape, "sdpa", alphas[0], lam, dtype, layout, keys)
+            peaks = {a: _cpu_peak_bytes(shape, "ours", a, lam, dtype, layout, keys) for a in alphas}
 
     first = times[f"ours {alphas[0]:g}"]
     ref = statistics.median(times["ref"]) if "ref" in times else None
@@ -321,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--layout", choices=LAYOUTS, default="heads", help=LAYOUTS_HELP)
+    parser.add_argument("--keys", choices=KEYS, default="random", help=KEYS_HELP)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -330,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"dtype {dtype}, lambda {args.lam:g}, rounds {args.rounds}, layout {args.layout}"
+        f"dtype {dtype}, lambda {args.lam:g}, rounds {args.rounds}, layout {args.layout}, keys {args.keys}"
     )
     rows = []
     for shape_name in args.shapes:
@@ -344,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
             dtype,
             with_reference=not args.no_reference,
             layout=args.layout,
+            keys=args.keys,
         )
         rows.append(row)
         print(format_rows([row], args.alphas).splitlines()[-1], flush=True)

@@ -80,3 +80,40 @@ def test_packed_layout_times_the_calls_webui_modules_make(capsys) -> None:
     finally:
         del bench.SHAPES["tiny"]
     assert "layout packed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout", ["heads", "packed"])
+def test_padded_keys_are_a_padded_prompts(layout: str, capsys) -> None:
+    # --keys padded: the first key thrice the random one, the next 11 as they were, and the rest
+    # near-equal (end tokens repeated), in either layout; the same problem for SDPA, the reference
+    # and ours.
+    shape = (1, 2, 16, 40, 8)
+    keys = {}
+    real = torch.nn.functional.scaled_dot_product_attention
+    for kind in bench.KEYS:
+
+        def spy(q, k, v, _kind=kind, **options):
+            keys[_kind] = k
+            return real(q, k, v, **options)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+            bench.make_ops(shape, layout, torch.device("cpu"), torch.float32, keys=kind).sdpa()
+    padded, plain = keys["padded"], keys["random"]  # (B, H, K, d) in both layouts
+    torch.testing.assert_close(padded[..., 0, :], 3 * plain[..., 0, :], rtol=0, atol=0)
+    torch.testing.assert_close(padded[..., 1:12, :], plain[..., 1:12, :], rtol=0, atol=0)
+    tail = padded[..., 12:, :]
+    spread = (tail - tail.mean(-2, keepdim=True)).norm(dim=-1) / tail.norm(dim=-1)
+    assert (spread < 0.05).all()
+    ops = bench.make_ops(shape, layout, torch.device("cpu"), torch.float32, keys="padded")
+    torch.testing.assert_close(ops.ref(1.7, 2.0), ops.ours(1.7, 2.0), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="keys must be one of"):
+        bench.make_ops(shape, layout, torch.device("cpu"), torch.float32, keys="tied")
+    bench.SHAPES["tiny"] = shape
+    try:
+        bench.main(
+            ["--shapes", "tiny", "--alphas", "1.5", "--rounds", "1", "--keys", "padded", "--layout", layout]
+        )
+    finally:
+        del bench.SHAPES["tiny"]
+    assert "keys padded" in capsys.readouterr().out
