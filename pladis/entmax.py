@@ -155,9 +155,9 @@ four; one more evaluation for all rows, then a finish of a few rows, was 3–6 %
 finishing the 19 % at once). Rows within the linear finish's limit do not count: they need no
 further evaluation (at α = 1.6, σ = 1 all of the 3 % left; see :func:`_linear_rows_limit`)."""
 _SUBSET_SHARE = 1 / 2
-"""Rows still moving after a check go on alone (when they are more than ``_FINISH_SHARE``) once they
-are at most this share of the rows: their keys are gathered (whole rows: the rows), and the others
-are finished.
+"""Whole rows still moving after a check go on alone (when they are more than ``_FINISH_SHARE`` of
+the first call's rows) once they are at most this share of the rows; the others are finished
+(:func:`_whole_row_newton`).
 
 Why: keys tied just inside the support edge (a prompt's padding tokens, ~65 near-equal keys) make
 Newton's steps short and slow the rows they sit in: on such scores 7–34 % of the rows were still
@@ -1040,8 +1040,9 @@ class _RowSteps:
         step /= np.maximum(self._slope, self._tiny)
 
     def check(self) -> tuple[int, int]:
-        """How many rows still move (not settled, step > 0), and how many are not finished: neither
-        settled nor within the linear finish's limit (``linear_limit``, see :func:`_linear_rows_limit`).
+        """How many rows still move (neither settled nor within the linear finish's limit, step > 0),
+        and how many are not finished: neither settled nor within that limit (``linear_limit``, see
+        :func:`_linear_rows_limit`).
 
         Rows that stopped (step ≤ 0) have their step set to 0, so that they stay where they are if
         the others take another evaluation; rows within the linear limit take their step then.
