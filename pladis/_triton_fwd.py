@@ -13,10 +13,11 @@ power of two), so the score row never leaves registers:
    without overshooting), then one exact step on the found support (the support quadratic for α = 1.5,
    Michelot's mean for α = 2, one more Newton step otherwise). For 1.5 < α < 2 the search starts
    instead from two power-free ℓ2 Newton steps mapped by ``τ ↦ −(−τ)^(2/β)`` (exact for equal keys,
-   as ``pladis.entmax._equal_keys_start``), which saves two of the ℓβ steps and their powers; the
+   as ``pladis.entmax._dense._equal_keys_start``), which saves two of the ℓβ steps and their powers; the
    first ℓβ step from there may start above the root and lands below it. Just above α = 1 (α < 1.05), where τ
    would need more digits than float32 has, the weights are ``exp(u + β·log1p(v))`` around the
-   softmax instead and Halley steps find ``u = log p_max`` (as ``pladis.entmax._near_softmax_solve``);
+   softmax instead and Halley steps find ``u = log p_max`` (as ``_near_softmax_solve`` in
+   ``pladis.entmax._near_softmax``);
 4. a per-row check ``|Σp − 1| ≤ TOL``: rows that fail (support not settled yet) keep iterating inside the
    program, from the last safe (below-root) iterate, for at most ``MAX_FIX`` rounds — no host sync;
 5. ``W = (1−λ)·softmax + λ·p/Σp`` and ``O = W @ V`` (``W`` cast to V's dtype, float32 accumulation).

@@ -21,6 +21,7 @@ from pladis.attention import (
 )
 from pladis.entmax import entmax
 from tests.core.oracles import reference_pladis
+from tests.core.solver_namespace import solver_namespace
 
 
 def qkv(b: int, h: int, n: int, k: int, d: int, seed: int = 0, dtype=torch.float32):
@@ -467,9 +468,8 @@ def test_inputs_requiring_grad_are_refused_with_a_clear_message() -> None:
 def test_gpu_variant_of_the_torch_path_matches_the_oracle(
     alpha: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sys
 
-    monkeypatch.setattr(sys.modules["pladis.entmax"], "cpu_variant", lambda t: False)
+    monkeypatch.setattr(solver_namespace(), "cpu_variant", lambda t: False)
     q, k, v = qkv(2, 3, 50, 77, 16, seed=9)
     got = pladis_attention(q, k, v, alpha=alpha, lam=2.0)
     assert (got.double() - reference_pladis(q, k, v, alpha, 2.0)).abs().max().item() <= 1e-5
@@ -481,7 +481,6 @@ def test_torch_path_stays_lean_in_ops(alpha: float, most: int, monkeypatch: pyte
     # and host time per launch dominates at these sizes (issue 6): count the ops of one chunk.
     # α ≠ 1.5 include a fourth Newton step (8–13 ops), which spares the float64 finish's ~50.
     import collections
-    import sys
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -500,7 +499,7 @@ def test_torch_path_stays_lean_in_ops(alpha: float, most: int, monkeypatch: pyte
                 self.ops[name] += 1
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(sys.modules["pladis.entmax"], "cpu_variant", lambda t: False)
+    monkeypatch.setattr(solver_namespace(), "cpu_variant", lambda t: False)
     q, k, v = qkv(2, 10, 256, 77, 64, seed=3)
     with Count() as counted:
         _pladis_attention_torch(q, k, v, alpha, 2.0, 0.125, None, 1 << 40)  # one chunk, as on a GPU

@@ -12,6 +12,7 @@ import torch
 
 from pladis.entmax import entmax
 from tests.core.oracles import near_one_oracle, reference_entmax
+from tests.core.solver_namespace import SolverNamespace, solver_namespace
 
 ALPHAS = [1.1, 1.25, 1.3, 1.45, 1.5, 1.75, 1.9, 2.0]
 """The issue's α set, plus 1.3 and 1.45: fractional β = 1/(α − 1) > 2, which take the Halley solver."""
@@ -22,11 +23,9 @@ def tolerance(alpha: float) -> float:
     return 1e-6 if alpha in (1.5, 2.0) else 1e-5
 
 
-def _entmax_module():
-    """The ``pladis.entmax`` module (``pladis.entmax`` the attribute is the function)."""
-    import sys
-
-    return sys.modules["pladis.entmax"]
+def _entmax_module() -> SolverNamespace:
+    """The solvers' modules as one namespace (``pladis.entmax`` the attribute is the function)."""
+    return solver_namespace()
 
 
 def random_rows(seed: int, rows: int, keys: int, sigma: float) -> torch.Tensor:
@@ -1261,3 +1260,21 @@ def test_softmax_takes_exp_or_exp2_whichever_this_cpu_runs_faster(
     assert isinstance(timed.__wrapped__(), bool)
     assert len(ticks) == 2 * 2 * 5  # both timed, best of 5 each
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_solver_namespace_patches_every_module_that_binds_a_name(monkeypatch) -> None:
+    # The solvers' modules import each other's helpers by name; the tests' namespace must rebind a
+    # patched name in all of them (else a spy or a forced variant would silently miss callers in
+    # another module) and restore it in all of them afterwards.
+    namespace = solver_namespace()
+    holders = [m for m in namespace._modules if "cpu_variant" in vars(m)]
+    assert len(holders) >= 4  # the package, where it is defined, and the solvers that call it
+    original = namespace.cpu_variant
+    with monkeypatch.context() as patch:
+        patch.setattr(namespace, "cpu_variant", lambda t: False)
+        assert all(vars(m)["cpu_variant"] is not original for m in holders)
+    assert all(vars(m)["cpu_variant"] is original for m in holders)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        monkeypatch.setattr(namespace, "no_such_name", 1)
+    with pytest.raises(AttributeError, match=r"no module of pladis\.entmax binds 'no_such_name'"):
+        namespace.no_such_name = 1
