@@ -11,12 +11,10 @@ from torch import Tensor
 ROW_SUM_TOL = 1e-6
 """A row whose unnormalised weights sum to 1 within this is accepted (then renormalised)."""
 
-
 SOFTMAX_LIMIT = 1e-7
 """α − 1 at or below this gives softmax: α-entmax differs from it by about 2·(α − 1), which the blend
 multiplies by λ (up to 10): 2e-6 at this limit. Above it the float32 near-softmax solver is exact to
 ~2e-7 (measured down to α − 1 = 1.01e-7)."""
-
 
 FLOAT32_MAX_BETA = 20.0
 """Above this β = 1/(α − 1) (α < 1.05) a threshold search on ``(x − τ)^β`` is not exact in float32:
@@ -39,17 +37,9 @@ def float32_exact(alpha: float) -> bool:
 
 
 _SAMPLED_ROW_STEP = 8  # shares (candidate keys, slow exp inputs) are estimated on every 8th row
-
-
 _TINY = 1e-30
-
-
 _LOG2_E = 1.0 / math.log(2.0)
-
-
 _LOG_FLOOR = 2.0**-126  # smallest normal float32: log₂ of it is exactly −126
-
-
 _FLOAT64_NORMAL = 2.0**-1022  # smallest normal float64
 
 

@@ -32,7 +32,6 @@ with its ``pow`` (measured both ways). Attention's scores (q·kᵀ, one key set 
 leave far more: see ``_RETRY_SHARE``, and ``GPU_NEWTON_STEPS`` for the GPU variant.
 """
 
-
 GPU_NEWTON_STEPS = 4
 """``NEWTON_STEPS`` for the GPU variant (:func:`_dense_solve`) but at α = 1.5, where every op is a
 kernel launch and host time per launch dominates.
@@ -46,7 +45,6 @@ third of them, in float64); after four none did but α = 1.9 at σ ≤ 0.5 (3–
 left rows only at K ≥ 154 with σ ≤ 0.5, or 6 rows at K = 231, σ = 1: it keeps three steps, the eight
 launches of a fourth being more than the finish costs on average (``_RETRY_SHARE`` covers the worst)."""
 
-
 _RETRY_SHARE = 1 / 16
 """When more than this share of a chunk's rows is unsettled after the Newton steps and the exact
 step, every row takes one more step (:func:`_dense_solve`, :func:`_entmax15_solve`); fewer take it
@@ -58,7 +56,6 @@ Measured per 1.5·2^20-score chunk (q·kᵀ scores, one shared key set): α = 1.
 left 84 % of the rows to the float64 finish (27 ms against 6 for the chunk with a fourth step);
 α = 1.25 at K = 231, σ = 1 a third (12.6 against 9.3 ms). Where few rows are unsettled, finishing
 them alone stays cheaper than a step for all (α = 2, K = 77: 3 steps 8.6 ms, 4 steps 9.1)."""
-
 
 _FALLBACK_ROUNDS = 50  # bound for the rare unsettled rows (2 Newton steps a round); never reached.
 

@@ -17,7 +17,6 @@ from ._common import _LOG2_E, _LOG_FLOOR, _SAMPLED_ROW_STEP, cpu_variant
 NUMPY_LOG2_ENV = "PLADIS_NUMPY_LOG2"
 """Set to 1 or 0 to force numpy's ``log2`` on or off on CPU (default: whichever is faster, timed once)."""
 
-
 _MAX_WHOLE_EXPONENT = 32
 
 
@@ -69,7 +68,6 @@ _EXP_SLOW_SHARE = 1 / 256
 """About where three passes cost what ``exp``'s slow path does (~50–100 ns per element in a chunk,
 ~0.3 ns on the fast path): σ = 20 scores, 4.6 % of them below −87, took 5.7 ms a chunk by ``exp``
 against 1.0 flushed through ``exp2``; σ = 10 scores, a handful below, 0.49 against 0.98."""
-
 
 _EXP_SLOW_BELOW = -87.0
 """Below this, torch's CPU ``exp`` takes a slow path (AVX-512 build, torch 2.13: ~17× per element for

@@ -38,13 +38,8 @@ rows take ``t^β`` first (``_TOP_FIRST_MIN_EXPONENT``), at K = 77, σ = 1: 13.6 
 against 9.8 ms gathered, 12.7 % even, 11.4 % (α = 1.6) 10.1 against 9.5; at K = 231 the break-even
 is lower (11.3 %: whole rows 4 % faster), which this single limit leaves to gathering."""
 
-
 _CANDIDATE_ROUNDS = 30  # evaluations per row: 3 for most, 4–5 for a few; the bound is never reached
-
-
 _FIRST_CHECK = 2  # gathered rows are checked from the 3rd evaluation on (see _newton_on_segments)
-
-
 _FLOAT32_ROW_KEYS = 96
 """Rows of up to this many keys keep their float32 ``index_add_`` sums; longer rows are summed again
 in float64 (:func:`_newton_on_segments`).
@@ -56,7 +51,6 @@ inside the support edge next to the maximum key, α = 1.9, summed to 1 + 4.3e-6 
 with weights within 3.1e-7 of float64 (α 1.51–1.99: up to 1.9e-6). Re-summing every chunk in
 float64 costs 0.39 ms (~5 % of the α = 1.75 solve), for Gaussian scores nothing."""
 
-
 _FINISH_SHARE = 1 / 16
 """Unsettled rows are gathered and finished alone once they are at most this share of the rows.
 
@@ -65,7 +59,6 @@ Why not more: gathering a row's keys again costs about a whole evaluation of all
 four; one more evaluation for all rows, then a finish of a few rows, was 3–6 % faster per chunk than
 finishing the 19 % at once). Rows within the linear finish's limit do not count: they need no
 further evaluation (at α = 1.6, σ = 1 all of the 3 % left; see :func:`_linear_rows_limit`)."""
-
 
 _SUBSET_SHARE = 1 / 2
 """Whole rows still moving after a check go on alone (when they are more than ``_FINISH_SHARE`` of
@@ -79,7 +72,6 @@ per 1.5·2^20-score chunk). Rows alone: α 1.6–1.9 12–26 % faster per chunk 
 16.3 → 12.1 ms). Whole rows only: gathered keys evaluate about four times as fast, and setting
 a few rows' keys apart cost more than one more evaluation of all (α = 1.75, σ = 1, 19 % of the
 rows moving: 8.7 → 9.8 ms)."""
-
 
 _TOP_FIRST_MIN_EXPONENT = 160.0
 """Whole-row Newton (:func:`_whole_row_newton`) takes ``t^β`` first, and ``t^(β−1)`` as ``t^β/t``,

@@ -26,10 +26,7 @@ _LINEAR_FINISH_SHARE = 1 / 16
 most this share (:func:`_finish_far_rows`); beyond it every row takes the curvature and the
 second-order finish."""
 
-
 _HALLEY_ROUNDS = 12  # evaluations per row for fractional β > 2: 2 for most, 3 for a few; never reached
-
-
 _HALLEY_MIN_WHOLE_BETA = 8.0
 """From this whole β = 1/(α − 1) on (α ≤ 1.125), the CPU solver takes Halley's steps on a fractional
 power, as for fractional β, rather than Newton's on a power by multiplications (:func:`_dense_solve`).
@@ -38,7 +35,6 @@ Why: Newton from the power-mean bound leaves more rows unsettled the larger β i
 the float64 finish. Measured per 1.5·2^20-score chunk (σ 0.3–3, K = 77): β = 20 (α = 1.05)
 12.5–13.8 ms against 8.8–9.3 with Halley, β = 10 9.5–10.3 against 8.3–9.2, β = 8 9.5–9.9 against
 8.2–9.2; at β = 4–6 multiplications stay as fast or faster (8.2–9.2 against 8.1–10.1 ms)."""
-
 
 _THIRD_ORDER_MIN_BETA = 4.0
 """From this β on (α ≤ 1.25), the CPU Halley solver may finish rows to third order in its last step
@@ -53,13 +49,8 @@ at most two passes more than the second-order one (and no mask for leaving keys)
 within noise; at K = 231, σ = 1 most rows stay beyond it (no change). Below β = 4 (the mapped ℓ2
 start) 4–35 % of the rows were within it (float64, σ 0.5–2)."""
 
-
 _THIRD_ORDER_SHARE = 0.75  # of the remainder bound's step (see _third_order_tolerance)
-
-
 _L2_START_MAX_BETA = 2.35  # below it (α > 1.4255) _halley_solve starts from the mapped ℓ2 bound
-
-
 _L2_START_MAX_BETA_CPU = 4.0
 """The same limit for the CPU variant (α > 1.25), whose ℓ2 bound works in place (:func:`_l2_bound_in_place`).
 
@@ -67,7 +58,6 @@ Measured per 1.5·2^20-score chunk (σ 0.5–3): at K = 77 the mapped ℓ2 start
 the interpolated one at every α in 1.28–1.42 (e.g. α = 1.4: 6.9–8.1 against 7.9–9.3 ms), even where
 some rows then need a third evaluation; at K = 231 within ±4 % at α 1.27–1.35 and 7–16 % faster at
 α 1.4–1.42. At α 1.05–1.15 the interpolated start stays faster (up to 10 %)."""
-
 
 _LEAVING_MASS = 1e-9  # weight a row may keep on keys a last Taylor step takes out (see _taylor_weights)
 
