@@ -49,7 +49,12 @@ sum (6e-8 next to a weight near 1) can be lost: up to 95 of them move a row's su
 within the issue's 1e-5 but over ``ROW_SUM_TOL``. Measured (review helper-54): 76 keys tied 3e-7
 inside the support edge next to the maximum key, α = 1.9, summed to 1 + 4.3e-6 after normalising,
 with weights within 3.1e-7 of float64 (α 1.51–1.99: up to 1.9e-6). Re-summing every chunk in
-float64 costs 0.39 ms (~5 % of the α = 1.75 solve), for Gaussian scores nothing."""
+float64 costs 0.39 ms (~5 % of the α = 1.75 solve), for Gaussian scores nothing. Rows finished to
+first order (:func:`_linear_rows_limit`) take their step and sum from the same float32 sums, so they
+share this limit (review helper-56: 73 keys of weight 4e-8 next to four large ones, α = 1.55:
+weights 1.5e-6 off, rows summing to 1 + 4.3e-6; 1.2e-7 when such rows took the float64 finish).
+Summing only those rows' runs again in float64 cost 0.7–1.1 ms per chunk at α 1.6–1.65 (another job
+shared the two cores), more than the first-order finish saves there."""
 
 _FINISH_SHARE = 1 / 16
 """Unsettled rows are gathered and finished alone once they are at most this share of the rows.
@@ -479,7 +484,8 @@ def _linear_rows_limit(beta: float, keys: int) -> float:
     either way (the expansion ``t^(β−1)(t − βδ) ≤ (2δ)^(β−1)(2 − β)δ``); keys with ``t < δ`` leave
     the support and come out exactly 0 (their expansion is negative: clamped). The clamp takes at
     most ``(β−1)^(β−1)·δ^β ≤ δ^β`` per key off the row sum ``F − βδ·D`` taken for the weights, so
-    rows still sum to 1 within ``ROW_SUM_TOL``/4.
+    rows still sum to 1 within ``ROW_SUM_TOL``/4. (That is the expansion's error; the Newton iterate's
+    own, second order in its last step, adds up to ~2.5e-7 near α = 1.5: review helper-56.)
 
     Measured on q·kᵀ scores (σ 0.5–2, K 77–231): after the third evaluation every row that is not
     settled is within it at α 1.52–1.6, and most at 1.65–1.7, where 2–10 % of the rows were left to
@@ -525,16 +531,16 @@ def _float64_segments(values: np.ndarray, row: np.ndarray, tau: np.ndarray, beta
     count, exponent = tau.size, 1.0 - 1.0 / beta
     tau = tau.copy()
     t, lower, inside = np.empty_like(values), np.empty_like(values), np.empty(values.shape, dtype=bool)
-    # Each row's keys are one run (row is sorted): its sum by reduceat; rows with no key sum to 0.
+    # Each row's keys are one run (row is sorted): its sum by reduceat over the non-empty runs'
+    # starts only (a run ends where the next one starts); rows with no key sum to 0.
     runs = np.bincount(row, minlength=count)
-    starts = np.minimum(np.cumsum(runs) - runs, max(row.size - 1, 0))
-    empty = np.flatnonzero(runs == 0)
+    keyed = runs > 0
+    starts = (np.cumsum(runs) - runs)[keyed]
 
     def row_sums(x: np.ndarray) -> np.ndarray:
-        if not x.size:
-            return np.zeros(count)
-        sums = np.add.reduceat(x, starts)
-        sums[empty] = 0.0
+        sums = np.zeros(count)
+        if x.size:
+            sums[keyed] = np.add.reduceat(x, starts)
         return sums
 
     for evaluation in range(_FALLBACK_ROUNDS):

@@ -850,7 +850,8 @@ def test_whole_rows_within_the_linear_limit_finish_without_another_evaluation(
 @pytest.mark.parametrize("alpha", [2.0, 1.9, 1.75, 1.5, 1.25])
 def test_float64_segments_match_the_reference_with_rows_of_no_key(alpha: float) -> None:
     # The float64 finish of gathered rows sums each row's run of keys with reduceat: rows with no
-    # key (here the 3rd and the last) must sum to 0 and leave the other runs' sums alone. Keys off
+    # key (here the 3rd and the last, after a row whose keys all weigh) must sum to 0 and leave the
+    # other runs' sums alone (a run cut one key short by the empty row after it summed to 1.5). Keys off
     # the support get exactly 0 (t^(β−1) of a floored t, zeroed there); β = 1 counts the support.
     module = _entmax_module()
     gen = torch.Generator().manual_seed(12)
@@ -858,6 +859,7 @@ def test_float64_segments_match_the_reference_with_rows_of_no_key(alpha: float) 
     dense = torch.full((len(lengths), 30), -math.inf, dtype=torch.float64)
     for r, n in enumerate(lengths):
         dense[r, :n] = torch.randn(n, generator=gen, dtype=torch.float64) * 2
+    dense[4, :30] *= 0.01  # every key of the last row with keys in the support, its last one too
     dense[[0, 1, 3, 4]] -= dense[[0, 1, 3, 4]].amax(1, keepdim=True)  # maximum 0: the root is ≥ −1
     row = np.repeat(np.arange(len(lengths)), lengths)
     keys = torch.isfinite(dense)
