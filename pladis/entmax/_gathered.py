@@ -53,8 +53,8 @@ float64 costs 0.39 ms (~5 % of the α = 1.75 solve), for Gaussian scores nothing
 first order (:func:`_linear_rows_limit`) take their step and sum from the same float32 sums, so they
 share this limit (review helper-56: 73 keys of weight 4e-8 next to four large ones, α = 1.55:
 weights 1.5e-6 off, rows summing to 1 + 4.3e-6; 1.2e-7 when such rows took the float64 finish).
-Summing only those rows' runs again in float64 cost 0.7–1.1 ms per chunk at α 1.6–1.65 (another job
-shared the two cores), more than the first-order finish saves there."""
+Summing only those rows' runs again in float64 cost 0.55–0.9 ms per chunk at α 1.6–1.65 (finding
+the runs and gathering their keys from the chunk's), more than the first-order finish saves there."""
 
 _FINISH_SHARE = 1 / 16
 """Unsettled rows are gathered and finished alone once they are at most this share of the rows.
