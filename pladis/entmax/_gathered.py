@@ -184,8 +184,8 @@ def _whole_row_newton(
     steps = _RowSteps(sums, tau, beta, _linear_rows_limit(beta, centred.shape[1]) if top_first else 0.0)
     continued = finish_rows is not None
     finish_rows = _FINISH_SHARE * rows if finish_rows is None else finish_rows
-    settled = steps.iterate(evaluate, 0 if continued else _FIRST_CHECK, finish_rows, subsets=True)
-    linear, moving = steps.linear_rows(), steps.moving_rows()
+    steps.iterate(evaluate, 0 if continued else _FIRST_CHECK, finish_rows, subsets=True)
+    settled, linear, moving = steps.settled_rows(), steps.linear_rows(), steps.moving_rows()
     total = sums[1].clone().view(-1, 1)
     count = int(linear.sum())
     if count:
@@ -420,7 +420,7 @@ class _RowSteps:
         first_check: int = _FIRST_CHECK,
         finish_rows: float | None = None,
         subsets: bool = False,
-    ) -> Tensor:
+    ) -> None:
         """Evaluate (``evaluate`` fills the sums at the current τ) and step, until every row stops or
         the rows that are neither settled nor within the linear finish's limit are few enough
         (``finish_rows``, by default ``_FINISH_SHARE`` of the rows) to be finished alone, or, with
@@ -430,8 +430,8 @@ class _RowSteps:
         root, so a step ≤ 0 means τ no longer moves at this precision and the row stops either way.
         Rows that stopped with a wrong sum are left to the caller's float64 finish, whatever their
         share (float32 τ steps can move a large tie group's mass by more than ``ROW_SUM_TOL``).
-        Returns the settled rows of the last check; the last evaluation was at ``tau``, and its
-        Newton step is in ``step`` (not added).
+        The last check's rows are then in ``settled``, ``linear`` (and :meth:`moving_rows`); the last
+        evaluation was at ``tau``, and its Newton step is in ``step`` (not added).
         """
         rows = self._total.size
         finish_rows = _FINISH_SHARE * rows if finish_rows is None else finish_rows
@@ -442,12 +442,11 @@ class _RowSteps:
             if step_number >= first_check:
                 moving, wrong = self.check()
                 if moving <= go_on_alone or 0 < wrong <= finish_rows:
-                    return self.settled_rows()
+                    return
             self._tau += self.step
         self.step.fill(0.0)  # never reached (see _CANDIDATE_ROUNDS); the last step is already in tau
         self._linear.fill(False)
         self._done.fill(True)
-        return self.settled_rows()
 
     def settled_rows(self) -> Tensor:
         """The settled rows of the last check, as a new bool tensor."""
