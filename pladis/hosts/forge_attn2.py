@@ -34,11 +34,20 @@ PRIOR = "pladis_prior"
 FORGE_HOST = "forge"
 REFORGE_HOST = "reforge"
 
-# The host's own attention entry points (module, attribute). Looked up at call time, never copied.
-_HOST_ATTENTION: dict[str, tuple[str, str]] = {
-    FORGE_HOST: ("backend.attention", "attention_function"),
-    REFORGE_HOST: ("ldm_patched.ldm.modules.attention", "optimized_attention"),
+_HOST_ATTENTION: dict[str, tuple[tuple[str, str], ...]] = {
+    FORGE_HOST: (("backend.nn.unet", "attention_function"), ("backend.attention", "attention_function")),
+    REFORGE_HOST: (("ldm_patched.ldm.modules.attention", "optimized_attention"),),
 }
+"""The host's own attention as its stock ``CrossAttention.forward`` calls it: (module, attribute),
+first found wins; looked up at call time, never copied.
+
+Why ``backend.nn.unet`` first on Forge: that module imports ``attention_function`` *by name*, and
+its ``CrossAttention.forward`` calls that copy, so an extension that rebinds it there (attention
+back-end switchers walk ``sys.modules`` and rebind every copy) changes what stock attn2 runs; the
+pass-through must run the same function to stay bit-identical. ``backend.attention`` is the fallback
+for forks whose UNet module does not hold the name. reForge's ``CrossAttention`` calls the global of
+its own module, ``ldm_patched.ldm.modules.attention``.
+"""
 
 CLIP_CHUNK = 77
 """Tokens per CLIP chunk: SD/SDXL contexts are multiples of it, and so is any period of a repeat."""
@@ -58,12 +67,25 @@ def host_attention(host: str, q: Tensor, k: Tensor, v: Tensor, extra_options: di
     the key, so it is passed only when the host provided it. Using the host function (not a
     re-implementation) keeps the pass-through bit-identical to a stock run.
     """
-    module_name, attr = _HOST_ATTENTION[host]
-    function = getattr(importlib.import_module(module_name), attr)
+    function = _host_function(host)
     heads = int(extra_options["n_heads"])
     if host == REFORGE_HOST and "attn_precision" in extra_options:
         return function(q, k, v, heads, attn_precision=extra_options["attn_precision"])
     return function(q, k, v, heads)
+
+
+def _host_function(host: str) -> Callable[..., Tensor]:
+    """The first of the host's attention entry points (``_HOST_ATTENTION``) that exists."""
+    entries = _HOST_ATTENTION[host]
+    for module_name, attr in entries[:-1]:
+        try:
+            function = getattr(importlib.import_module(module_name), attr, None)
+        except ImportError:
+            continue
+        if callable(function):
+            return function
+    module_name, attr = entries[-1]
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def first_sigma(sigmas: Any) -> float | None:

@@ -72,7 +72,7 @@ def test_generation_equals_the_pladis_oracle_on_the_selected_sites(forge_host, a
 
 
 def test_window_uses_the_hosts_percent_to_sigma_and_passes_through_bit_identically(forge_host, monkeypatch):
-    import backend.attention
+    import backend.nn.unet
 
     from pladis.hosts.forge import apply
 
@@ -85,31 +85,79 @@ def test_window_uses_the_hosts_percent_to_sigma_and_passes_through_bit_identical
     sigma_hi, sigma_lo = predictor.percent_to_sigma(0.25), predictor.percent_to_sigma(0.75)
     patched = p.sd_model.forge_objects.unet
     x, cond, uncond = inputs()
+    sites = len(tk.sites_of("down", "up"))
 
+    # The name stock CrossAttention.forward calls (imported by name into backend.nn.unet): it runs
+    # attn1 and the sites PLADIS leaves alone too, so counts are compared with a stock evaluation.
     calls = []
-    real = backend.attention.attention_function
+    real = backend.nn.unet.attention_function
 
     def spy(*args, **kwargs):
         calls.append(args[3])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backend.attention, "attention_function", spy)
-    for sigma in (sigma_hi * 1.01, sigma_lo, sigma_lo * 0.5):  # outside (sigma_lo, sigma_hi]
+    def counted(patcher, sigma):
         calls.clear()
-        got = tk.denoise(patched, x, sigma, cond, uncond)
-        stock = tk.denoise(original, x, sigma, cond, uncond)
+        out = tk.denoise(patcher, x, sigma, cond, uncond)
+        return out, len(calls)
+
+    monkeypatch.setattr(backend.nn.unet, "attention_function", spy)
+    for sigma in (sigma_hi * 1.01, sigma_lo, sigma_lo * 0.5):  # outside (sigma_lo, sigma_hi]
+        got, got_calls = counted(patched, sigma)
+        stock, stock_calls = counted(original, sigma)
         assert all(torch.equal(g, s) for g, s in zip(got, stock, strict=True))
-        assert len(calls) == len(tk.sites_of("down", "up"))  # one batched call, one per patched site
+        assert got_calls == stock_calls > sites  # one batched call per site, patched ones included
 
     for sigma in (sigma_hi, (sigma_hi + sigma_lo) / 2):  # inside
-        calls.clear()
-        got = tk.denoise(patched, x, sigma, cond, uncond)
+        got, got_calls = counted(patched, sigma)
         expected = tk.denoise(
             tk.with_oracle(original, tk.sites_of("down", "up"), 1.5, 2.0), x, sigma, cond, uncond
         )
-        assert calls == []
+        assert got_calls == stock_calls - sites
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_pass_through_runs_an_attention_function_rebound_in_the_unet_module(forge_host, monkeypatch):
+    # Attention back-end switchers rebind the copy of attention_function that backend.nn.unet
+    # imported by name (the one stock CrossAttention.forward calls), not only backend.attention's.
+    # Outside the window PLADIS must run that same function: bit-identical to a stock run.
+    import backend.attention
+    import backend.nn.unet
+
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    original = tk.unet_patcher()
+    p = tk.processing(original)
+    apply(p, params(start=0.25, end=0.75))
+    patched = p.sd_model.forge_objects.unet
+    outside = original.model.predictor.percent_to_sigma(0.25) * 1.01
+    x, cond, uncond = inputs()
+    real = backend.attention.attention_function
+
+    def rebound(q, k, v, heads, mask=None):
+        return real(q, k, v, heads, mask) * 0.5 + 0.25  # visibly not the stock attention
+
+    monkeypatch.setattr(backend.nn.unet, "attention_function", rebound)
+    got = tk.denoise(patched, x, outside, cond, uncond)
+    stock = tk.denoise(original, x, outside, cond, uncond)
+    assert all(torch.equal(g, s) for g, s in zip(got, stock, strict=True))
+    monkeypatch.undo()
+    assert not torch.equal(tk.denoise(original, x, outside, cond, uncond)[0], stock[0])  # it mattered
+
+
+def test_pass_through_falls_back_to_backend_attention_without_the_unet_name(forge_host, monkeypatch):
+    # A fork whose UNet module does not hold the name: Forge's canonical backend.attention is used.
+    import backend.attention
+    import backend.nn.unet
+
+    from pladis.hosts.forge_attn2 import FORGE_HOST, host_attention
+
+    q = torch.randn(2, 3, 4)
+    monkeypatch.delattr(backend.nn.unet, "attention_function")
+    monkeypatch.setattr(backend.attention, "attention_function", lambda q, k, v, heads: q * heads)
+    assert torch.equal(host_attention(FORGE_HOST, q, q, q, {"n_heads": 2}), q * 2)
 
 
 def test_repeated_hook_calls_patch_once(forge_host):
@@ -352,24 +400,23 @@ def test_window_follows_a_schedule_swapped_in_by_an_object_patch(forge_host, mon
     # Loaded and evaluated (the window then in force is read on the loaded model): PLADIS acts
     # inside EDM's (0.4, 5.66] only, not inside the model's own window.
     patched = p.sd_model.forge_objects.unet
-    host = "backend.attention" if name == "predictor" else "ldm_patched.ldm.modules.attention"
+    host = "backend.nn.unet" if name == "predictor" else "ldm_patched.ldm.modules.attention"
     sites = len(tk.sites_of("down", "up"))
     own_hi, own_lo = own_schedule.percent_to_sigma(0.25), own_schedule.percent_to_sigma(0.5)
     assert not own_lo < 0.5 <= own_hi and not own_lo < 5.0 <= own_hi  # these tell the two apart
-    outside = _host_attention_calls(tk, monkeypatch, patched, 8.0, host)  # reForge: attn1 too
-    assert outside >= sites
-    assert _host_attention_calls(tk, monkeypatch, patched, 0.3, host) == outside
-    assert _host_attention_calls(tk, monkeypatch, patched, 0.5, host) == outside - sites
-    assert _host_attention_calls(tk, monkeypatch, patched, 5.0, host) == outside - sites
+    assert _pladis_sites(tk, monkeypatch, patched, 8.0, host) == 0
+    assert _pladis_sites(tk, monkeypatch, patched, 0.3, host) == 0
+    assert _pladis_sites(tk, monkeypatch, patched, 0.5, host) == sites
+    assert _pladis_sites(tk, monkeypatch, patched, 5.0, host) == sites
 
 
-def _host_attention_calls(tk, monkeypatch, patcher, sigma, host="backend.attention") -> int:
-    """How many times the host's own attention ran in one evaluation (0: PLADIS on every site).
+def _host_attention_calls(tk, monkeypatch, patcher, sigma, host) -> int:
+    """How many times the host's own attention ran in one evaluation.
 
-    ``host``: the module of the host's attention function (Forge's ``attention_function``,
-    reForge's ``optimized_attention``)."""
+    ``host``: the module whose attention function stock ``CrossAttention.forward`` calls (Forge's
+    ``backend.nn.unet.attention_function``, reForge's ``optimized_attention``)."""
     module = importlib.import_module(host)
-    name = "attention_function" if host == "backend.attention" else "optimized_attention"
+    name = "attention_function" if host == "backend.nn.unet" else "optimized_attention"
     calls = []
     real = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -377,6 +424,16 @@ def _host_attention_calls(tk, monkeypatch, patcher, sigma, host="backend.attenti
     tk.denoise(patcher, x, sigma, cond, uncond)
     monkeypatch.setattr(module, name, real)
     return len(calls)
+
+
+def _pladis_sites(tk, monkeypatch, patcher, sigma, host="backend.nn.unet") -> int:
+    """How many attention sites PLADIS took over in one evaluation of ``patcher``: the host's own
+    attention calls of a stock UNet of the same kind minus those of ``patcher`` (the host function
+    also runs attn1 and the sites PLADIS leaves alone)."""
+    stock_unet = tk.unet_patcher() if host == "backend.nn.unet" else tk.reforge_patcher()
+    stock = _host_attention_calls(tk, monkeypatch, stock_unet, sigma, host)
+    assert stock > 0
+    return stock - _host_attention_calls(tk, monkeypatch, patcher, sigma, host)
 
 
 def test_window_follows_a_schedule_patch_added_after_pladis(forge_host, monkeypatch):
@@ -391,14 +448,14 @@ def test_window_follows_a_schedule_patch_added_after_pladis(forge_host, monkeypa
     later = p.sd_model.forge_objects.unet.clone()
     later.add_object_patch("predictor", _EdmSchedule())
     sites = len(tk.sites_of("down", "up"))
-    assert _host_attention_calls(tk, monkeypatch, later, 1.0) == 0  # inside EDM's window only
-    assert _host_attention_calls(tk, monkeypatch, later, 5.0) == 0
-    assert _host_attention_calls(tk, monkeypatch, later, 0.3) == sites  # below it
+    assert _pladis_sites(tk, monkeypatch, later, 1.0) == sites  # inside EDM's window only
+    assert _pladis_sites(tk, monkeypatch, later, 5.0) == sites
+    assert _pladis_sites(tk, monkeypatch, later, 0.3) == 0  # below it
     # The PLADIS clone itself shares those replacements; loaded in turn it samples the model's own
     # schedule again (loading it takes the other clone's patch off), and so does its window.
     pladis_clone = p.sd_model.forge_objects.unet
-    assert _host_attention_calls(tk, monkeypatch, pladis_clone, 1.0) == sites
-    assert _host_attention_calls(tk, monkeypatch, pladis_clone, 3.0) == 0
+    assert _pladis_sites(tk, monkeypatch, pladis_clone, 1.0) == 0
+    assert _pladis_sites(tk, monkeypatch, pladis_clone, 3.0) == sites
 
 
 def test_window_ignores_a_schedule_patch_an_earlier_generation_left_on_the_model(forge_host, monkeypatch):
@@ -420,8 +477,8 @@ def test_window_ignores_a_schedule_patch_an_earlier_generation_left_on_the_model
     apply(p, params(start=0.5, end=0.75))
     patched = p.sd_model.forge_objects.unet
     sites = len(tk.sites_of("down", "up"))
-    assert _host_attention_calls(tk, monkeypatch, patched, 1.0) == 0  # inside the model's own window
-    assert _host_attention_calls(tk, monkeypatch, patched, 0.3) == sites  # inside EDM's only
+    assert _pladis_sites(tk, monkeypatch, patched, 1.0) == sites  # inside the model's own window
+    assert _pladis_sites(tk, monkeypatch, patched, 0.3) == 0  # inside EDM's only
 
 
 def test_a_unet_with_no_layer_group_ticked_is_left_alone_and_says_so(forge_host, caplog):

@@ -27,17 +27,18 @@ def qkv(batch=3, n=5, keys=7, seed=1, dtype=torch.float32):
 
 @pytest.fixture
 def attention_spy(forge_host, monkeypatch):
-    """Count calls of Forge's ``backend.attention.attention_function`` (still computing the real thing)."""
-    import backend.attention
+    """Count calls of the ``attention_function`` Forge's stock attention calls (``backend.nn.unet``'s,
+    imported there by name), still computing the real thing."""
+    import backend.nn.unet
 
     calls = []
-    real = backend.attention.attention_function
+    real = backend.nn.unet.attention_function
 
     def spy(*args, **kwargs):
         calls.append((args, kwargs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backend.attention, "attention_function", spy)
+    monkeypatch.setattr(backend.nn.unet, "attention_function", spy)
     return calls
 
 
