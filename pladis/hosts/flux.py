@@ -1,7 +1,8 @@
 """PLADIS for Flux / Chroma on Forge (joint text+image attention, no attn2 to replace).
 
 Forge's Flux blocks concatenate ``[text; image]`` tokens and call the module-level function
-``attention(q, k, v, pe)`` of ``backend.nn.flux`` (Chroma: ``backend.nn.chroma``, imported by name).
+``attention(q, k, v, pe)`` of ``backend.nn.flux`` (Chroma: ``backend.nn.chroma``, imported by name;
+Forge Neo adds ``mask`` and ``transformer_options``).
 The model has no patch points, so PLADIS goes in through a chained UNet function wrapper
 (``model_options["model_function_wrapper"]``) that swaps that module-level function for the length
 of one model call and always puts it back (``try/finally``).
@@ -74,6 +75,10 @@ def install(
         if not callable(getattr(importlib.import_module(name), "attention", None)):
             warn(f"PLADIS: {name} has no attention function; skipped")
             return False
+    if any(getattr(block, "flipped_img_txt", False) for block in unet.model.diffusion_model.double_blocks):
+        # Image tokens first: the text block PLADIS changes is not at the start of the sequence.
+        warn("PLADIS: joint-attention model with image tokens before text tokens; skipped")
+        return False
     prior = unwrap(unet.model_options.get("model_function_wrapper"))
     wrapper = make_wrapper(
         alpha=params.alpha,
@@ -150,19 +155,48 @@ def make_wrapper(
 
 
 def make_joint_attention(original: Callable, text_len: int, alpha: float, lam: float) -> Callable:
-    """Replacement for Forge's ``attention(q, k, v, pe)`` with the text-block PLADIS blend."""
+    """Replacement for the host's ``attention(q, k, v, pe, ...)`` with the text-block PLADIS blend.
 
-    def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-        out = original(q, k, v, pe=pe)
+    The host's function is called exactly as the block called ours, whatever its signature: Forge's
+    is ``attention(q, k, v, pe)``; Forge Neo's is ``attention(q, k, v, pe, mask=None,
+    transformer_options={})``, called with ``pe=``, ``mask=`` and ``transformer_options=`` (a fixed
+    ``(q, k, v, pe)`` signature made every Neo step inside the window a ``TypeError``). Neo skips RoPE
+    for ``pe=None``, and so does the correction. A call with an attention mask is left as the host
+    computed it (said once per process): the correction's softmax and text mass would ignore the mask.
+    """
+
+    def attention(q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out = original(q, k, v, *args, **kwargs)
         if lam == 0.0 or not 0 < text_len < q.shape[2]:
             return out
-        apply_rope = importlib.import_module(ROPE_MODULE).apply_rope
-        q_rot, k_rot = apply_rope(q, k, pe)
+        pe = kwargs["pe"] if "pe" in kwargs else (args[0] if args else None)
+        mask = kwargs["mask"] if "mask" in kwargs else (args[1] if len(args) > 1 else None)
+        if mask is not None:
+            _warn_once(MASKED_WARNING)
+            return out
+        if pe is None:
+            q_rot, k_rot = q, k
+        else:
+            q_rot, k_rot = importlib.import_module(ROPE_MODULE).apply_rope(q, k, pe)
         correction = text_block_correction(q_rot, k_rot, v, text_len, alpha, lam)
         image = (out[:, text_len:].float() + correction).to(out.dtype)
         return torch.cat((out[:, :text_len], image), dim=1)
 
     return attention
+
+
+MASKED_WARNING = (
+    "PLADIS: this model's joint attention runs with an attention mask (e.g. padded text on Forge "
+    "Neo); those calls are left unchanged"
+)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` the first time only: it would otherwise repeat for every block of every step."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def text_block_correction(q: Tensor, k: Tensor, v: Tensor, text_len: int, alpha: float, lam: float) -> Tensor:

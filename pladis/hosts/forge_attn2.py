@@ -61,15 +61,19 @@ Window = Callable[[], tuple[float, float]]
 def host_attention(host: str, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
     """Call the host's own attention exactly as its stock ``CrossAttention.forward`` does.
 
-    Forge: ``attention_function(q, k, v, heads)`` (mask ``None``). reForge: ``optimized_attention(q, k,
-    v, heads, attn_precision=...)``, the value its transformer block also puts in ``extra_options``;
+    Forge: ``attention_function(q, k, v, heads, mask)`` with the mask ``None`` passed positionally,
+    as stock does (a function an extension rebinds there may not default it). reForge:
+    ``optimized_attention(q, k, v, heads, attn_precision=...)``, the value its transformer block also
+    puts in ``extra_options``;
     pre-August-2024 Forge has the same ``ldm_patched`` function without that parameter and without
     the key, so it is passed only when the host provided it. Using the host function (not a
     re-implementation) keeps the pass-through bit-identical to a stock run.
     """
     function = _host_function(host)
     heads = int(extra_options["n_heads"])
-    if host == REFORGE_HOST and "attn_precision" in extra_options:
+    if host == FORGE_HOST:
+        return function(q, k, v, heads, None)
+    if "attn_precision" in extra_options:
         return function(q, k, v, heads, attn_precision=extra_options["attn_precision"])
     return function(q, k, v, heads)
 

@@ -110,6 +110,7 @@ def test_window_uses_the_hosts_percent_to_sigma_and_passes_through_bit_identical
 
     for sigma in (sigma_hi, (sigma_hi + sigma_lo) / 2):  # inside
         got, got_calls = counted(patched, sigma)
+        _, stock_calls = counted(original, sigma)
         expected = tk.denoise(
             tk.with_oracle(original, tk.sites_of("down", "up"), 1.5, 2.0), x, sigma, cond, uncond
         )
@@ -155,9 +156,28 @@ def test_pass_through_falls_back_to_backend_attention_without_the_unet_name(forg
     from pladis.hosts.forge_attn2 import FORGE_HOST, host_attention
 
     q = torch.randn(2, 3, 4)
+    masks = []
+
+    def canonical(q, k, v, heads, mask=None):
+        masks.append(mask)
+        return q * heads
+
     monkeypatch.delattr(backend.nn.unet, "attention_function")
-    monkeypatch.setattr(backend.attention, "attention_function", lambda q, k, v, heads: q * heads)
+    monkeypatch.setattr(backend.attention, "attention_function", canonical)
     assert torch.equal(host_attention(FORGE_HOST, q, q, q, {"n_heads": 2}), q * 2)
+    assert masks == [None]
+
+
+def test_pass_through_passes_the_mask_as_stock_does(forge_host, monkeypatch):
+    # Stock CrossAttention.forward calls attention_function(q, k, v, self.heads, mask): a function
+    # rebound there whose mask has no default must work outside the window as it does in stock.
+    import backend.nn.unet
+
+    from pladis.hosts.forge_attn2 import FORGE_HOST, host_attention
+
+    q = torch.randn(2, 3, 4)
+    monkeypatch.setattr(backend.nn.unet, "attention_function", lambda q, k, v, heads, mask: q + heads)
+    assert torch.equal(host_attention(FORGE_HOST, q, q, q, {"n_heads": 2}), q + 2)
 
 
 def test_repeated_hook_calls_patch_once(forge_host):

@@ -280,3 +280,86 @@ def test_the_layers_option_does_not_apply_to_flux(forge_host):
     stock = tk.denoise(tk.flux_patcher(), x, 0.5, context)[0]
     assert not torch.allclose(outputs[0], stock, atol=1e-4)
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+def test_forge_neo_signature_is_called_as_the_block_called_it(forge_host, monkeypatch):
+    # Forge Neo's attention(q, k, v, pe, mask=None, transformer_options={}) is called with pe=, mask=
+    # and transformer_options= keywords: the replacement forwards them (a (q, k, v, pe) signature
+    # raised TypeError on every Neo step inside the window).
+    import backend.nn.flux_neo as neo
+
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    host_attention = neo.attention
+    patcher = tk.flux_patcher(neo=True)
+    p = tk.processing(patcher)
+    apply(p, PladisParams(enabled=True, alpha=1.5, lam=2.0))
+    x, context = torch.randn(2, IMAGE, 4), torch.randn(2, TEXT, 6)
+    got = tk.denoise(p.sd_model.forge_objects.unet, x, 0.5, context)[0]
+    assert neo.attention is host_attention
+    stock = tk.denoise(patcher, x, 0.5, context)[0]
+    assert (got - stock).abs().max() > 1e-3
+
+    oracle = oracle_attention(tk, TEXT, 1.5, 2.0)
+    calls = []
+
+    def neo_oracle(q, k, v, pe, mask=None, transformer_options={}):  # noqa: B006 (Neo's signature)
+        calls.append((mask, transformer_options))
+        return oracle(q, k, v, pe)
+
+    monkeypatch.setattr(neo, "attention", neo_oracle)
+    expected = tk.denoise(patcher, x, 0.5, context)[0]
+    assert calls and all(mask is None and options == {} for mask, options in calls)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_forge_neo_masked_calls_are_left_as_the_host_computed_them(forge_host, caplog):
+    import backend.nn.flux_neo as neo
+
+    from pladis.hosts import flux
+    from pladis.hosts.flux import MASKED_WARNING, make_joint_attention
+
+    q, k, v, pe = joint_inputs()
+    mask = torch.zeros(q.shape[0], 1, q.shape[2], q.shape[2])
+    mask[..., TEXT - 1] = float("-inf")  # a padded text token
+    replacement = make_joint_attention(neo.attention, TEXT, 1.5, 2.0)
+    flux._warned.discard(MASKED_WARNING)
+    with caplog.at_level("WARNING", logger="pladis"):
+        for _ in range(2):
+            got = replacement(q, k, v, pe=pe, mask=mask, transformer_options={})
+            assert torch.equal(got, neo.attention(q, k, v, pe=pe, mask=mask))
+        assert replacement(q, k, v, pe, mask).equal(got)  # positional, as Neo's signature allows
+    assert [r.getMessage() for r in caplog.records] == [MASKED_WARNING]  # once, not per call
+    unmasked = replacement(q, k, v, pe=pe, mask=None, transformer_options={})
+    assert (unmasked - neo.attention(q, k, v, pe=pe)).abs().max() > 1e-2  # PLADIS acts without a mask
+
+
+def test_forge_neo_without_positions_blends_the_unrotated_scores(forge_host):
+    # Neo skips RoPE when pe is None; zero positions rotate nothing, so the oracle takes those.
+    import backend.nn.flux_neo as neo
+    from backend.nn.flux import positions_to_pe
+
+    from pladis.hosts.flux import make_joint_attention
+
+    q, k, v, _ = joint_inputs()
+    out = make_joint_attention(neo.attention, TEXT, 1.5, 2.0)(q, k, v, pe=None, mask=None)
+    identity = positions_to_pe(torch.zeros(q.shape[0], q.shape[2]), q.shape[-1])
+    weights = forge_host.oracle_joint_weights(q, k, identity, TEXT, 1.5, 2.0)
+    torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=2e-5, rtol=1e-5)
+
+
+def test_joint_model_with_image_tokens_first_is_left_alone(forge_host, caplog):
+    # Blocks built with flipped_img_txt (Neo's DoubleStreamBlock option) order [image; text]: the
+    # text block is not where PLADIS looks for it, so the model is not patched.
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    patcher = tk.flux_patcher(neo=True)
+    patcher.model.diffusion_model.double_blocks[1].flipped_img_txt = True
+    p = tk.processing(patcher)
+    with caplog.at_level("WARNING", logger="pladis"):
+        apply(p, PladisParams(enabled=True))
+    assert p.sd_model.forge_objects.unet is patcher
+    assert patcher.model_options == {"transformer_options": {}}
+    assert any("image tokens before text tokens" in r.getMessage() for r in caplog.records)

@@ -33,9 +33,15 @@ def reforge_patcher(seed=0):
     return UnetPatcher(BaseModel(UNetModel(DIM, HEADS, DIM_HEAD, CONTEXT_DIM).eval()))
 
 
-def flux_patcher(seed=0, chroma=False):
+def flux_patcher(seed=0, chroma=False, neo=False):
+    """Forge's Flux (or Chroma, or Forge Neo's Flux, whose attention takes ``mask`` and
+    ``transformer_options``)."""
+    from backend.nn.flux_neo import IntegratedFluxTransformer2DModel as NeoFlux
+
     torch.manual_seed(seed)
-    cls = IntegratedChromaTransformer2DModel if chroma else IntegratedFluxTransformer2DModel
+    cls = (
+        NeoFlux if neo else IntegratedChromaTransformer2DModel if chroma else IntegratedFluxTransformer2DModel
+    )
     return UnetPatcher(KModel(cls(in_channels=4, context_dim=CONTEXT_DIM).eval(), PredictionFlux()))
 
 
