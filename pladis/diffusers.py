@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import pladis_attention
+from .eager import not_traced
 from .params import DEFAULT_LAYERS, PladisParams, parse_params
 
 __all__ = ["PladisAttnProcessor", "PladisHandle", "apply_pladis", "cross_attention_modules"]
@@ -55,24 +56,7 @@ a non-module processor replaces it, and ``.to()`` or model offloading would then
 behind (mixed devices or dtypes)."""
 
 
-def _not_traced(function):
-    """Keep ``function`` out of torch.compile graphs (it runs eagerly inside a compiled UNet).
-
-    Why: the entmax solvers use numpy, ``.item()`` and data-dependent shapes, which Dynamo cannot
-    trace; a compiled UNet otherwise failed on its first call with PLADIS. Only the attention itself
-    is excluded: the projections and the λ = 0 delegation stay in the graph (one graph break per
-    PLADIS layer; ``fullgraph=True`` cannot hold PLADIS).
-    """
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    if disable is None:  # torch < 2.1
-        try:
-            from torch._dynamo import disable
-        except ImportError:
-            return function
-    return disable(function)
-
-
-_eager_pladis_attention = _not_traced(pladis_attention)
+_eager_pladis_attention = not_traced(pladis_attention)
 
 
 class _Settings:

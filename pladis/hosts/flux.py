@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from pladis.attention import pladis_weights
+from pladis.eager import not_traced
 from pladis.params import PladisParams
 
 from .forge_attn2 import Window, first_sigma, in_window, is_full_window, per_untiled_length, rows_of
@@ -199,6 +200,7 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
+@not_traced
 def text_block_correction(q: Tensor, k: Tensor, v: Tensor, text_len: int, alpha: float, lam: float) -> Tensor:
     """``m · (W_pladis − softmax)(S_text) @ V_text`` for the image queries, float32 ``(B, N_img, H·D)``.
 
@@ -207,10 +209,12 @@ def text_block_correction(q: Tensor, k: Tensor, v: Tensor, text_len: int, alpha:
     queries so the ``N_img × L`` logits never exist at once.
 
     A row whose text is a repeat of a shorter text (Forge batches a Chroma prompt with a negative of
-    another length by repeating the shorter one, as for SD; text tokens carry no RoPE position, so
-    the copies stay identical through the blocks) gets its change from the un-repeated text keys,
-    with ``m`` from all keys as the host computed it: α-entmax, unlike softmax, is changed by the
-    repeat (the keys look sharper), and the prompt alone would not have it.
+    another length by repeating the shorter one, as for SD; Flux.1 and Chroma text tokens carry no
+    RoPE position, so the copies stay identical through the blocks) gets its change from the
+    un-repeated text keys, with ``m`` from all keys as the host computed it: α-entmax, unlike
+    softmax, is changed by the repeat (the keys look sharper), and the prompt alone would not have
+    it. Flux.2 on Forge Neo gives text tokens positions: the copies then differ, no repeat is found,
+    and the change comes from all the text keys (its strength can depend on the batch).
     """
     b, h, length, dim = q.shape
 

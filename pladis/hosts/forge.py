@@ -20,8 +20,11 @@ import contextlib
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import torch
 
 from pladis.params import PladisParams
 
@@ -78,6 +81,8 @@ def apply(p: Any, params: PladisParams) -> None:
             warn("PLADIS is enabled but changes nothing: no layer group is ticked")
             return
         install_attn2(unet, chosen, params, sigma_hi, sigma_lo, host_of(diffusion_model), window)
+        if _hypernetworks_bypassed(diffusion_model):
+            warn(HYPERNETWORK_WARNING)
     elif flux.is_joint_model(diffusion_model):
         if not flux.install(unet, params, sigma_hi, sigma_lo, warn=warn, window=window):
             return
@@ -85,6 +90,30 @@ def apply(p: Any, params: PladisParams) -> None:
         warn(f"PLADIS: no cross-attention found in {type(diffusion_model).__name__}; skipped")
         return
     forge_objects.unet = unet
+
+
+HYPERNETWORK_WARNING = (
+    "PLADIS: a hypernetwork is loaded, and this WebUI applies it inside CrossAttention.forward, which "
+    "Forge's attn2 replacement bypasses: the layers PLADIS patches run without it (also outside the "
+    "start/end window)"
+)
+
+
+def _hypernetworks_bypassed(diffusion_model: Any) -> bool:
+    """Whether a loaded hypernetwork would be skipped on the layers PLADIS patches.
+
+    Why: some reForge ``backend/`` builds apply ``shared.loaded_hypernetworks`` to the text inside
+    ``CrossAttention.forward``; an attn2 replacement is called with the block's own projections
+    instead, so those layers lose the hypernetwork. Stock Forge has no such step (nothing to say).
+    """
+    shared = sys.modules.get("modules.shared")
+    if not getattr(shared, "loaded_hypernetworks", None):
+        return False
+    for module in diffusion_model.modules():
+        if type(module).__name__ == "BasicTransformerBlock" and getattr(module, "attn2", None) is not None:
+            code = getattr(type(module.attn2).forward, "__code__", None)
+            return code is not None and "loaded_hypernetworks" in code.co_names
+    return False
 
 
 WARNED_ATTR = "_pladis_forge_warned"
@@ -116,7 +145,15 @@ def host_of(diffusion_model: Any) -> str:
 
 
 def attn2_sites(diffusion_model: Any) -> Iterator[Site]:
-    """Patch keys ``(block, number, transformer_index)`` of every ``BasicTransformerBlock`` with attn2."""
+    """Patch keys ``(block, number, transformer_index)`` of every ``BasicTransformerBlock`` with attn2.
+
+    A ``torch.compile``d model (reForge's ``--torch-compile`` sets ``diffusion_model`` to the
+    ``OptimizedModule``) is read through the module it wraps: its names carry an ``_orig_mod.``
+    prefix the patch keys do not have, and PLADIS found no site and did nothing there.
+    """
+    original = getattr(diffusion_model, "_orig_mod", None)
+    if isinstance(original, torch.nn.Module):
+        diffusion_model = original
     for name, module in diffusion_model.named_modules():
         if type(module).__name__ != "BasicTransformerBlock" or getattr(module, "attn2", None) is None:
             continue

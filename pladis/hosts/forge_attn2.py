@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from pladis.attention import pladis_attention_packed, pladis_weights
+from pladis.eager import not_traced
 
 MARK = "pladis_attn2"
 """Attribute set (to ``True``) on every replacement made here; lets a re-apply recognise its own."""
@@ -241,6 +242,7 @@ def pladis_delta_packed(q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: floa
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], heads * dim)
 
 
+@not_traced
 def pladis_untiled(q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: float, lam: float) -> Tensor:
     """PLADIS cross-attention with each row's keys cut back to their un-repeated length."""
 
@@ -251,6 +253,7 @@ def pladis_untiled(q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: float, la
     return per_untiled_length(k, v, compute)
 
 
+@not_traced
 def delta_untiled(q: Tensor, k: Tensor, v: Tensor, heads: int, alpha: float, lam: float) -> Tensor:
     """:func:`pladis_delta_packed` with each row's keys cut back to their un-repeated length."""
 

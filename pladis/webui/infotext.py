@@ -6,6 +6,8 @@ PLADIS is disabled because X/Y/Z cells share one ``extra_generation_params`` dic
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -18,6 +20,8 @@ LAMBDA_KEY = "PLADIS lambda"
 LAYERS_KEY = "PLADIS layers"
 RANGE_KEY = "PLADIS range"
 KEYS: tuple[str, ...] = (ALPHA_KEY, LAMBDA_KEY, LAYERS_KEY, RANGE_KEY)
+
+log = logging.getLogger("pladis")
 
 
 def _number(value: float) -> float:
@@ -98,8 +102,9 @@ def params_from_infotext(fields: Mapping[str, Any]) -> PladisParams:
 # allowed. Why raise: the API's ``infotext`` field (``api.py`` ``apply_infotext``) lets it through,
 # failing the request with that message, where None would run PLADIS with the defaults instead of
 # what the infotext says; a UI paste reports it and leaves that control as it was
-# (``infotext_utils.connect_paste``). Plain key strings would reach the host's own ``float()``,
-# whose message names neither PLADIS nor the range.
+# (``infotext_utils.connect_paste``). Forge Classic/Neo's UI paste catches nothing: there the error
+# is logged and the control left as it was (see _called_from_unguarded_paste). Plain key strings
+# would reach the host's own ``float()``, whose message names neither PLADIS nor the range.
 def paste_enabled(fields: Mapping[str, Any]) -> bool:
     """Turn the accordion on exactly when the image was made with PLADIS (off otherwise)."""
     return ALPHA_KEY in fields
@@ -132,7 +137,33 @@ def _paste(fields: Mapping[str, Any], key: str, read: Any) -> Any:
     try:
         return read(value)
     except ValueError as error:
-        raise ValueError(f"{error} (from the infotext's '{key}: {value}')") from None
+        message = f"{error} (from the infotext's '{key}: {value}')"
+        if _called_from_unguarded_paste():
+            log.error("PLADIS: %s; that control is left as it was", message)
+            return None
+        raise ValueError(message) from None
+
+
+UNGUARDED_PASTE = ("modules.infotext_utils", "_parse_info")
+"""(module, function) of a UI paste that calls the targets outside any ``try``: Forge Classic/Neo's
+``infotext_utils._parse_info`` (A1111's ``connect_paste`` reports a target's error and goes on)."""
+
+
+def _called_from_unguarded_paste(depth: int = 6) -> bool:
+    """Whether a UI paste that does not catch our error is among the nearest callers.
+
+    Why: raised there, one malformed PLADIS value aborted the whole paste (prompt, seed and all) on
+    Forge Classic/Neo. Everywhere else the error is raised: the API's ``infotext`` field must fail
+    the request naming the value, and A1111's UI paste reports it itself.
+    """
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == UNGUARDED_PASTE:
+            return True
+    return False
 
 
 def _checked_range(text: Any) -> tuple[float, float]:

@@ -3,6 +3,7 @@
 import copy
 import importlib
 import math
+import sys
 
 import pytest
 import torch
@@ -515,3 +516,55 @@ def test_a_unet_with_no_layer_group_ticked_is_left_alone_and_says_so(forge_host,
         assert [r.getMessage() for r in caplog.records] == [message]
         apply(tk.processing(original), params(layers=()))  # the next generation says it again
     assert [r.getMessage() for r in caplog.records] == [message, message]
+
+
+@pytest.mark.parametrize("reforge", [False, True])
+def test_a_torch_compiled_unet_is_patched_through_the_module_it_wraps(forge_host, reforge):
+    # reForge's --torch-compile puts the OptimizedModule in diffusion_model: its module names carry an
+    # "_orig_mod." prefix, and no site was found (PLADIS said "no cross-attention found" and did nothing).
+    from pladis.hosts.forge import apply, installed_sites
+
+    tk = forge_host
+    plain = tk.reforge_patcher() if reforge else tk.unet_patcher()
+    compiled = tk.reforge_patcher() if reforge else tk.unet_patcher()
+    compiled.model.diffusion_model = torch.compile(compiled.model.diffusion_model, backend="eager")
+    p = tk.processing(compiled)
+    apply(p, params())
+    patched = p.sd_model.forge_objects.unet
+    assert set(installed_sites(patched)) == set(tk.sites_of("down", "up"))
+    x, cond, uncond = inputs()
+    got = tk.denoise(patched, x, 3.0, cond, uncond)
+    expected = tk.denoise(tk.with_oracle(plain, tk.sites_of("down", "up"), 1.5, 2.0), x, 3.0, cond, uncond)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_a_hypernetwork_applied_inside_cross_attention_is_warned_about(forge_host, monkeypatch, caplog):
+    # Some reForge backend/ builds apply shared.loaded_hypernetworks inside CrossAttention.forward;
+    # the attn2 replacement bypasses forward, so the patched layers lose it: said once, not silently.
+    import types
+
+    from backend.nn.unet import CrossAttention
+
+    from pladis.hosts.forge import HYPERNETWORK_WARNING, apply
+
+    class HypernetworkCrossAttention(CrossAttention):
+        def forward(self, x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006
+            for _hypernetwork in shared.loaded_hypernetworks:  # noqa: F821 (the fork's global)
+                pass
+            return super().forward(x, context, value, mask, transformer_options)
+
+    def warnings_for(patcher, loaded):
+        monkeypatch.setitem(sys.modules, "modules.shared", types.SimpleNamespace(loaded_hypernetworks=loaded))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pladis"):
+            apply(forge_host.processing(patcher), params())
+        return [r.getMessage() for r in caplog.records]
+
+    fork = forge_host.unet_patcher()
+    for module in fork.model.diffusion_model.modules():
+        if isinstance(getattr(module, "attn2", None), CrossAttention):
+            module.attn2.__class__ = HypernetworkCrossAttention
+    assert warnings_for(fork, [object()]) == [HYPERNETWORK_WARNING]
+    assert warnings_for(fork, []) == []  # none loaded
+    assert warnings_for(forge_host.unet_patcher(), [object()]) == []  # stock Forge applies none there
