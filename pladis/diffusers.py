@@ -126,7 +126,7 @@ class PladisAttnProcessor:
         **kwargs: Any,
     ) -> Tensor:
         # ``ip_adapter_masks`` is named because diffusers passes a processor only the keyword arguments
-        # its ``__call__`` names (attention_processor.py:594-603), and IP-Adapter's processor needs it.
+        # its ``__call__`` names (``Attention.forward``), and IP-Adapter's processor needs it.
         alpha, lam = self.settings.alpha, self.settings.lam
         if ip_adapter_masks is not None:
             kwargs["ip_adapter_masks"] = ip_adapter_masks

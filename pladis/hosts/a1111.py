@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import logging
 import sys
 import types
@@ -365,6 +366,35 @@ def diffusion_model_of(sd_model: Any) -> nn.Module | None:
     """``sd_model.model.diffusion_model`` (ldm DiffusionWrapper or sgm OpenAIWrapper) or None."""
     unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
     return unet if isinstance(unet, nn.Module) else None
+
+
+def unsupported_reason(sd_model: Any) -> str | None:
+    """Why this A1111-style WebUI cannot run PLADIS on ``sd_model``, or None.
+
+    Why: SD.Next loads A1111 extensions but calls neither ``process_before_every_sampling`` nor
+    ``on_cfg_denoiser`` with the denoiser (so PLADIS never patched), and its diffusers backend has no
+    ``sd_model.model.diffusion_model``. PLADIS then changed nothing while the infotext said it was on.
+    Only what is there is judged: a host module that cannot be found counts as supported.
+    """
+    if sd_model is not None and diffusion_model_of(sd_model) is None:
+        return (
+            "the loaded model has no ldm/sgm UNet (sd_model.model.diffusion_model), e.g. a diffusers pipeline"
+        )
+    scripts = sys.modules.get("modules.scripts")
+    callbacks = sys.modules.get("modules.script_callbacks")
+    runner = getattr(scripts, "ScriptRunner", None)
+    params_class = getattr(callbacks, "CFGDenoiserParams", None)
+    if runner is None or params_class is None:
+        return None
+    if hasattr(runner, "process_before_every_sampling"):
+        return None
+    try:
+        has_denoiser = "denoiser" in inspect.signature(params_class).parameters
+    except (TypeError, ValueError):
+        return None
+    if has_denoiser:
+        return None
+    return "this WebUI calls neither process_before_every_sampling nor on_cfg_denoiser with the denoiser"
 
 
 def progress_from_cfg_params(params: Any) -> float:

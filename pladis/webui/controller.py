@@ -98,9 +98,16 @@ class Controller:
                 infotext.clear(extra)
             fail_at_init(p, error)
             return None
+        host = hosts.detect_host()
+        unsupported = a1111.unsupported_reason(getattr(p, "sd_model", None)) if host == "a1111" else None
+        if unsupported and params.acts:
+            # Said every generation, and not written into the infotext: nothing will change.
+            log.warning("PLADIS is off: %s", unsupported)
+            if extra is not None:
+                infotext.clear(extra)
+            return params
         if extra is not None:
             infotext.write(extra, params)
-        host = hosts.detect_host()
         # Flux on Forge has no layer choice: there PLADIS acts whenever it changes the attention.
         if params.acts or (host != "a1111" and params.changes_attention):
             setattr(p, GENERATION_ATTR, Generation(a1111.weak_owner(p), params, host))

@@ -102,8 +102,8 @@ def params_from_infotext(fields: Mapping[str, Any]) -> PladisParams:
 # allowed. Why raise: the API's ``infotext`` field (``api.py`` ``apply_infotext``) lets it through,
 # failing the request with that message, where None would run PLADIS with the defaults instead of
 # what the infotext says; a UI paste reports it and leaves that control as it was
-# (``infotext_utils.connect_paste``). Forge Classic/Neo's UI paste catches nothing: there the error
-# is logged and the control left as it was (see _called_from_unguarded_paste). Plain key strings
+# (``infotext_utils.connect_paste``). Other UI pastes catch nothing: there the error is logged and the
+# control left as it was (see _called_from_guarded_caller). Plain key strings
 # would reach the host's own ``float()``, whose message names neither PLADIS nor the range.
 def paste_enabled(fields: Mapping[str, Any]) -> bool:
     """Turn the accordion on exactly when the image was made with PLADIS (off otherwise)."""
@@ -138,30 +138,38 @@ def _paste(fields: Mapping[str, Any], key: str, read: Any) -> Any:
         return read(value)
     except ValueError as error:
         message = f"{error} (from the infotext's '{key}: {value}')"
-        if _called_from_unguarded_paste():
+        if not _called_from_guarded_caller():
             log.error("PLADIS: %s; that control is left as it was", message)
             return None
         raise ValueError(message) from None
 
 
-UNGUARDED_PASTE = ("modules.infotext_utils", "_parse_info")
-"""(module, function) of a UI paste that calls the targets outside any ``try``: Forge Classic/Neo's
-``infotext_utils._parse_info`` (A1111's ``connect_paste`` reports a target's error and goes on)."""
+GUARDED_CALLERS: tuple[tuple[str | None, str], ...] = (
+    ("modules.infotext_utils", "paste_func"),
+    (None, "apply_infotext"),
+)
+"""(module or None for any, function) of the callers that want a malformed value raised: the UI
+paste of A1111 1.10, Forge and reForge (``connect_paste.paste_func``, which reports a target's error
+and leaves its control as it was) and the API's ``infotext`` field (``Api.apply_infotext``, where the
+error fails the request naming the value instead of running PLADIS with defaults)."""
 
 
-def _called_from_unguarded_paste(depth: int = 6) -> bool:
-    """Whether a UI paste that does not catch our error is among the nearest callers.
+def _called_from_guarded_caller(depth: int = 6) -> bool:
+    """Whether one of :data:`GUARDED_CALLERS` is among the nearest callers.
 
-    Why: raised there, one malformed PLADIS value aborted the whole paste (prompt, seed and all) on
-    Forge Classic/Neo. Everywhere else the error is raised: the API's ``infotext`` field must fail
-    the request naming the value, and A1111's UI paste reports it itself.
+    Why not always raise: other UI pastes call the targets outside any ``try`` (Forge Classic/Neo's
+    ``infotext_utils._parse_info``, SD.Next's and older A1111's ``generation_parameters_copypaste``),
+    and there one malformed PLADIS value aborted the whole paste, prompt and seed included. Those get
+    the message in the log and the control left as it was.
     """
     frame = sys._getframe(1)
     for _ in range(depth):
         frame = frame.f_back
         if frame is None:
             return False
-        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == UNGUARDED_PASTE:
+        name = frame.f_code.co_name
+        module = frame.f_globals.get("__name__")
+        if any(name == function and wanted in (None, module) for wanted, function in GUARDED_CALLERS):
             return True
     return False
 

@@ -140,7 +140,7 @@ def test_unet_with_ip_adapter_runs_and_comes_back_whole(kit):
 
 
 def test_ip_adapter_weights_do_not_stay_under_our_name_after_an_unload(kit):
-    # unload_ip_adapter / set_default_attn_processor replace the processors while PLADIS is on:
+    # unload_ip_adapter (or set_attn_processor) replaces the processors while PLADIS is on:
     # remove() leaves those layers alone (with a warning) and drops its reference to IP-Adapter's.
     from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -1,4 +1,5 @@
-"""Infotext paste on Forge Classic/Neo, whose UI paste calls the targets outside any ``try``."""
+"""Infotext paste where the host's UI paste calls the targets outside any ``try`` (Forge Classic/Neo,
+SD.Next, older A1111), and where it does not."""
 
 from types import SimpleNamespace
 
@@ -43,9 +44,37 @@ def test_a_bad_value_is_logged_and_the_rest_of_the_paste_goes_on(
     )
 
 
-def test_elsewhere_a_bad_value_still_raises_naming_it(forge_host):
-    # The API's infotext field and A1111's guarded UI paste get the error (tests/a1111/test_infotext.py).
+def _call_as(module: str, function: str, target, fields):
+    """``target(fields)`` called from a function named ``function`` in a module named ``module``."""
+    namespace = {"__name__": module}
+    exec(f"def {function}(target, fields):\n    return target(fields)\n", namespace)
+    return namespace[function](target, fields)
+
+
+BAD = {**GOOD, "PLADIS alpha": "5"}
+
+
+@pytest.mark.parametrize(
+    ("module", "function"),
+    [("modules.api.api", "apply_infotext"), ("modules.infotext_utils", "paste_func")],
+)
+def test_callers_that_report_the_error_get_it_raised(module, function):
+    # The API's infotext field (the request fails naming the value) and the UI paste of A1111 1.10,
+    # Forge and reForge (it reports the error and leaves the control): tests/a1111/test_infotext.py.
     from pladis.webui.infotext import paste_alpha
 
     with pytest.raises(ValueError, match=r"PLADIS alpha.*\[1, 2\]"):
-        paste_alpha({**GOOD, "PLADIS alpha": "5"})
+        _call_as(module, function, paste_alpha, BAD)
+
+
+@pytest.mark.parametrize(
+    ("module", "function"),
+    [("modules.generation_parameters_copypaste", "paste_func"), ("some_extension", "read_infotext")],
+)
+def test_other_callers_get_a_logged_message_and_no_value(caplog, module, function):
+    # SD.Next's and older A1111's paste call the targets outside any try, as Neo's does.
+    from pladis.webui.infotext import paste_alpha
+
+    with caplog.at_level("ERROR", logger="pladis"):
+        assert _call_as(module, function, paste_alpha, BAD) is None
+    assert len(caplog.records) == 1 and "PLADIS alpha" in caplog.records[0].getMessage()

@@ -44,6 +44,12 @@ def parse_generation_parameters(x: str):
 
 def paste_values(paste_fields, params):
     """What ``connect_paste`` sends to each component: a value, or None for ``gr.update()`` (unchanged)."""
+    return paste_func(paste_fields, params)
+
+
+def paste_func(paste_fields, params):
+    """``connect_paste``'s inner ``paste_func`` (same name: PLADIS raises only to callers it knows
+    report the error), from its parsed params on."""
     res = []
     for output, key in paste_fields:
         if callable(key):
@@ -76,6 +82,11 @@ def api_script_values(paste_fields, infotext):
     """What the API's ``infotext`` request field gives each script control (``api.py``
     ``apply_infotext`` → ``get_field_value``): the target's value converted to the type of the
     control's value, or None (not mentioned). Nothing is caught: an exception fails the request."""
+    return apply_infotext(paste_fields, infotext)
+
+
+def apply_infotext(paste_fields, infotext):
+    """``Api.apply_infotext`` → ``get_field_value`` (same name as there), for script controls."""
     params = parse_generation_parameters(infotext)
     res = []
     for component, key in paste_fields:
