@@ -267,7 +267,9 @@ def _pladis_attention_torch(
     k32t = k32.transpose(1, 2)
     mask_full = None if mask is None else _expand_mask(mask, batch, n_queries, n_keys)
 
-    step = chunk_queries(groups, n_queries, n_keys, memory_budget, q.is_cuda, q_dim=dim, v_dim=d_v)
+    step = chunk_queries(
+        groups, n_queries, n_keys, memory_budget, q.device.type != "cpu", q_dim=dim, v_dim=d_v
+    )
     q_groups = _group_view(q_full, groups)
     mask_groups = None if mask_full is None else _group_view(mask_full, groups)
     out_groups = _group_view(out, groups)
@@ -283,9 +285,7 @@ def _pladis_attention_torch(
             g, rows = math.prod(q_block.shape[:-2]), q_block.shape[-2]
             q_chunk = _float32_rows(q_block, g, ws)
             scores = ws.buffer("scores", (g, rows, n_keys), q.device)
-            torch.baddbmm(
-                scores, q_chunk, k_src[index].view(g, -1, n_keys), beta=0.0, alpha=scale, out=scores
-            )
+            _scaled_scores_into(scores, q_chunk, k_src[index].view(g, -1, n_keys), scale)
             if mask_src is not None:
                 block_mask = mask_src[index][..., query_slice, :]
                 _apply_mask(scores.view(block_mask.shape), block_mask)
@@ -354,6 +354,19 @@ def _balanced(n: int, most: int) -> list[slice]:
     size, larger = divmod(n, count)
     starts = [i * size + min(i, larger) for i in range(count + 1)]
     return [slice(starts[i], starts[i + 1]) for i in range(count)]
+
+
+def _scaled_scores_into(scores: Tensor, q: Tensor, k_t: Tensor, scale: float) -> None:
+    """``scores = scale · q @ k_t`` (batched), written into the workspace buffer ``scores``.
+
+    One ``baddbmm`` with β = 0 where that ignores the buffer's old contents (CPU, CUDA). Elsewhere a
+    matmul and a scaling: MPS computed ``0 · old`` (torch ≤ 2.13, pytorch/pytorch#187521), so a fresh
+    buffer's garbage or a masked call's −∞ became NaN in every score.
+    """
+    if scores.device.type in ("cpu", "cuda"):
+        torch.baddbmm(scores, q, k_t, beta=0.0, alpha=scale, out=scores)
+    else:
+        torch.bmm(q, k_t, out=scores).mul_(scale)
 
 
 def _group_view(t: Tensor, groups: int) -> Tensor | None:

@@ -116,6 +116,7 @@ def build_demo():
 
 
 def main(path: str) -> None:
+    chromium = _chromium()  # before starting a server: without it there is nothing to do
     demo = build_demo()
     _shim_new_starlette()
     _accept_local_url()
@@ -133,7 +134,7 @@ def main(path: str) -> None:
         with tempfile.TemporaryDirectory() as profile:
             subprocess.run(
                 [
-                    _chromium(),
+                    chromium,
                     *CHROMIUM_FLAGS,
                     f"--user-data-dir={profile}",
                     "--window-size=800,462",

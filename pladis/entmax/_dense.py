@@ -328,10 +328,10 @@ def _settle_rows(
     wide = _float64_device(x.device)
     picked = x.index_select(0, index)
     if isinstance(picked, ScaledScores):  # the few rows' scores, scaled in float64
-        xs = picked.centred.to(wide, torch.float64).mul_(picked.scale)
+        xs = _float64_on(picked.centred, wide).mul_(picked.scale)
     else:
-        xs = picked.to(wide, torch.float64)
-    taus = tau.index_select(0, index).to(wide, torch.float64)
+        xs = _float64_on(picked, wide)
+    taus = _float64_on(tau.index_select(0, index), wide)
     ws, totals = torch.empty_like(xs), torch.empty_like(taus)
     pending = torch.arange(index.shape[0], device=wide)
     for _ in range(_FALLBACK_ROUNDS):
@@ -349,6 +349,15 @@ def _settle_rows(
             break
     weights.index_copy_(0, index, ws.to(weights.device, weights.dtype))
     total.index_copy_(0, index, totals.to(total.device, total.dtype))
+
+
+def _float64_on(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` as float64 on ``device``: moved first, then converted.
+
+    Why two copies: MPS cannot convert to float64 in the copy that leaves it; ``t.to("cpu",
+    torch.float64)`` raised on torch ≤ 2.13 and gave zeros on 2.14 (pytorch/pytorch#197715).
+    """
+    return t.to(device).to(torch.float64)
 
 
 def _float64_device(device: torch.device) -> torch.device:

@@ -702,3 +702,50 @@ def test_a_one_value_tensor_scale_is_its_value(lam):
     q, k, v = qkv(1, 2, 3, 5, 4, seed=12)
     want = pladis_attention(q, k, v, alpha=1.5, lam=lam, scale=0.25)
     assert torch.equal(pladis_attention(q, k, v, alpha=1.5, lam=lam, scale=torch.tensor(0.25)), want)
+
+
+def test_scores_never_read_the_buffer_where_beta_zero_does_not_ignore_it(monkeypatch) -> None:
+    # MPS (torch <= 2.13) computed baddbmm's beta * input even for beta = 0, so a fresh buffer's
+    # garbage or a masked call's -inf left in it turned every score into NaN. Devices other than
+    # CPU and CUDA take a matmul and a scaling instead; emulated here with MPS's baddbmm semantics.
+    import pladis.attention as attention_module
+
+    def mps_baddbmm(input, batch1, batch2, *, beta=1.0, alpha=1.0, out=None):
+        garbage = input.fill_(float("nan"))  # what an uninitialised buffer may hold
+        return torch.add(garbage * beta, torch.bmm(batch1, batch2) * alpha, out=out)
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(3, 5, 8, generator=g), torch.randn(3, 8, 7, generator=g)
+    expected = torch.bmm(q, k) * 0.25
+    monkeypatch.setattr(torch, "baddbmm", mps_baddbmm)
+    for device_type in ("mps", "privateuseone", "xpu"):
+        scores = torch.full((3, 5, 7), float("-inf"))
+        view = _DeviceTypeView(scores, device_type)
+        attention_module._scaled_scores_into(view, q, k, 0.25)
+        torch.testing.assert_close(scores, expected)
+    cpu_scores = torch.full((3, 5, 7), float("-inf"))
+    attention_module._scaled_scores_into(cpu_scores, q, k, 0.25)
+    assert torch.isnan(cpu_scores).all()  # the emulation bites where baddbmm is used
+
+
+class _DeviceTypeView(torch.Tensor):
+    """A CPU tensor that reports another ``device.type`` (only ``_scaled_scores_into`` asks)."""
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, device_type: str):
+        view = torch.Tensor._make_subclass(cls, data)
+        view._fake_device = torch.device(device_type)
+        return view
+
+    @property
+    def device(self):  # type: ignore[override]
+        return self._fake_device
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        unwrapped = [a.as_subclass(torch.Tensor) if isinstance(a, _DeviceTypeView) else a for a in args]
+        kwargs = {
+            key: value.as_subclass(torch.Tensor) if isinstance(value, _DeviceTypeView) else value
+            for key, value in (kwargs or {}).items()
+        }
+        return func(*unwrapped, **kwargs)

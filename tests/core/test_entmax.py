@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable
@@ -1130,6 +1131,41 @@ def test_the_float64_finish_runs_on_cpu_for_devices_without_float64() -> None:
     assert float64_device(torch.device("privateuseone", 0)) == torch.device("cpu")  # DirectML
     assert float64_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert float64_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_the_float64_finish_moves_rows_before_converting_them(
+    monkeypatch: pytest.MonkeyPatch, scaled
+) -> None:
+    # MPS cannot convert to float64 in the copy that leaves it: x.to("cpu", torch.float64) raised on
+    # torch <= 2.13 and gave zeros on 2.14. Here the float64 device is "meta" (any other device) and
+    # every copy is recorded: none may change device and convert float32 to float64 at once.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    module = _entmax_module()
+    monkeypatch.setattr(module, "_float64_device", lambda device: torch.device("meta"))
+    one_step = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default:
+                source = args[0]
+                device = kwargs.get("device") or source.device
+                converts = kwargs.get("dtype") == torch.float64 and source.dtype != torch.float64
+                if converts and torch.device(device) != source.device:
+                    one_step.append((source.device, device))
+            return func(*args, **kwargs)
+
+    x = random_rows(5, 4, 16, 2.0)
+    x = x - x.amax(-1, keepdim=True)
+    scores = module.ScaledScores(x, 0.5) if scaled else x * 0.5
+    tau = torch.full((4, 1), -0.5)
+    weights, total = torch.zeros(4, 16), torch.zeros(4, 1)
+    rows = torch.tensor([True, False, True, False])
+    with Copies(), contextlib.suppress(NotImplementedError, RuntimeError):  # meta holds no values
+        module._settle_rows(scores, tau, 2.0, weights, total, rows)
+    assert one_step == []
 
 
 def test_taylor_finish_keeps_the_mask_on_gpus_without_a_sync(monkeypatch: pytest.MonkeyPatch) -> None:
