@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import warnings
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from .entmax import check_alpha, float32_exact, is_softmax
 from .env import env_flag
+
+log = logging.getLogger("pladis")
 
 MAX_KEYS = 512
 """Longest key row the kernel holds on-chip (padded to a power of two)."""
@@ -105,9 +108,10 @@ def _shape_class(q: Tensor, k_len: int) -> tuple[Any, ...]:
 
 
 def _smem_estimate(k_len: int, d: int, elem_size: int) -> int:
-    """Shared memory the compiled kernel uses (ptxas-checked: one K/V tile plus ≤ 24 KiB of staging)."""
+    """Shared memory the compiled kernel uses: one K/V tile plus ≤ 32 KiB of staging (ptxas at sm_86,
+    fp16, α = 1.5: 64 KiB at K = 256, d = 64; 96 KiB at d = 128 and at K = 512, d = 64)."""
     block_k, block_d = _tiles(k_len, d)
-    return block_k * block_d * elem_size + 24 * 1024
+    return block_k * block_d * elem_size + 32 * 1024
 
 
 @functools.lru_cache(maxsize=16)
@@ -157,10 +161,9 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = No
         if torch.version.hip is not None:
             return "ROCm (use the torch path)"
         cap = _capability(dev)
-        if cap < (7, 5):
-            return f"compute capability {cap} (kernel needs 7.5+)"
-        if q.dtype == torch.bfloat16 and cap < (8, 0):
-            return f"bf16 needs compute capability 8.0+ (have {cap})"
+        if cap < (8, 0):
+            # Triton's supported GPUs; on 7.5 it compiled the kernel without tensor cores, with spills.
+            return f"compute capability {cap} (kernel needs 8.0+)"
     elif not (dev.type == "cpu" and interpreter_mode()):
         return f"device {dev.type} (kernel needs CUDA, or CPU under TRITON_INTERPRET=1)"
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -243,7 +246,8 @@ def _newton_steps(mode: int, block_k: int) -> int:
 
 
 def _fits(block_m: int, block_k: int, block_d: int, wide: bool = False) -> bool:
-    """Tiles that compile for sm_80–sm_90 without register spills (checked with ptxas, 4 and 8 warps).
+    """Tiles that compile for sm_90 without register spills (checked with ptxas, 4 and 8 warps; at
+    sm_86 the default tiles spill 52–140 bytes, review helper-64).
 
     ``wide``: float32 inputs, whose exact (non-tensor-core) dots need far more registers.
     """
@@ -453,26 +457,50 @@ def _launch(
                 block_m, warps = _heuristic(block_k, block_d, wide, mode, cap)
                 raw[(-(-n // block_m), b * h)](*args, **meta, BLOCK_M=block_m, num_warps=warps, num_stages=1)
     except Exception as exc:
-        if type(exc).__name__ in (  # resources (shared memory, registers) differ per GPU and tile
-            "OutOfResources",
-            "PTXASError",
-            "CompilationError",
-            "CompileTimeAssertionFailure",
-        ):
-            _failed_shapes.add(_shape_class(q, k_len))
-            raise TritonUnsupported(f"pladis triton kernel cannot run here: {exc}") from exc
-        if isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA error" in str(exc):
-            raise  # the GPU itself is out of memory or in error: the torch path would not help
-        # Anything else is Triton's toolchain (no C compiler for its launcher, a broken cache, a
-        # version mismatch): a broken Triton install must not break generation. Off for the process.
-        _broken.append(f"{type(exc).__name__}: {exc}")
-        warnings.warn(
-            f"PLADIS: the Triton kernel failed ({_broken[0]}); using the torch path from now on",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        raise TritonUnsupported(f"pladis triton kernel cannot run here: {exc}") from exc
+        classified = _classified(exc, q, k_len)
+        if classified is exc:
+            raise
+        raise classified from exc
     return out, wout
+
+
+_PER_TILE_ERRORS = ("OutOfResources", "CompileTimeAssertionFailure")
+"""Triton errors that depend on the GPU and the tile (shared memory, registers, a static size check):
+that shape class goes to the torch path from then on, other tiles are still tried."""
+
+
+def _classified(exc: Exception, q: Tensor, k_len: int) -> Exception:
+    """What a failed build or launch becomes: :class:`TritonUnsupported` (the torch path answers this
+    call) or, for a GPU in error, the exception itself.
+
+    - Per tile (:data:`_PER_TILE_ERRORS`): the shape class is marked, and said once.
+    - Out of memory, from torch or from Triton's driver ("Triton Error [CUDA]: out of memory"): this
+      call only. The autotuner benchmarks with a 256 MB buffer of its own, so the torch path may fit
+      where the kernel's tuning did not; nothing is marked, since memory comes back.
+    - Any other CUDA error: raised, since the GPU itself is in error (the torch path would not help).
+    - Anything else is Triton's toolchain or version (no C compiler for its launcher, a broken cache,
+      an API renamed between versions, surfacing as ``CompilationError``; a ptxas that does not know
+      the GPU): a broken Triton install must not break generation. Off for the process, said once.
+    """
+    name = type(exc).__name__
+    if name in _PER_TILE_ERRORS:
+        shape = _shape_class(q, k_len)
+        _failed_shapes.add(shape)
+        log.warning(
+            "PLADIS: the Triton kernel cannot run %s here (%s); using the torch path for it", shape, exc
+        )
+        return TritonUnsupported(f"pladis triton kernel cannot run here: {exc}")
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return TritonUnsupported(f"pladis triton kernel: out of memory now ({exc}); torch path this call")
+    if "CUDA error" in str(exc):
+        return exc
+    _broken.append(f"{name}: {exc}")
+    warnings.warn(
+        f"PLADIS: the Triton kernel failed ({_broken[0]}); using the torch path from now on",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return TritonUnsupported(f"pladis triton kernel cannot run here: {exc}")
 
 
 def _device_guard(q: Tensor) -> Any:

@@ -440,22 +440,111 @@ def test_a_broken_triton_toolchain_switches_the_kernel_off(monkeypatch, where):
     assert "failed to build or launch" in tk.unsupported_reason(q, k, v, None)
 
 
-def test_gpu_errors_are_not_swallowed(monkeypatch):
-    """Out of memory or a CUDA error is the GPU's state, not Triton's: it propagates."""
-
+def _failing_launcher(error: Exception):
     class Launcher:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                raise error
 
             return launch
 
-    monkeypatch.setattr(tk, "_kernels", lambda: (Launcher(), Launcher()))
+    return Launcher()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB"),  # autotuner's buffer
+        RuntimeError("Triton Error [CUDA]: out of memory"),  # Triton's driver, loading a module
+    ],
+)
+def test_out_of_memory_sends_that_call_to_the_torch_path(monkeypatch, error):
+    # The autotuner benchmarks with a 256 MB buffer of its own: the torch path may fit where tuning did
+    # not. Memory comes back, so nothing is marked (it used to propagate and fail the generation, or
+    # switch the kernel off for the session).
+    import pladis.attention as attention
+
+    monkeypatch.setattr(tk, "_kernels", lambda: (_failing_launcher(error), _failing_launcher(error)))
+    monkeypatch.setattr(tk, "_broken", [])
+    monkeypatch.setattr(tk, "_failed_shapes", set())
+    monkeypatch.setattr(attention, "_fused_kernel", lambda *a: tk.pladis_attention_triton)
+    q, k, v = make_qkv(1, 2, 5, 77, 40, seed=4)
+    got = attention.pladis_attention(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
+    want = attention._pladis_attention_torch(q, k, v, 1.5, 2.0, 0.1, None, attention.DEFAULT_MEMORY_BUDGET)
+    assert torch.equal(got, want)
+    assert tk.is_supported(q, k, v, None) and tk._broken == [] and tk._failed_shapes == set()
+
+
+def test_other_cuda_errors_are_not_swallowed(monkeypatch):
+    """A CUDA error other than running out of memory is the GPU's state, not Triton's: it propagates."""
+    error = RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(tk, "_kernels", lambda: (_failing_launcher(error), _failing_launcher(error)))
     monkeypatch.setattr(tk, "_broken", [])
     q, k, v = make_qkv(1, 1, 4, 77, 40)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(RuntimeError, match="illegal memory access"):
         tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
     assert tk.is_supported(q, k, v, None)
+
+
+def test_a_compilation_error_switches_the_kernel_off_for_the_process(monkeypatch):
+    # An API renamed between Triton versions surfaces as CompilationError, and a ptxas that does not
+    # know the GPU as PTXASError: no other tile would compile either (they were marked per shape, and
+    # every new shape compiled and failed again).
+    from triton.compiler.errors import CompilationError
+
+    try:
+        raise CompilationError("", None, "AttributeError: module 'triton.language' has no attribute 'dot2'")
+    except CompilationError as caught:
+        error = caught
+    monkeypatch.setattr(tk, "_kernels", lambda: (_failing_launcher(error), _failing_launcher(error)))
+    monkeypatch.setattr(tk, "_broken", [])
+    monkeypatch.setattr(tk, "_failed_shapes", set())
+    q, k, v = make_qkv(1, 1, 4, 77, 40)
+    warned = pytest.warns(RuntimeWarning, match="using the torch path from now on")
+    with warned, pytest.raises(tk.TritonUnsupported):
+        tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
+    q2, k2, v2 = make_qkv(1, 1, 4, 154, 40)
+    assert "failed to build or launch" in tk.unsupported_reason(q2, k2, v2, None)
+
+
+def test_a_tile_that_does_not_fit_is_said_once(monkeypatch, caplog):
+    from triton.runtime.errors import OutOfResources
+
+    error = OutOfResources(300000, 232448, "shared memory")
+    monkeypatch.setattr(tk, "_kernels", lambda: (_failing_launcher(error), _failing_launcher(error)))
+    monkeypatch.setattr(tk, "_failed_shapes", set())
+    q, k, v = make_qkv(1, 1, 4, 77, 40)
+    with caplog.at_level("WARNING", logger="pladis"), pytest.raises(tk.TritonUnsupported):
+        tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
+    assert len(caplog.records) == 1 and "shared memory" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "taken"),
+    [((6, 1), torch.float16, False), ((7, 5), torch.float16, False), ((8, 0), torch.bfloat16, True)],
+)
+def test_the_kernel_needs_compute_capability_8(monkeypatch, capability, dtype, taken):
+    # Triton supports 8.0+; on 7.5 it compiled this kernel without tensor cores and spilled.
+    q, k, v = (_CudaView(t) for t in make_qkv(1, 1, 4, 77, 40, dtype=dtype))
+    monkeypatch.setattr(tk, "_capability", lambda device: capability)
+    monkeypatch.setattr(tk, "_smem_limit", lambda device: None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    reason = tk.unsupported_reason(q, k, v, None)
+    assert (reason is None or "compute capability" not in reason) == taken
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert "ROCm" in tk.unsupported_reason(q, k, v, None)
+
+
+class _CudaView(torch.Tensor):
+    """A CPU tensor that reports a CUDA device (the gate only reads ``device``)."""
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor):
+        return torch.Tensor._make_subclass(cls, data)
+
+    @property
+    def device(self):  # type: ignore[override]
+        return torch.device("cuda", 0)
 
 
 def test_shared_memory_limit_routes_big_tiles_to_torch(monkeypatch):
