@@ -63,11 +63,17 @@ _loaded = {}  # id(model) -> the patcher loaded on it (memory_management's curre
 
 
 def load(patcher):
-    """What sampling does first (``load_models_gpu``): unload another clone of the same model
-    (``unload_model_clones``: its object patches come off), then set this patcher's object patches."""
+    """What sampling does first (``load_models_gpu``): nothing when this patcher is loaded already;
+    else unload another clone of the same model (``unload_model_clones``: its object patches come
+    off), move the patches to the device and dtype (``LoadedModel.model_load``: ``model_patches_to``
+    twice), then set this patcher's object patches."""
     previous = _loaded.get(id(patcher.model))
-    if previous is not None and previous is not patcher:
+    if previous is patcher:
+        return
+    if previous is not None:
         previous.forge_unpatch_model()
+    patcher.model_patches_to(torch.device("cpu"))
+    patcher.model_patches_to(torch.float32)
     patcher.forge_patch_model()
     _loaded[id(patcher.model)] = patcher
 

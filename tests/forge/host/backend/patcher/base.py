@@ -88,12 +88,20 @@ class ModelPatcher:
         self.set_model_patch_replace(patch, "attn2", block_name, number, transformer_index)
 
     def model_patches_to(self, device):
-        """Forge calls ``.to`` on any patch that has one (patches must not grow one by accident)."""
+        """Forge calls ``.to`` (a device, then the model dtype) on every patch and on the UNet function
+        wrapper that has one, each time the patcher is loaded: patches must not grow one by accident."""
         to = self.model_options["transformer_options"]
+        for patch_list in to.get("patches", {}).values():
+            for i in range(len(patch_list)):
+                if hasattr(patch_list[i], "to"):
+                    patch_list[i] = patch_list[i].to(device)
         for table in to.get("patches_replace", {}).values():
             for key in table:
                 if hasattr(table[key], "to"):
                     table[key] = table[key].to(device)
+        wrapper = self.model_options.get("model_function_wrapper")
+        if hasattr(wrapper, "to"):
+            self.model_options["model_function_wrapper"] = wrapper.to(device)
 
 
 def _get_attr(obj, name):
