@@ -368,6 +368,18 @@ def diffusion_model_of(sd_model: Any) -> nn.Module | None:
     return unet if isinstance(unet, nn.Module) else None
 
 
+def model_sampled_by(denoiser: Any) -> Any:
+    """The model an A1111 ``CFGDenoiser`` calls (``model_wrap.inner_model``), or None if not built.
+
+    Why: the denoiser keeps the model it was built on until a refiner switch drops it. img2img builds
+    its sampler once, in ``p.init``, so after batch 1 switched to the refiner, batch 2 (which starts
+    on the base model, ``p.sd_model``) still calls the refiner. The ``model_wrap`` attribute is read,
+    not the ``inner_model`` property, which would build one.
+    """
+    model = getattr(getattr(denoiser, "model_wrap", None), "inner_model", None)
+    return model if diffusion_model_of(model) is not None else None
+
+
 def unsupported_reason(sd_model: Any) -> str | None:
     """Why this A1111-style WebUI cannot run PLADIS on ``sd_model``, or None.
 

@@ -166,6 +166,9 @@ class Controller:
         self._activate(p, generation)
         self.patcher.set_progress(a1111.progress_from_cfg_params(params))
         self.patcher.patch_model(p.sd_model)
+        sampled = a1111.model_sampled_by(params.denoiser)
+        if sampled is not None and sampled is not p.sd_model:
+            self.patcher.patch_model(sampled)
 
     def on_model_loaded(self, sd_model: Any) -> None:
         """Weights (re)loaded: drop patches; the running generation re-patches before its next UNet call."""

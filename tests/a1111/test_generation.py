@@ -359,6 +359,52 @@ def test_img2img(webui):
     assert kit.instance_forwards(model) == []
 
 
+@pytest.mark.parametrize("checkpoints_limit", [1, 2])
+def test_img2img_refiner_in_a_second_batch_is_patched(webui, checkpoints_limit):
+    # img2img builds its sampler once, in p.init, and A1111's denoiser keeps the model it was built
+    # on. After batch 1's refiner switch, batch 2 starts on the base model again (shared.sd_model),
+    # but its sampler is still bound to the refiner it switched to: those UNet calls ran without
+    # PLADIS, which had patched p.sd_model only.
+    kit = webui.kit
+    webui.shared.opts.sd_checkpoints_limit = checkpoints_limit
+    runner = kit.make_runner(is_img2img=True)
+    base, refiner = kit.sdxl(seed=1, name="base"), kit.sdxl(seed=2, name="refiner", context_dim=40)
+    data = kit.inputs(ctx_dim=40, n_iter=2)
+    init = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(5))
+
+    def p(runner_, args):
+        return webui.processing.StableDiffusionProcessingImg2Img(
+            data["cond"],
+            data["uncond"],
+            data["noise"],
+            steps=6,
+            n_iter=2,
+            scripts=runner_,
+            script_args=args,
+            init_latent=init,
+            denoising_strength=0.9,
+            refiner_checkpoint_info="refiner",
+            refiner_switch_at=0.5,
+            refiner_cond=data["cond"] * 0.5,
+            refiner_uncond=data["uncond"] * 0.5,
+        )
+
+    o_base, o_ref = kit.baseline_copy(base), kit.baseline_copy(refiner)
+    for m in (o_base, o_ref):
+        kit.install_oracle(m, 1.5, 2.0)
+    kit.use_models(o_base, o_ref)
+    expected, _ = kit.run(p(None, ()))
+    unpatched = []
+    refiner.model.diffusion_model.register_forward_pre_hook(
+        lambda *_: unpatched.append(len(kit.instance_forwards(refiner)) == 0)
+    )
+    kit.use_models(base, refiner)
+    out, _ = kit.run(p(runner, kit.script_args(runner, True)))
+    assert unpatched and not any(unpatched)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert kit.instance_forwards(base) == [] and kit.instance_forwards(refiner) == []
+
+
 def test_model_reload_and_script_unload_remove_patches(webui):
     kit = webui.kit
     model = kit.sd15()

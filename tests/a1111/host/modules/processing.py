@@ -124,8 +124,12 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         self.init_latent = init_latent
         self.denoising_strength = denoising_strength
 
-    def sample(self, conditioning, unconditional_conditioning):
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        super().init(all_prompts, all_seeds, all_subseeds)
+        # As upstream (StableDiffusionProcessingImg2Img.init): one sampler for every batch.
         self.sampler = Sampler()
+
+    def sample(self, conditioning, unconditional_conditioning):
         x = self.noise_for(self.iteration)
         if self.scripts is not None:
             self.scripts.process_before_every_sampling(

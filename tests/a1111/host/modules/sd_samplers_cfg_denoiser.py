@@ -10,9 +10,20 @@ import torch
 from modules import script_callbacks, shared
 
 
+class ModelWrap:
+    """k-diffusion's ``CompVisDenoiser`` reduced to what is observed: the model it was built on."""
+
+    def __init__(self, inner_model):
+        self.inner_model = inner_model
+
+    def apply_model(self, *args):
+        return self.inner_model.apply_model(*args)
+
+
 class CFGDenoiser:
     def __init__(self, sampler):
         self.sampler = sampler
+        self.model_wrap = None
         self.p = None
         self.step = 0
         self.steps = None
@@ -20,10 +31,15 @@ class CFGDenoiser:
 
     @property
     def inner_model(self):
-        return shared.sd_model
+        # As upstream (sd_samplers_kdiffusion.py CFGDenoiserKDiffusion.inner_model): built once on the
+        # model loaded then, and kept until update_inner_model (the refiner switch) drops it. A sampler
+        # reused across batches (img2img builds it in p.init) keeps calling the model it was built on.
+        if self.model_wrap is None:
+            self.model_wrap = ModelWrap(shared.sd_model)
+        return self.model_wrap
 
     def update_inner_model(self):
-        pass
+        self.model_wrap = None
 
     def __call__(self, x, sigma, uncond, cond, cond_scale):
         return self.forward(x, sigma, uncond, cond, cond_scale)

@@ -38,6 +38,7 @@ def apply_refiner(cfg_denoiser, sigma=None):
 class Sampler:
     def __init__(self):
         self.model_wrap_cfg = CFGDenoiser(self)
+        self.model_wrap = self.model_wrap_cfg.inner_model  # as KDiffusionSampler.__init__
         self.p = None
         self.last_latent = None
 
