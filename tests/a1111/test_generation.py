@@ -331,6 +331,18 @@ def test_sdxl_refiner_switch_mid_sampling_is_patched(webui, checkpoints_limit):
         assert kit.instance_forwards(base) == [] and kit.instance_forwards(refiner) == []
 
 
+def _img2img(webui, data, init, runner, args, **kwargs):
+    return webui.processing.StableDiffusionProcessingImg2Img(
+        data["cond"],
+        data["uncond"],
+        data["noise"],
+        scripts=runner,
+        script_args=args,
+        init_latent=init,
+        **kwargs,
+    )
+
+
 def test_img2img(webui):
     kit = webui.kit
     runner = kit.make_runner(is_img2img=True)
@@ -339,16 +351,7 @@ def test_img2img(webui):
     init = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(3))
 
     def p(runner_, args):
-        return webui.processing.StableDiffusionProcessingImg2Img(
-            data["cond"],
-            data["uncond"],
-            data["noise"],
-            steps=5,
-            scripts=runner_,
-            script_args=args,
-            init_latent=init,
-            denoising_strength=0.6,
-        )
+        return _img2img(webui, data, init, runner_, args, steps=5, denoising_strength=0.6)
 
     copy = kit.install_oracle(kit.baseline_copy(model), 2.0, 2.0)
     kit.use_models(copy)
@@ -373,15 +376,14 @@ def test_img2img_refiner_in_a_second_batch_is_patched(webui, checkpoints_limit):
     init = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(5))
 
     def p(runner_, args):
-        return webui.processing.StableDiffusionProcessingImg2Img(
-            data["cond"],
-            data["uncond"],
-            data["noise"],
+        return _img2img(
+            webui,
+            data,
+            init,
+            runner_,
+            args,
             steps=6,
             n_iter=2,
-            scripts=runner_,
-            script_args=args,
-            init_latent=init,
             denoising_strength=0.9,
             refiner_checkpoint_info="refiner",
             refiner_switch_at=0.5,
