@@ -42,6 +42,10 @@ MAX_FIX = 32
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_Y = 65535
 _failed_shapes: set[tuple[Any, ...]] = set()
+_untuned_shapes: set[tuple[Any, ...]] = set()
+"""Shape classes whose autotuning ran out of GPU memory: they take the heuristic tile from then on.
+Why: the autotuner benchmarks with a 256 MB buffer of its own and caches nothing after a failure,
+so on a nearly full card every call tuned again, each failed allocation emptying torch's cache."""
 _broken: list[str] = []
 """Why Triton cannot build or launch anything in this process (e.g. no C compiler), once it failed."""
 _meta_overrides: dict[str, Any] = {}
@@ -447,7 +451,8 @@ def _launch(
         with _device_guard(q):
             cap = _capability(q.device) if q.is_cuda else None
             wide = q.dtype == torch.float32
-            if _autotune_enabled(_measured_tile(block_k, block_d, wide, mode, cap) is not None):
+            measured = _measured_tile(block_k, block_d, wide, mode, cap) is not None
+            if _autotune_enabled(measured) and _shape_class(q, k_len) not in _untuned_shapes:
 
                 def grid(m: dict[str, Any]) -> tuple[int, int]:
                     return (-(-n // m["BLOCK_M"]), b * h)
@@ -474,9 +479,10 @@ def _classified(exc: Exception, q: Tensor, k_len: int) -> Exception:
     call) or, for a GPU in error, the exception itself.
 
     - Per tile (:data:`_PER_TILE_ERRORS`): the shape class is marked, and said once.
-    - Out of memory, from torch or from Triton's driver ("Triton Error [CUDA]: out of memory"): this
-      call only. The autotuner benchmarks with a 256 MB buffer of its own, so the torch path may fit
-      where the kernel's tuning did not; nothing is marked, since memory comes back.
+    - Out of memory, from torch or from Triton's driver ("Triton Error [CUDA]: out of memory"): the
+      torch path answers this call, and the shape class is no longer autotuned (:data:`_untuned_shapes`:
+      the tuning's 256 MB benchmark buffer is the kernel's only large allocation). The kernel itself
+      stays on, since memory comes back.
     - Any other CUDA error: raised, since the GPU itself is in error (the torch path would not help).
     - Anything else is Triton's toolchain or version (no C compiler for its launcher, a broken cache,
       an API renamed between versions, surfacing as ``CompilationError``; a ptxas that does not know
@@ -491,6 +497,12 @@ def _classified(exc: Exception, q: Tensor, k_len: int) -> Exception:
         )
         return TritonUnsupported(f"pladis triton kernel cannot run here: {exc}")
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        shape = _shape_class(q, k_len)
+        if shape not in _untuned_shapes:
+            _untuned_shapes.add(shape)
+            log.warning(
+                "PLADIS: out of GPU memory tuning the Triton kernel for %s; untuned from now on", shape
+            )
         return TritonUnsupported(f"pladis triton kernel: out of memory now ({exc}); torch path this call")
     if "CUDA error" in str(exc):
         return exc

@@ -99,8 +99,9 @@ class Controller:
             fail_at_init(p, error)
             return None
         host = hosts.detect_host()
-        unsupported = a1111.unsupported_reason(getattr(p, "sd_model", None)) if host == "a1111" else None
-        if unsupported and params.acts:
+        checked = params.acts and host == "a1111"
+        unsupported = a1111.unsupported_reason(getattr(p, "sd_model", None)) if checked else None
+        if unsupported:
             # Said every generation, and not written into the infotext: nothing will change.
             log.warning("PLADIS is off: %s", unsupported)
             if extra is not None:

@@ -144,34 +144,35 @@ def _paste(fields: Mapping[str, Any], key: str, read: Any) -> Any:
         raise ValueError(message) from None
 
 
-GUARDED_CALLERS: tuple[tuple[str | None, str], ...] = (
-    ("modules.infotext_utils", "paste_func"),
-    (None, "apply_infotext"),
-)
-"""(module or None for any, function) of the callers that want a malformed value raised: the UI
-paste of A1111 1.10, Forge and reForge (``connect_paste.paste_func``, which reports a target's error
-and leaves its control as it was) and the API's ``infotext`` field (``Api.apply_infotext``, where the
-error fails the request naming the value instead of running PLADIS with defaults)."""
+GUARDED_PASTE = ("modules.infotext_utils", "paste_func")
+"""(module, function) of the UI paste that calls a target itself, inside a ``try`` that reports the
+error and leaves the control as it was: A1111 1.10, Forge and reForge (``connect_paste.paste_func``)."""
+
+API_CALLERS = ("apply_infotext", "get_field_value")
+"""The API's ``infotext`` field (``Api.apply_infotext`` and its ``get_field_value``): an error fails the
+request naming the value, instead of running PLADIS with defaults."""
 
 
-def _called_from_guarded_caller(depth: int = 6) -> bool:
-    """Whether one of :data:`GUARDED_CALLERS` is among the nearest callers.
+def _called_from_guarded_caller() -> bool:
+    """Whether the function that called the paste target wants a malformed value raised.
 
-    Why not always raise: other UI pastes call the targets outside any ``try`` (Forge Classic/Neo's
-    ``infotext_utils._parse_info``, SD.Next's and older A1111's ``generation_parameters_copypaste``),
-    and there one malformed PLADIS value aborted the whole paste, prompt and seed included. Those get
-    the message in the log and the control left as it was.
+    Only the target's direct caller is judged (frames: this, ``_paste``, the target, its caller).
+    Why: other UI pastes call the targets outside any ``try`` (Forge Classic/Neo's ``_parse_info``,
+    itself called by a ``paste_func`` in ``modules.infotext_utils``; SD.Next's and older A1111's
+    ``generation_parameters_copypaste``), and there one malformed PLADIS value aborted the whole
+    paste, prompt and seed included. Those get the message in the log and the control left as it was.
     """
-    frame = sys._getframe(1)
-    for _ in range(depth):
-        frame = frame.f_back
-        if frame is None:
-            return False
-        name = frame.f_code.co_name
-        module = frame.f_globals.get("__name__")
-        if any(name == function and wanted in (None, module) for wanted, function in GUARDED_CALLERS):
-            return True
-    return False
+    caller = sys._getframe(3)
+    name, module = caller.f_code.co_name, caller.f_globals.get("__name__")
+    if (module, name) == GUARDED_PASTE:
+        return True
+    if name == "apply_infotext":
+        return True
+    return (
+        name == "get_field_value"
+        and caller.f_back is not None
+        and caller.f_back.f_code.co_name in API_CALLERS
+    )
 
 
 def _checked_range(text: Any) -> tuple[float, float]:

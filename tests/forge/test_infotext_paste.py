@@ -16,13 +16,13 @@ _BAD = [
 
 
 def _paste_all(fields):
-    from modules.infotext_utils import SKIP, _parse_info
+    # Through paste_func, as Neo's button calls it: a paste_func of modules.infotext_utils is also
+    # A1111's guarded paste, so only the target's direct caller (_parse_info) tells them apart.
+    from modules.infotext_utils import SKIP, paste_func
 
     from pladis.webui.infotext import PASTE_TARGETS
 
-    pasted = [
-        _parse_info(control, target, fields) for control, target in zip(CONTROLS, PASTE_TARGETS, strict=True)
-    ]
+    pasted = paste_func(list(zip(CONTROLS, PASTE_TARGETS, strict=True)), fields)
     return [None if value == SKIP else value["value"] for value in pasted]
 
 

@@ -467,12 +467,46 @@ def test_out_of_memory_sends_that_call_to_the_torch_path(monkeypatch, error):
     monkeypatch.setattr(tk, "_kernels", lambda: (_failing_launcher(error), _failing_launcher(error)))
     monkeypatch.setattr(tk, "_broken", [])
     monkeypatch.setattr(tk, "_failed_shapes", set())
+    monkeypatch.setattr(tk, "_untuned_shapes", set())
     monkeypatch.setattr(attention, "_fused_kernel", lambda *a: tk.pladis_attention_triton)
     q, k, v = make_qkv(1, 2, 5, 77, 40, seed=4)
     got = attention.pladis_attention(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
     want = attention._pladis_attention_torch(q, k, v, 1.5, 2.0, 0.1, None, attention.DEFAULT_MEMORY_BUDGET)
     assert torch.equal(got, want)
     assert tk.is_supported(q, k, v, None) and tk._broken == [] and tk._failed_shapes == set()
+
+
+def test_after_running_out_of_memory_tuning_a_shape_takes_the_untuned_tile(monkeypatch, caplog):
+    # The autotuner caches nothing after a failure: on a nearly full card every call tuned again, each
+    # failed 256 MB allocation emptying torch's cache. The shape class is now no longer tuned.
+    from triton.runtime.errors import OutOfResources
+
+    calls = []
+
+    def launcher(kind: str, error: BaseException):
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    calls.append(kind)
+                    raise error
+
+                return launch
+
+        return Launcher()
+
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
+    raw = launcher("raw", OutOfResources(1, 0, "shared memory"))
+    monkeypatch.setattr(tk, "_kernels", lambda: (raw, launcher("tuned", oom)))
+    monkeypatch.setattr(tk, "_autotune_enabled", lambda measured=False: True)
+    monkeypatch.setattr(tk, "_failed_shapes", set())
+    monkeypatch.setattr(tk, "_untuned_shapes", set())
+    q, k, v = make_qkv(1, 1, 4, 77, 40)
+    with caplog.at_level("WARNING", logger="pladis"):
+        for _ in range(2):
+            with pytest.raises(tk.TritonUnsupported):
+                tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
+    assert calls == ["tuned", "raw"]
+    assert sum("out of GPU memory tuning" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_other_cuda_errors_are_not_swallowed(monkeypatch):
