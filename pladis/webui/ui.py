@@ -1,9 +1,10 @@
 """The PLADIS accordion: builds the six controls and returns them in script-arg order.
 
 Side-effect free (the WebUI calls ``ui()`` again to compute API defaults): it only creates gradio
-components inside the caller's Blocks context and sets the script's ``infotext_fields`` /
-``paste_field_names``. Uses only the subset of gradio that behaves the same on 3.41 (A1111,
-reForge) and 4.x (Forge): Slider, CheckboxGroup, Checkbox, Accordion, Row, ``info=``, ``elem_id``.
+components inside the caller's Blocks context, sets the script's ``infotext_fields`` /
+``paste_field_names`` and makes sure the X/Y/Z axes are registered (idempotent). Uses only the
+subset of gradio that behaves the same on 3.41 (A1111, reForge) and 4.x (Forge): Slider,
+CheckboxGroup, Checkbox, Accordion, Row, ``info=``, ``elem_id``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from pladis.params import DEFAULT_LAYERS, LAM_RANGE, LAYER_GROUPS, PladisParams
-from pladis.webui import infotext
+from pladis.webui import infotext, xyz
 
 DEFAULTS = PladisParams()
 
@@ -57,6 +58,9 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     import gradio as gr
 
     del is_img2img  # ids are already per tab: Script.elem_id() includes the tab name
+    # Not only from on_before_ui: with --nowebui the API builds the UI (and X/Y/Z, a selectable script
+    # set up after the always-on ones, fixes its axis list) before the before_ui callbacks run.
+    xyz.register()
     enabled, body = _accordion(script, "PLADIS")
     with body:
         with gr.Row(elem_id=script.elem_id("row_strength")):

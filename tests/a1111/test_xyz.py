@@ -44,6 +44,17 @@ def test_axes_register_once(webui):
     assert enabled.choices() == ["False", "True"]
 
 
+def test_axes_are_there_when_the_ui_is_built_before_the_before_ui_callbacks(host):
+    # --nowebui: Api.__init__ builds the UI (X/Y/Z fixes its axis list in its own ui(), after the
+    # always-on scripts') before webui.py runs the before_ui callbacks.
+    host.loaded = host.kit.load_extension()
+    module = host.loaded["xyz_grid.py"].module
+    assert not [o for o in module.axis_options if o.label.startswith("[PLADIS]")]
+    host.kit.make_runner(is_img2img=False)
+    labels = [o.label for o in module.axis_options if o.label.startswith("[PLADIS]")]
+    assert labels == [a[0] for a in xyz.AXES]
+
+
 def test_missing_xyz_module_is_fine(webui):
     assert xyz.register(scripts_data=[]) == 0
 
