@@ -162,7 +162,10 @@ def _called_from_guarded_caller() -> bool:
     ``generation_parameters_copypaste``), and there one malformed PLADIS value aborted the whole
     paste, prompt and seed included. Those get the message in the log and the control left as it was.
     """
-    caller = sys._getframe(3)
+    try:
+        caller = sys._getframe(3)
+    except ValueError:  # no caller that deep: not a host's paste
+        return False
     name, module = caller.f_code.co_name, caller.f_globals.get("__name__")
     if (module, name) == GUARDED_PASTE:
         return True
