@@ -43,9 +43,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_Y = 65535
 _failed_shapes: set[tuple[Any, ...]] = set()
 _untuned_shapes: set[tuple[Any, ...]] = set()
-"""Shape classes whose autotuning ran out of GPU memory: they take the heuristic tile from then on.
-Why: the autotuner benchmarks with a 256 MB buffer of its own and caches nothing after a failure,
-so on a nearly full card every call tuned again, each failed allocation emptying torch's cache."""
+"""Autotuning keys (shape class, queries, mode, mask kind, outputs: what the autotuner keys on) whose
+tuning ran out of GPU memory: they take the heuristic tile from then on. Why: the autotuner
+benchmarks with a 256 MB buffer of its own and caches nothing after a failure, so on a nearly full
+card every call tuned again, each failed allocation emptying torch's cache. Keys tuned before keep
+their tile."""
 _broken: list[str] = []
 """Why Triton cannot build or launch anything in this process (e.g. no C compiler), once it failed."""
 _meta_overrides: dict[str, Any] = {}
@@ -446,13 +448,16 @@ def _launch(
         scale, lam, am1, beta,
     )  # fmt: skip
     meta = compile_meta(q.dtype, mode, block_k, block_d, mask_kind, write_o, write_w, upcast)
+    tune_key, tuning = None, False
     try:
         raw, tuned = _kernels()
         with _device_guard(q):
             cap = _capability(q.device) if q.is_cuda else None
             wide = q.dtype == torch.float32
             measured = _measured_tile(block_k, block_d, wide, mode, cap) is not None
-            if _autotune_enabled(measured) and _shape_class(q, k_len) not in _untuned_shapes:
+            tune_key = (_shape_class(q, k_len), n, mode, mask_kind, write_o, write_w)
+            tuning = _autotune_enabled(measured) and tune_key not in _untuned_shapes
+            if tuning:
 
                 def grid(m: dict[str, Any]) -> tuple[int, int]:
                     return (-(-n // m["BLOCK_M"]), b * h)
@@ -462,7 +467,7 @@ def _launch(
                 block_m, warps = _heuristic(block_k, block_d, wide, mode, cap)
                 raw[(-(-n // block_m), b * h)](*args, **meta, BLOCK_M=block_m, num_warps=warps, num_stages=1)
     except Exception as exc:
-        classified = _classified(exc, q, k_len)
+        classified = _classified(exc, q, k_len, tune_key if tuning else None)
         if classified is exc:
             raise
         raise classified from exc
@@ -474,15 +479,15 @@ _PER_TILE_ERRORS = ("OutOfResources", "CompileTimeAssertionFailure")
 that shape class goes to the torch path from then on, other tiles are still tried."""
 
 
-def _classified(exc: Exception, q: Tensor, k_len: int) -> Exception:
+def _classified(exc: Exception, q: Tensor, k_len: int, tune_key: tuple[Any, ...] | None) -> Exception:
     """What a failed build or launch becomes: :class:`TritonUnsupported` (the torch path answers this
     call) or, for a GPU in error, the exception itself.
 
     - Per tile (:data:`_PER_TILE_ERRORS`): the shape class is marked, and said once.
     - Out of memory, from torch or from Triton's driver ("Triton Error [CUDA]: out of memory"): the
-      torch path answers this call, and the shape class is no longer autotuned (:data:`_untuned_shapes`:
-      the tuning's 256 MB benchmark buffer is the kernel's only large allocation). The kernel itself
-      stays on, since memory comes back.
+      torch path answers this call; when the launch was tuning (``tune_key``), that key is no longer
+      autotuned (:data:`_untuned_shapes`: the tuning's 256 MB benchmark buffer is the kernel's only
+      large allocation). The kernel itself stays on, since memory comes back.
     - Any other CUDA error: raised, since the GPU itself is in error (the torch path would not help).
     - Anything else is Triton's toolchain or version (no C compiler for its launcher, a broken cache,
       an API renamed between versions, surfacing as ``CompilationError``; a ptxas that does not know
@@ -497,11 +502,10 @@ def _classified(exc: Exception, q: Tensor, k_len: int) -> Exception:
         )
         return TritonUnsupported(f"pladis triton kernel cannot run here: {exc}")
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
-        shape = _shape_class(q, k_len)
-        if shape not in _untuned_shapes:
-            _untuned_shapes.add(shape)
+        if tune_key is not None and tune_key not in _untuned_shapes:
+            _untuned_shapes.add(tune_key)
             log.warning(
-                "PLADIS: out of GPU memory tuning the Triton kernel for %s; untuned from now on", shape
+                "PLADIS: out of GPU memory tuning the Triton kernel for %s; untuned from now on", tune_key
             )
         return TritonUnsupported(f"pladis triton kernel: out of memory now ({exc}); torch path this call")
     if "CUDA error" in str(exc):

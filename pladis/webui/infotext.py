@@ -146,7 +146,8 @@ def _paste(fields: Mapping[str, Any], key: str, read: Any) -> Any:
 
 GUARDED_PASTE = ("modules.infotext_utils", "paste_func")
 """(module, function) of the UI paste that calls a target itself, inside a ``try`` that reports the
-error and leaves the control as it was: A1111 1.10, Forge and reForge (``connect_paste.paste_func``)."""
+error (``errors.report``) and leaves the control as it was: A1111 1.10, Forge and reForge
+(``connect_paste.paste_func``). A1111 1.8–1.9 have the same name without the ``try``."""
 
 API_CALLERS = ("apply_infotext", "get_field_value")
 """The API's ``infotext`` field (``Api.apply_infotext`` and its ``get_field_value``): an error fails the
@@ -168,7 +169,8 @@ def _called_from_guarded_caller() -> bool:
         return False
     name, module = caller.f_code.co_name, caller.f_globals.get("__name__")
     if (module, name) == GUARDED_PASTE:
-        return True
+        # A1111 1.8–1.9 have the same paste_func without the try: it must report errors to count.
+        return {"errors", "report"} <= set(caller.f_code.co_names)
     if name == "apply_infotext":
         return True
     return (

@@ -9,10 +9,13 @@ CheckboxGroup, Checkbox, Accordion, Row, ``info=``, ``elem_id``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pladis.params import DEFAULT_LAYERS, LAM_RANGE, LAYER_GROUPS, PladisParams
 from pladis.webui import infotext, xyz
+
+log = logging.getLogger("pladis")
 
 DEFAULTS = PladisParams()
 
@@ -59,8 +62,12 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
 
     del is_img2img  # ids are already per tab: Script.elem_id() includes the tab name
     # Not only from on_before_ui: with --nowebui the API builds the UI (and X/Y/Z, a selectable script
-    # set up after the always-on ones, fixes its axis list) before the before_ui callbacks run.
-    xyz.register()
+    # set up after the always-on ones, fixes its axis list) before the before_ui callbacks run. An odd
+    # X/Y/Z must not cost the accordion itself.
+    try:
+        xyz.register()
+    except Exception as error:  # any failure of a foreign module's AxisOption
+        log.warning("PLADIS: could not add the X/Y/Z axes (%s: %s)", type(error).__name__, error)
     enabled, body = _accordion(script, "PLADIS")
     with body:
         with gr.Row(elem_id=script.elem_id("row_strength")):

@@ -224,3 +224,18 @@ def test_a_value_axis_turns_pladis_on_unless_an_enabled_axis_says_otherwise(webu
     (cell,) = script.run_axis(p, "[PLADIS] Lambda", "3")
     assert torch.equal(torch.cat(cell.images), baseline) and "PLADIS lambda" not in _infotext(cell)
     assert kit.instance_forwards(model) == []
+
+
+def test_a_failing_xyz_module_costs_the_axes_not_the_accordion(host, monkeypatch, caplog):
+    host.loaded = host.kit.load_extension()
+    module = host.loaded["xyz_grid.py"].module
+
+    def broken(*args, **kwargs):
+        raise TypeError("AxisOption() got an unexpected keyword argument 'confirm'")
+
+    monkeypatch.setattr(module, "AxisOption", broken)
+    with caplog.at_level("WARNING", logger="pladis"):
+        runner = host.kit.make_runner(is_img2img=False)
+    script = host.kit.pladis_script(runner)
+    assert script.args_to - script.args_from == 6  # the six controls were built
+    assert any("could not add the X/Y/Z axes" in r.getMessage() for r in caplog.records)

@@ -44,10 +44,28 @@ def test_a_bad_value_is_logged_and_the_rest_of_the_paste_goes_on(
     )
 
 
-def _call_as(module: str, function: str, target, fields):
-    """``target(fields)`` called from a function named ``function`` in a module named ``module``."""
-    namespace = {"__name__": module}
-    exec(f"def {function}(target, fields):\n    return target(fields)\n", namespace)
+_GUARDED = """
+def paste_func(target, fields):
+    try:
+        return target(fields)
+    except Exception:
+        errors.report("Error executing target")  # A1111 1.10 goes on; re-raised here to observe it
+        raise
+"""
+_API = """
+def apply_infotext(target, fields):
+    def get_field_value(target, fields):
+        return target(fields)
+
+    return get_field_value(target, fields)
+"""
+
+
+def _call_as(module: str, function: str, target, fields, source: str | None = None):
+    """``target(fields)`` called from a function named ``function`` in a module named ``module``
+    (its source ``source``, else a plain call)."""
+    namespace = {"__name__": module, "errors": SimpleNamespace(report=lambda *args, **kwargs: None)}
+    exec(source or f"def {function}(target, fields):\n    return target(fields)\n", namespace)
     return namespace[function](target, fields)
 
 
@@ -55,21 +73,29 @@ BAD = {**GOOD, "PLADIS alpha": "5"}
 
 
 @pytest.mark.parametrize(
-    ("module", "function"),
-    [("modules.api.api", "apply_infotext"), ("modules.infotext_utils", "paste_func")],
+    ("module", "function", "source"),
+    [
+        ("modules.api.api", "apply_infotext", None),
+        ("modules.api.api", "apply_infotext", _API),  # get_field_value inside it, as upstream
+        ("modules.infotext_utils", "paste_func", _GUARDED),
+    ],
 )
-def test_callers_that_report_the_error_get_it_raised(module, function):
+def test_callers_that_report_the_error_get_it_raised(module, function, source):
     # The API's infotext field (the request fails naming the value) and the UI paste of A1111 1.10,
     # Forge and reForge (it reports the error and leaves the control): tests/a1111/test_infotext.py.
     from pladis.webui.infotext import paste_alpha
 
     with pytest.raises(ValueError, match=r"PLADIS alpha.*\[1, 2\]"):
-        _call_as(module, function, paste_alpha, BAD)
+        _call_as(module, function, paste_alpha, BAD, source)
 
 
 @pytest.mark.parametrize(
     ("module", "function"),
-    [("modules.generation_parameters_copypaste", "paste_func"), ("some_extension", "read_infotext")],
+    [
+        ("modules.generation_parameters_copypaste", "paste_func"),  # SD.Next, A1111 <= 1.7
+        ("modules.infotext_utils", "paste_func"),  # A1111 1.8-1.9: same name, no try
+        ("some_extension", "read_infotext"),
+    ],
 )
 def test_other_callers_get_a_logged_message_and_no_value(caplog, module, function):
     # SD.Next's and older A1111's paste call the targets outside any try, as Neo's does.

@@ -478,9 +478,7 @@ def test_out_of_memory_sends_that_call_to_the_torch_path(monkeypatch, error):
 
 def test_after_running_out_of_memory_tuning_a_shape_takes_the_untuned_tile(monkeypatch, caplog):
     # The autotuner caches nothing after a failure: on a nearly full card every call tuned again, each
-    # failed 256 MB allocation emptying torch's cache. The shape class is now no longer tuned.
-    from triton.runtime.errors import OutOfResources
-
+    # failed 256 MB allocation emptying torch's cache. That autotuning key is now no longer tuned.
     calls = []
 
     def launcher(kind: str, error: BaseException):
@@ -495,7 +493,7 @@ def test_after_running_out_of_memory_tuning_a_shape_takes_the_untuned_tile(monke
         return Launcher()
 
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
-    raw = launcher("raw", OutOfResources(1, 0, "shared memory"))
+    raw = launcher("raw", oom)  # out of memory untuned too: nothing more is marked
     monkeypatch.setattr(tk, "_kernels", lambda: (raw, launcher("tuned", oom)))
     monkeypatch.setattr(tk, "_autotune_enabled", lambda measured=False: True)
     monkeypatch.setattr(tk, "_failed_shapes", set())
@@ -505,8 +503,33 @@ def test_after_running_out_of_memory_tuning_a_shape_takes_the_untuned_tile(monke
         for _ in range(2):
             with pytest.raises(tk.TritonUnsupported):
                 tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
-    assert calls == ["tuned", "raw"]
-    assert sum("out of GPU memory tuning" in r.getMessage() for r in caplog.records) == 1
+        q2, k2, v2 = make_qkv(1, 1, 9, 77, 40)  # same tile class, another query count: still tuned
+        with pytest.raises(tk.TritonUnsupported):
+            tk.pladis_attention_triton(q2, k2, v2, alpha=1.5, lam=2.0, scale=0.1)
+    assert calls == ["tuned", "raw", "tuned"]
+    assert sum("out of GPU memory tuning" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_out_of_memory_in_an_untuned_launch_marks_nothing(monkeypatch, caplog):
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+    monkeypatch.setattr(tk, "_kernels", lambda: (_failing_launcher(oom), _failing_launcher(oom)))
+    monkeypatch.setattr(tk, "_autotune_enabled", lambda measured=False: False)
+    monkeypatch.setattr(tk, "_untuned_shapes", set())
+    q, k, v = make_qkv(1, 1, 4, 77, 40)
+    with caplog.at_level("WARNING", logger="pladis"), pytest.raises(tk.TritonUnsupported):
+        tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
+    assert tk._untuned_shapes == set() and not caplog.records
+
+
+def test_a_failure_before_the_launch_is_classified_too(monkeypatch):
+    def kernels():
+        raise ImportError("cannot import name 'jit' from partially initialized module 'triton'")
+
+    monkeypatch.setattr(tk, "_kernels", kernels)
+    monkeypatch.setattr(tk, "_broken", [])
+    q, k, v = make_qkv(1, 1, 4, 77, 40)
+    with pytest.warns(RuntimeWarning), pytest.raises(tk.TritonUnsupported):
+        tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.1)
 
 
 def test_other_cuda_errors_are_not_swallowed(monkeypatch):
