@@ -16,6 +16,7 @@ before anything touched the model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from collections.abc import Callable, Sequence
@@ -123,8 +124,7 @@ class Controller:
         if generation is None:
             return
         if generation.host != "a1111":
-            forge = importlib.import_module("pladis.hosts.forge")
-            forge.apply(p, generation.params)
+            _apply_forge(p, generation)
             return
         self._activate(p, generation)
         self.patcher.set_progress(0.0)
@@ -163,6 +163,8 @@ class Controller:
             self.patcher.unpatch_all()  # a generation we did not configure: stay out of it
             return
         if generation.host != "a1111":
+            if _forge_unet(p) is not getattr(p, FORGE_UNET_ATTR, None):
+                _apply_forge(p, generation)  # the SDXL refiner switch loaded another model (see below)
             return
         self._activate(p, generation)
         self.patcher.set_progress(a1111.progress_from_cfg_params(params))
@@ -182,6 +184,29 @@ class Controller:
 
 
 CONTROLLER = Controller()
+
+FORGE_UNET_ATTR = "_pladis_forge_unet"
+"""Attribute of a processing object: the UNet patcher PLADIS last applied to (or left) on Forge."""
+
+
+def _forge_unet(p: Any) -> Any:
+    """``p.sd_model.forge_objects.unet`` (the patcher Forge's sampling reads on every call), or None."""
+    return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "unet", None)
+
+
+def _apply_forge(p: Any, generation: Generation) -> None:
+    """Install PLADIS on a clone of the current UNet patcher (Forge/reForge) and remember the result.
+
+    Why also from ``on_cfg_denoiser``: Forge's SDXL refiner switch loads the refiner mid-sampling
+    without calling ``process_before_every_sampling``; the denoiser then reads the refiner's
+    ``forge_objects.unet`` on every call, after the callback, so a clone patched there is used from
+    that call on (Forge resets ``forge_objects`` before each sampling pass, so nothing is left).
+    Remembering the patcher keeps every other call from cloning again.
+    """
+    forge = importlib.import_module("pladis.hosts.forge")
+    forge.apply(p, generation.params)
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(p, FORGE_UNET_ATTR, _forge_unet(p))
 
 
 def idle_reason(params: PladisParams, host: str) -> str | None:

@@ -105,3 +105,44 @@ def test_flux_with_no_layer_group_ticked_still_gets_pladis(forge_host, script):
     script.process_before_every_sampling(p, *args)
     patched = p.sd_model.forge_objects.unet
     assert patched is not original and is_ours(patched.model_options["model_function_wrapper"])
+
+
+def test_a_refiner_loaded_mid_sampling_gets_pladis_from_on_cfg_denoiser(forge_host, script):
+    # Forge's SDXL refiner switch loads another model mid-sampling without calling the script hook;
+    # its denoiser then reads the new model's forge_objects.unet on every call, after on_cfg_denoiser.
+    # PLADIS patches a clone there, once, and leaves the refiner's own patcher untouched.
+    from types import SimpleNamespace
+
+    from backend.nn.unet import EXPECTED_SITES
+
+    from pladis.hosts.forge import installed_sites
+    from pladis.webui.controller import CONTROLLER
+
+    tk = forge_host
+    p = tk.processing(tk.unet_patcher(seed=0))
+    p.extra_generation_params = {}
+    args = (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0)
+    x, cond, uncond = inputs()
+    sites = EXPECTED_SITES["down"] + EXPECTED_SITES["up"]
+    script.process(p, *args)
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    first = p.sd_model.forge_objects.unet
+    params = SimpleNamespace(denoiser=SimpleNamespace(p=p))
+    for _ in range(2):
+        CONTROLLER.on_cfg_denoiser(params)
+        assert p.sd_model.forge_objects.unet is first  # the hook's clone: nothing more to do
+
+    refiner = tk.unet_patcher(seed=1)
+    p.sd_model = tk.processing(refiner).sd_model  # what the switch leaves in shared.sd_model
+    CONTROLLER.on_cfg_denoiser(params)
+    patched = p.sd_model.forge_objects.unet
+    assert patched is not refiner and set(installed_sites(patched)) == set(sites)
+    CONTROLLER.on_cfg_denoiser(params)
+    assert p.sd_model.forge_objects.unet is patched  # cloned once, not per call
+    assert refiner.model_options == {"transformer_options": {}}
+    got = tk.denoise(patched, x, 3.0, cond, uncond)
+    expected = tk.denoise(tk.with_oracle(refiner, sites, 1.5, 2.0), x, 3.0, cond, uncond)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    script.postprocess(p, None, *args)
