@@ -140,6 +140,7 @@ class Controller:
 
     def postprocess(self, p: Any) -> None:
         self.patcher.end()
+        _restore_switched_forge_models(p)
         if generation_of(p) is not None:
             setattr(p, GENERATION_ATTR, None)
 
@@ -163,8 +164,8 @@ class Controller:
             self.patcher.unpatch_all()  # a generation we did not configure: stay out of it
             return
         if generation.host != "a1111":
-            if _forge_unet(p) is not getattr(p, FORGE_UNET_ATTR, None):
-                _apply_forge(p, generation)  # the SDXL refiner switch loaded another model (see below)
+            if getattr(p, "sd_model", None) is not getattr(p, FORGE_MODEL_ATTR, None):
+                _apply_forge(p, generation, switched=True)  # the SDXL refiner switch (see below)
             return
         self._activate(p, generation)
         self.patcher.set_progress(a1111.progress_from_cfg_params(params))
@@ -185,8 +186,12 @@ class Controller:
 
 CONTROLLER = Controller()
 
-FORGE_UNET_ATTR = "_pladis_forge_unet"
-"""Attribute of a processing object: the UNet patcher PLADIS last applied to (or left) on Forge."""
+FORGE_MODEL_ATTR = "_pladis_forge_model"
+"""Attribute of a processing object: the model PLADIS last applied to on Forge (``p.sd_model``)."""
+
+FORGE_SWITCHED_ATTR = "_pladis_forge_switched"
+"""Attribute of a processing object: ``(forge_objects, their patcher, PLADIS's clone)`` of models a
+refiner switch brought in, to put back in ``postprocess``."""
 
 
 def _forge_unet(p: Any) -> Any:
@@ -194,19 +199,39 @@ def _forge_unet(p: Any) -> Any:
     return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "unet", None)
 
 
-def _apply_forge(p: Any, generation: Generation) -> None:
-    """Install PLADIS on a clone of the current UNet patcher (Forge/reForge) and remember the result.
+def _apply_forge(p: Any, generation: Generation, switched: bool = False) -> None:
+    """Install PLADIS on a clone of the current UNet patcher (Forge/reForge) and remember the model.
 
-    Why also from ``on_cfg_denoiser``: Forge's SDXL refiner switch loads the refiner mid-sampling
-    without calling ``process_before_every_sampling``; the denoiser then reads the refiner's
-    ``forge_objects.unet`` on every call, after the callback, so a clone patched there is used from
-    that call on (Forge resets ``forge_objects`` before each sampling pass, so nothing is left).
-    Remembering the patcher keeps every other call from cloning again.
+    Why also from ``on_cfg_denoiser`` (``switched``): Forge's SDXL refiner switch loads the refiner
+    mid-sampling without calling ``process_before_every_sampling``; the denoiser then reads the
+    refiner's ``forge_objects.unet`` on every call, after the callback, so a clone patched there is
+    used from that call on. Keyed on the model, not the patcher: an extension that swaps the patcher
+    of the same model is left as it was before. The model is remembered even when applying fails, so
+    a failure is not retried on every call. A switched model's own patcher is put back afterwards
+    (:func:`_restore_switched_forge_models`): Forge resets ``forge_objects`` before each pass anyway,
+    but a host that keeps the refiner object loaded must not keep our clone on it.
     """
     forge = importlib.import_module("pladis.hosts.forge")
-    forge.apply(p, generation.params)
+    before = _forge_unet(p)
+    try:
+        forge.apply(p, generation.params)
+    finally:
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(p, FORGE_MODEL_ATTR, getattr(p, "sd_model", None))
+    after = _forge_unet(p)
+    if switched and after is not before:
+        record = (p.sd_model.forge_objects, before, after)
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(p, FORGE_SWITCHED_ATTR, [*getattr(p, FORGE_SWITCHED_ATTR, ()), record])
+
+
+def _restore_switched_forge_models(p: Any) -> None:
+    """Put back the patchers of models a refiner switch brought in, where PLADIS's clone is still on."""
+    for objects, original, ours in getattr(p, FORGE_SWITCHED_ATTR, ()) or ():
+        if getattr(objects, "unet", None) is ours:
+            objects.unet = original
     with contextlib.suppress(AttributeError, TypeError):
-        setattr(p, FORGE_UNET_ATTR, _forge_unet(p))
+        setattr(p, FORGE_SWITCHED_ATTR, [])
 
 
 def idle_reason(params: PladisParams, host: str) -> str | None:

@@ -5,6 +5,7 @@ Emulates Forge's ``processing.py`` order for txt2img with hires fix: ``process``
 reset → hook call #2 → sampling → ``postprocess``.
 """
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -145,4 +146,42 @@ def test_a_refiner_loaded_mid_sampling_gets_pladis_from_on_cfg_denoiser(forge_ho
     expected = tk.denoise(tk.with_oracle(refiner, sites, 1.5, 2.0), x, 3.0, cond, uncond)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    script.postprocess(p, None, *args)
+    assert p.sd_model.forge_objects.unet is refiner  # a host that keeps the refiner loaded gets it back
+
+
+def test_on_cfg_denoiser_leaves_a_patcher_swapped_on_the_same_model_alone(forge_host, script, monkeypatch):
+    # Only a new model (the refiner switch) is patched from the callback: an extension that swaps the
+    # patcher of the same model keeps its choice, and a failing apply is not retried on every call.
+    from types import SimpleNamespace
+
+    import pladis.hosts.forge as forge
+    from pladis.webui.controller import CONTROLLER
+
+    tk = forge_host
+    p = tk.processing(tk.unet_patcher(seed=0))
+    p.extra_generation_params = {}
+    args = (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0)
+    x, cond, uncond = inputs()
+    script.process(p, *args)
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    theirs = tk.unet_patcher(seed=2)
+    p.sd_model.forge_objects.unet = theirs
+    params = SimpleNamespace(denoiser=SimpleNamespace(p=p))
+    CONTROLLER.on_cfg_denoiser(params)
+    assert p.sd_model.forge_objects.unet is theirs
+
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(forge, "apply", failing)
+    p.sd_model = tk.processing(tk.unet_patcher(seed=1)).sd_model  # a switch, and apply fails
+    for _ in range(3):
+        with contextlib.suppress(RuntimeError):
+            CONTROLLER.on_cfg_denoiser(params)
+    assert calls == [1]
     script.postprocess(p, None, *args)
