@@ -109,10 +109,9 @@ def _hypernetworks_bypassed(diffusion_model: Any) -> bool:
     shared = sys.modules.get("modules.shared")
     if not getattr(shared, "loaded_hypernetworks", None):
         return False
-    for module in diffusion_model.modules():
-        if type(module).__name__ == "BasicTransformerBlock" and getattr(module, "attn2", None) is not None:
-            code = getattr(type(module.attn2).forward, "__code__", None)
-            return code is not None and "loaded_hypernetworks" in code.co_names
+    for _name, block in _attn2_blocks(diffusion_model):
+        code = getattr(type(block.attn2).forward, "__code__", None)
+        return code is not None and "loaded_hypernetworks" in code.co_names
     return False
 
 
@@ -144,6 +143,17 @@ def host_of(diffusion_model: Any) -> str:
     return FORGE_HOST
 
 
+def _attn2_blocks(diffusion_model: Any) -> Iterator[tuple[str, Any]]:
+    """(name, module) of every ``BasicTransformerBlock`` with an attn2, a compiled model read through
+    the module it wraps (see :func:`attn2_sites`)."""
+    original = getattr(diffusion_model, "_orig_mod", None)
+    if isinstance(original, torch.nn.Module):
+        diffusion_model = original
+    for name, module in diffusion_model.named_modules():
+        if type(module).__name__ == "BasicTransformerBlock" and getattr(module, "attn2", None) is not None:
+            yield name, module
+
+
 def attn2_sites(diffusion_model: Any) -> Iterator[Site]:
     """Patch keys ``(block, number, transformer_index)`` of every ``BasicTransformerBlock`` with attn2.
 
@@ -151,12 +161,7 @@ def attn2_sites(diffusion_model: Any) -> Iterator[Site]:
     ``OptimizedModule``) is read through the module it wraps: its names carry an ``_orig_mod.``
     prefix the patch keys do not have, and PLADIS found no site and did nothing there.
     """
-    original = getattr(diffusion_model, "_orig_mod", None)
-    if isinstance(original, torch.nn.Module):
-        diffusion_model = original
-    for name, module in diffusion_model.named_modules():
-        if type(module).__name__ != "BasicTransformerBlock" or getattr(module, "attn2", None) is None:
-            continue
+    for name, _block in _attn2_blocks(diffusion_model):
         match = _SITE_NAME.match(name)
         if match is None:
             continue

@@ -102,9 +102,9 @@ def params_from_infotext(fields: Mapping[str, Any]) -> PladisParams:
 # allowed. Why raise: the API's ``infotext`` field (``api.py`` ``apply_infotext``) lets it through,
 # failing the request with that message, where None would run PLADIS with the defaults instead of
 # what the infotext says; a UI paste reports it and leaves that control as it was
-# (``infotext_utils.connect_paste``). Other UI pastes catch nothing: there the error is logged and the
-# control left as it was (see _called_from_guarded_caller). Plain key strings
-# would reach the host's own ``float()``, whose message names neither PLADIS nor the range.
+# (``infotext_utils.connect_paste``). Other UI pastes catch nothing: there the error is logged and
+# the control left as it was (see _called_from_guarded_caller). Plain key strings would reach the
+# host's own ``float()``, whose message names neither PLADIS nor the range.
 def paste_enabled(fields: Mapping[str, Any]) -> bool:
     """Turn the accordion on exactly when the image was made with PLADIS (off otherwise)."""
     return ALPHA_KEY in fields
@@ -149,9 +149,9 @@ GUARDED_PASTE = ("modules.infotext_utils", "paste_func")
 error (``errors.report``) and leaves the control as it was: A1111 1.10, Forge and reForge
 (``connect_paste.paste_func``). A1111 1.8–1.9 have the same name without the ``try``."""
 
-API_CALLERS = ("apply_infotext", "get_field_value")
-"""The API's ``infotext`` field (``Api.apply_infotext`` and its ``get_field_value``): an error fails the
-request naming the value, instead of running PLADIS with defaults."""
+API_INFOTEXT = "apply_infotext"
+"""The API's ``infotext`` field (``Api.apply_infotext``, directly or through its ``get_field_value``):
+an error fails the request naming the value, instead of running PLADIS with defaults."""
 
 
 def _called_from_guarded_caller() -> bool:
@@ -171,13 +171,9 @@ def _called_from_guarded_caller() -> bool:
     if (module, name) == GUARDED_PASTE:
         # A1111 1.8–1.9 have the same paste_func without the try: it must report errors to count.
         return {"errors", "report"} <= set(caller.f_code.co_names)
-    if name == "apply_infotext":
-        return True
-    return (
-        name == "get_field_value"
-        and caller.f_back is not None
-        and caller.f_back.f_code.co_name in API_CALLERS
-    )
+    if name == "get_field_value" and caller.f_back is not None:
+        name = caller.f_back.f_code.co_name
+    return name == API_INFOTEXT
 
 
 def _checked_range(text: Any) -> tuple[float, float]:
