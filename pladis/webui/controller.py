@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,7 @@ class Controller:
     def process(self, p: Any, args: Sequence[Any]) -> PladisParams | None:
         """Parse the args (+ X/Y/Z overrides), write infotext, clean up, configure PLADIS for ``p``."""
         self.patcher.end()  # leftovers of a crashed or enclosing generation must not leak into this one
+        _restore_switched_forge_models(None)
         self.patcher.new_generation()
         _undo_fail_at_init(p)
         setattr(p, GENERATION_ATTR, None)
@@ -182,6 +184,7 @@ class Controller:
     def unload(self) -> None:
         """``on_script_unloaded``: leave nothing behind before the WebUI reloads scripts."""
         self.patcher.end()
+        _restore_switched_forge_models(None)
 
 
 CONTROLLER = Controller()
@@ -189,9 +192,15 @@ CONTROLLER = Controller()
 FORGE_MODEL_ATTR = "_pladis_forge_model"
 """Attribute of a processing object: the model PLADIS last applied to on Forge (``p.sd_model``)."""
 
-FORGE_SWITCHED_ATTR = "_pladis_forge_switched"
-"""Attribute of a processing object: ``(forge_objects, their patcher, PLADIS's clone)`` of models a
-refiner switch brought in, to put back in ``postprocess``."""
+SWITCHED_ATTR = "_pladis_switched"
+"""Attribute of the ``forge_objects`` of a model a refiner switch brought in: ``(its patcher, PLADIS's
+clone, the processing object's weak reference)``, to put back (:func:`_restore_switched_forge_models`)."""
+
+_switched: weakref.WeakSet[Any] = weakref.WeakSet()
+"""The ``forge_objects`` that carry a :data:`SWITCHED_ATTR` record, kept weakly: an evicted model goes."""
+
+_switched_strongly: dict[int, Any] = {}
+"""Such ``forge_objects`` that take no weak reference (Forge's do), by id, until they are restored."""
 
 
 def _forge_unet(p: Any) -> Any:
@@ -208,8 +217,9 @@ def _apply_forge(p: Any, generation: Generation, switched: bool = False) -> None
     used from that call on. Keyed on the model, not the patcher: an extension that swaps the patcher
     of the same model is left as it was before. The model is remembered even when applying fails, so
     a failure is not retried on every call. A switched model's own patcher is put back afterwards
-    (:func:`_restore_switched_forge_models`): Forge resets ``forge_objects`` before each pass anyway,
-    but a host that keeps the refiner object loaded must not keep our clone on it.
+    (:func:`_restore_switched_forge_models`, also after a crash: :func:`_remember_switched`): Forge
+    resets ``forge_objects`` before each pass anyway, but a host that keeps the refiner object loaded
+    must not keep our clone on it.
     """
     forge = importlib.import_module("pladis.hosts.forge")
     before = _forge_unet(p)
@@ -220,18 +230,48 @@ def _apply_forge(p: Any, generation: Generation, switched: bool = False) -> None
             setattr(p, FORGE_MODEL_ATTR, getattr(p, "sd_model", None))
     after = _forge_unet(p)
     if switched and after is not before:
-        record = (p.sd_model.forge_objects, before, after)
-        with contextlib.suppress(AttributeError, TypeError):
-            setattr(p, FORGE_SWITCHED_ATTR, [*getattr(p, FORGE_SWITCHED_ATTR, ()), record])
+        _remember_switched(p.sd_model.forge_objects, before, after, a1111.weak_owner(p))
+
+
+def _remember_switched(objects: Any, original: Any, ours: Any, owner: Callable[[], Any]) -> None:
+    """Record on ``objects`` that PLADIS's clone ``ours`` replaced ``original``, for the restore.
+
+    Why on the objects, in a process-wide weak set, and not on ``p``: ``postprocess`` is skipped when
+    a generation raises after the switch (e.g. out of memory in the VAE decode), and a host with a
+    checkpoint cache (reForge) hands the same refiner object to later generations without resetting
+    its ``forge_objects``: they would run PLADIS's clone, even with PLADIS off. The next ``process``
+    restores it. Held by the objects themselves, so an evicted model is not kept alive. A second
+    record on the same objects keeps the first original: never one of PLADIS's clones.
+    """
+    previous = getattr(objects, SWITCHED_ATTR, None)
+    if previous is not None and getattr(objects, "unet", None) is ours and previous[1] is original:
+        original = previous[0]
+    try:
+        setattr(objects, SWITCHED_ATTR, (original, ours, owner))
+    except (AttributeError, TypeError):  # objects that take no attribute
+        log.warning("PLADIS: cannot remember the refiner's own UNet patcher; a crash may leave PLADIS on it")
+        return
+    try:
+        _switched.add(objects)
+    except TypeError:  # no weak reference: held until the next restore
+        _switched_strongly[id(objects)] = objects
 
 
 def _restore_switched_forge_models(p: Any) -> None:
-    """Put back the patchers of models a refiner switch brought in, where PLADIS's clone is still on."""
-    for objects, original, ours in getattr(p, FORGE_SWITCHED_ATTR, ()) or ():
-        if getattr(objects, "unet", None) is ours:
+    """Put back the patchers of models a refiner switch brought in, where PLADIS's clone is still on:
+    those of ``p`` and of processing objects that are gone (``postprocess``), or all (``p`` None:
+    a new generation, script unload)."""
+    for objects in [*_switched, *_switched_strongly.values()]:
+        original, ours, owner = getattr(objects, SWITCHED_ATTR, (None, None, lambda: None))
+        current = owner()
+        if p is not None and current is not None and current is not p:
+            continue
+        if ours is not None and getattr(objects, "unet", None) is ours:
             objects.unet = original
-    with contextlib.suppress(AttributeError, TypeError):
-        setattr(p, FORGE_SWITCHED_ATTR, [])
+        with contextlib.suppress(AttributeError):
+            delattr(objects, SWITCHED_ATTR)
+        if _switched_strongly.pop(id(objects), None) is None:
+            _switched.discard(objects)
 
 
 def idle_reason(params: PladisParams, host: str) -> str | None:

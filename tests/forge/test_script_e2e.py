@@ -8,6 +8,7 @@ reset → hook call #2 → sampling → ``postprocess``.
 import contextlib
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -148,6 +149,59 @@ def test_a_refiner_loaded_mid_sampling_gets_pladis_from_on_cfg_denoiser(forge_ho
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
     script.postprocess(p, None, *args)
     assert p.sd_model.forge_objects.unet is refiner  # a host that keeps the refiner loaded gets it back
+
+
+@pytest.mark.parametrize("weak", [True, False], ids=["ForgeObjects", "no-weakref"])
+@pytest.mark.parametrize("next_enabled", [False, True])
+def test_a_crash_after_the_refiner_switch_leaves_no_pladis_on_a_cached_refiner(
+    forge_host, script, next_enabled, weak
+):
+    # reForge with a checkpoint cache hands the same refiner object to later generations without
+    # resetting its forge_objects, and postprocess is skipped when a generation raises after the
+    # switch (out of memory in the VAE decode): the next generation must not run PLADIS's old clone
+    # (PLADIS off), nor take it for the refiner's own patcher (PLADIS on).
+    from types import SimpleNamespace
+
+    from pladis.hosts.forge import installed_sites
+    from pladis.hosts.forge_attn2 import PRIOR
+    from pladis.webui.controller import CONTROLLER
+
+    tk = forge_host
+    refiner = tk.unet_patcher(seed=1)
+    refiner_model = tk.processing(refiner).sd_model  # kept loaded between generations
+    if not weak:  # a fork's holder that takes no weak reference: held until restored
+        from types import SimpleNamespace as NoWeakref
+
+        refiner_model.forge_objects = NoWeakref(unet=refiner)
+    x, cond, uncond = inputs()
+
+    def generation(enabled: bool, alpha: float, finish: bool) -> Any:
+        p = tk.processing(tk.unet_patcher(seed=0))
+        p.extra_generation_params = {}
+        args = (enabled, alpha, 2.0, ["down", "up"], 0.0, 1.0)
+        script.process(p, *args)
+        tk.reset(p)
+        script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+        p.sd_model = refiner_model  # the switch
+        CONTROLLER.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(p=p)))
+        used = refiner_model.forge_objects.unet
+        if finish:
+            script.postprocess(p, None, *args)
+        return used
+
+    crashed = generation(True, 1.5, finish=False)
+    assert installed_sites(crashed)  # no postprocess: the clone is still on the refiner
+    used = generation(next_enabled, 1.75, finish=True)
+    if next_enabled:
+        assert used is not crashed and installed_sites(used)
+        assert {fn.pladis_settings["alpha"] for fn in installed_sites(used).values()} == {1.75}
+        assert all(
+            getattr(fn, PRIOR) is None for fn in installed_sites(used).values()
+        )  # not chained on the old
+    else:
+        assert used is refiner  # the refiner's own patcher, PLADIS off
+    assert refiner_model.forge_objects.unet is refiner
+    assert refiner.model_options == {"transformer_options": {}}
 
 
 def test_on_cfg_denoiser_leaves_a_patcher_swapped_on_the_same_model_alone(forge_host, script, monkeypatch):

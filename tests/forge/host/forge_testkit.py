@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import entmax as entmax_package
 import torch
+from backend.diffusion_engine.base import ForgeObjects
 from backend.modules.k_model import KModel
 from backend.modules.k_prediction import Prediction, PredictionFlux
 from backend.nn.chroma import IntegratedChromaTransformer2DModel
@@ -47,8 +48,8 @@ def flux_patcher(seed=0, chroma=False, neo=False):
 
 def processing(patcher):
     """``p`` with Forge's forge_objects (+ the clean copy Forge re-assigns before each sampling pass)."""
-    objects = SimpleNamespace(unet=patcher)
-    original = SimpleNamespace(unet=patcher)
+    objects = ForgeObjects(patcher)
+    original = ForgeObjects(patcher)
     return SimpleNamespace(
         sd_model=SimpleNamespace(forge_objects=objects, forge_objects_after_applying_lora=original)
     )
@@ -56,7 +57,7 @@ def processing(patcher):
 
 def reset(p):
     """What Forge's processing does before every ``process_before_every_sampling`` call."""
-    p.sd_model.forge_objects = SimpleNamespace(unet=p.sd_model.forge_objects_after_applying_lora.unet)
+    p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
 
 
 _loaded = {}  # id(model) -> the patcher loaded on it (memory_management's current_loaded_models)
