@@ -142,8 +142,13 @@ def _power(t: Tensor, exponent: float, out: Tensor) -> Tensor:
             return torch.pow(t, exponent, out=out)
         return _exp2_scaled_(_log2(torch.clamp_min(t, _LOG_FLOOR, out=out), out), exponent)
     whole = round(exponent)
-    if whole <= 1:
-        return out.fill_(1.0) if whole == 0 else out.copy_(t)
+    if whole == 0:
+        # 0^0 = 1 (as torch.pow); an exponent within 1e-9 above 0 (β − 1 for α within 1e-9 of 2)
+        # keeps 0 at 0, as 0^e for e > 0: a fill with ones counted the keys off the support in the
+        # slope (review helper-74: Newton crept, and α = 2 − 1e-10 came out 3.6e-4 off sparsemax).
+        return out.fill_(1.0) if exponent == 0.0 else torch.gt(t, 0.0, out=out)
+    if whole == 1:
+        return out.copy_(t)
     bits = bin(whole)[3:]  # left-to-right binary powering: square, then times t on a 1 bit
     torch.mul(t, t, out=out)
     if bits[0] == "1":

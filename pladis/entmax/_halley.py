@@ -457,7 +457,14 @@ def _taylor_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, out: 
     """
     if not cpu_variant(t) or _keys_may_leave(step, beta, t.shape[-1]):  # GPUs: no sync for the test
         powered.mul_(torch.gt(t, step, out=out))
-    return _taylor_quadratic(t, step, beta, out).mul_(powered)
+    weights = _taylor_quadratic(t, step, beta, out).mul_(powered)
+    # The quadratic's minimum, β(β − 2)/4·δ², is within float32 rounding of 0 for β just above 2
+    # (α just below 1.5): there it can come out negative (−3e-14 at β = 2 + 3e-9, review helper-74).
+    return weights.clamp_min_(0.0) if beta < _QUADRATIC_CLAMP_BELOW_BETA else weights
+
+
+_QUADRATIC_CLAMP_BELOW_BETA = 2.001
+"""Below this β the second-order weights are clamped at 0 (a pass more, for α in (1.4998, 1.5) only)."""
 
 
 def _taylor_quadratic(t: Tensor, step: Tensor, beta: float, out: Tensor) -> Tensor:

@@ -196,7 +196,9 @@ def test_narrow_rows_are_solved_whole_without_gathering(
     assert (got.sum(-1) - 1).abs().max().item() <= 1e-6
 
 
-@pytest.mark.parametrize("exponent", [0.0, 1.0, 2.0, 3.0, 9.0, 1 / (1.1 - 1) - 1, 10.0, 19.0, 2.5, 40.0])
+@pytest.mark.parametrize(
+    "exponent", [0.0, 1e-10, 1.0, 2.0, 3.0, 9.0, 1 / (1.1 - 1) - 1, 10.0, 19.0, 2.5, 40.0]
+)
 def test_power_by_multiplication_matches_float64_pow(
     exponent: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1316,3 +1318,41 @@ def test_solver_namespace_patches_every_module_that_binds_a_name(monkeypatch) ->
         monkeypatch.setattr(namespace, "no_such_name", 1)
     with pytest.raises(AttributeError, match=r"no module of pladis\.entmax binds 'no_such_name'"):
         namespace.no_such_name = 1
+
+
+@pytest.mark.parametrize("alpha", [2 - 1e-10, 2 - 1e-11, 2 - 2e-9])
+def test_alpha_within_1e_9_of_2_is_sparsemax_on_the_float64_finish(alpha: float) -> None:
+    # β − 1 ≤ 1e-9 is a whole exponent 0 for the powers: keys off the support must stay 0 in the
+    # Newton slope (they were counted as 1). 31 all-equal rows make the sampled share pick whole
+    # rows; the padded-prompt row then needs the float64 finish (review helper-74: 3.6e-4 off).
+    row = torch.full((154,), -1.0)
+    row[:9] = torch.tensor([1.3863, 0.6645, 0.5910, 0.5405, 0.4787, 0.2662, 0.2473, 0.1836, 0.1572])
+    row[9:74] = torch.linspace(0.1470, 0.1484, 65)
+    scores = torch.zeros(32, 154)
+    scores[31] = row
+    expected = reference_entmax(scores.double(), 2.0)
+    assert (entmax(scores, alpha).double() - expected).abs().max().item() <= tolerance(alpha)
+
+
+def test_weights_are_never_negative_just_below_alpha_1_5_with_keys_tied_at_the_support_edge() -> None:
+    # β just above 2: the second-order weights' quadratic has its minimum within float32 rounding of
+    # 0 and came out at −3e-14 on such rows (review helper-74).
+    alpha = 1.0 + 1.0 / (2.0 + 3e-9)
+    gen = torch.Generator().manual_seed(2)
+    rows = []
+    for r in range(200):
+        top = int(torch.randint(1, 6, (1,), generator=gen))
+        edge = -(top ** -(alpha - 1.0)) / (alpha - 1.0)  # where keys enter the support
+        row = torch.randn(97, generator=gen, dtype=torch.float64) * 0.5 + edge - 3.0
+        row[:top] = 0.0
+        tied = int(torch.randint(0, 98 - top, (1,), generator=gen))
+        row[top : top + tied] = edge
+        row = (row + float(torch.randn(1, generator=gen)) * 3).float()
+        if r % 3 and tied:  # ±1 ulp around the edge on two rows in three
+            towards = torch.tensor(math.inf if r % 3 == 1 else -math.inf)
+            row[top : top + tied] = torch.nextafter(row[top : top + tied], towards)
+        rows.append(row[torch.randperm(97, generator=gen)])
+    scores = torch.stack(rows)
+    weights = entmax(scores, alpha)
+    assert weights.min().item() >= 0.0
+    assert (weights.double() - reference_entmax(scores, alpha)).abs().max().item() <= tolerance(alpha)
