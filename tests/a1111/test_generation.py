@@ -550,3 +550,59 @@ def test_model_warning_comes_once_per_generation_not_per_sampling_pass(webui, mo
         assert [r.getMessage() for r in caplog.records].count(message) == 1
         _generate(webui, model, True, 1.5, 2.0, data=kit.inputs(), **kw)
     assert [r.getMessage() for r in caplog.records].count(message) == 2
+
+
+def test_an_unguarded_sampler_is_patched_and_restored_by_the_backup_paths(webui, monkeypatch):
+    # A sampler whose launch_sampling cannot be wrapped (slots, a read-only attribute: not A1111's own)
+    # is patched from process_before_every_sampling and restored by postprocess; after a crash
+    # (postprocess skipped, patches left on) a foreign generation runs stock, and the next
+    # generation's process removes the patches before anything else.
+    monkeypatch.setattr(a1111, "guard_sampling", lambda *args: False)
+    kit = webui.kit
+    model = kit.sd15()
+    data = kit.inputs()
+    baseline = _reference(webui, model, data)
+    out, _ = _generate(webui, model, True, 1.5, 2.0, data=data)
+    assert kit.instance_forwards(model) == []  # postprocess restored
+    oracle = _reference(webui, model, data, oracle={"alpha": 1.5, "lam": 2.0})
+    torch.testing.assert_close(out, oracle, atol=1e-5, rtol=1e-4)
+
+    def crash(p):
+        handle = model.model.diffusion_model.middle_block.register_forward_pre_hook(
+            lambda *_: (_ for _ in ()).throw(RuntimeError("boom"))
+        )
+        with pytest.raises(RuntimeError, match="boom"):
+            kit.run(p)
+        handle.remove()
+        assert kit.instance_forwards(model) != []  # unguarded: nothing restored yet
+
+    kit.use_models(model)
+    crashed = kit.txt2img(webui.runner, kit.script_args(webui.runner, True, 1.5, 2.0), data=data)
+    crash(crashed)  # ``crashed`` stays alive: its session would still apply
+    kit.use_models(model)
+    foreign, _ = kit.run(kit.txt2img(None, (), data=data))
+    assert torch.equal(foreign, baseline)
+    assert kit.instance_forwards(model) == []
+
+    again = kit.txt2img(webui.runner, kit.script_args(webui.runner, True, 1.5, 2.0), data=data)
+    crash(again)
+    kit.use_models(model)
+    nxt = kit.txt2img(webui.runner, kit.script_args(webui.runner, False), data=data)
+    webui.controller.process(nxt, (False,))
+    assert kit.instance_forwards(model) == []  # gone before the next generation does anything
+    assert crashed is not None and again is not None
+
+
+def test_a_request_that_failed_validation_is_usable_once_processed_with_valid_values(webui):
+    # process() marks a processing object whose PLADIS values are bad so that p.init raises; the same
+    # object processed again with valid values (a script re-running it) must not keep that error.
+    from pladis.webui.controller import FAILED_INIT_ATTR
+
+    kit, controller = webui.kit, webui.controller
+    kit.use_models(kit.sd15())
+    p = kit.txt2img(webui.runner, kit.script_args(webui.runner, True))
+    controller.process(p, (True, 5.0))
+    with pytest.raises(ValueError, match="alpha"):
+        p.init([], [], [])
+    controller.process(p, (True, 1.5))
+    assert FAILED_INIT_ATTR not in vars(p) and "init" not in vars(p)

@@ -388,9 +388,15 @@ def test_alpha_just_above_one_goes_to_the_kernel_too(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("alpha", [1.5, 1.75])
-def test_calls_under_and_outside_inference_mode_can_alternate(alpha: float) -> None:
+def test_calls_under_and_outside_inference_mode_can_alternate(
+    alpha: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The CPU buffers are kept between calls; ones made under inference mode cannot be written
-    # outside it, so a later plain call must not reuse them.
+    # outside it, so a later plain call must not reuse them. No buffers kept from earlier tests: the
+    # first call here must be the one that makes them.
+    from pladis import attention
+
+    monkeypatch.setattr(attention, "_kept_workspaces", {})
     q, k, v = qkv(1, 2, 33, 77, 16, seed=21)
     with torch.inference_mode():
         first = pladis_attention(q, k, v, alpha=alpha, lam=2.0)
@@ -749,3 +755,41 @@ class _DeviceTypeView(torch.Tensor):
             for key, value in (kwargs or {}).items()
         }
         return func(*unwrapped, **kwargs)
+
+
+def test_a_broken_triton_install_falls_back_to_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Triton imports but fails when asked (a driver or version mismatch): the torch path answers.
+    from pladis import attention, triton_kernel
+
+    def broken(*args):
+        raise RuntimeError("broken triton install")
+
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("PLADIS_FORCE_TORCH", raising=False)
+    _, k, v = qkv(1, 2, 9, 77, 16, seed=23)
+    cuda_like = SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(triton_kernel, "is_supported", lambda *args: True)
+    assert attention._fused_kernel(cuda_like, k, v, None) is triton_kernel.pladis_attention_triton
+    monkeypatch.setattr(triton_kernel, "is_supported", broken)
+    assert attention._fused_kernel(cuda_like, k, v, None) is None
+
+
+def test_buffers_are_kept_between_calls_on_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GPU memory is too precious to hold score-sized buffers between calls: off CPU each call gets a
+    # fresh workspace, and nothing is added to the kept ones.
+    from pladis import attention
+
+    monkeypatch.setattr(attention, "_kept_workspaces", {})
+    with (
+        attention._workspace(torch.device("meta")) as first,
+        attention._workspace(torch.device("meta")) as second,
+    ):
+        assert first is not second
+    with attention._workspace(torch.device("meta")) as third:
+        assert third is not first
+    assert attention._kept_workspaces == {}
+    with attention._workspace(torch.device("cpu")) as kept:
+        pass
+    with attention._workspace(torch.device("cpu")) as again:
+        assert again is kept

@@ -48,6 +48,12 @@ def test_mapping_with_aliases_and_base() -> None:
     p = params_from_mapping({"enabled": True, "lambda": "3", "layers": ["up"], "start": 0.1, "end": None})
     assert (p.enabled, p.lam, p.layers, p.start, p.end) == (True, 3.0, ("up",), 0.1, 1.0)
     assert params_from_mapping({"alpha": 2}, base=p).lam == 3.0
+    # None (an API null) keeps the base's value, field by field
+    kept = params_from_mapping(
+        {"enabled": None, "alpha": None, "lam": None, "layers": None, "start": None}, base=p
+    )
+    assert kept == p
+    assert params_from_mapping({"alpha": None}, base=PladisParams(alpha=1.8)).alpha == 1.8
 
 
 def test_replace_revalidates() -> None:
@@ -86,6 +92,7 @@ BAD_CASES = {
     "alpha nan": ({"alpha": math.nan}, r"alpha: nan is outside the allowed range \[1, 2\]"),
     "alpha inf": ({"alpha": math.inf}, r"alpha: inf is outside the allowed range \[1, 2\]"),
     "alpha beyond float": ({"alpha": 10**400}, r"alpha: inf is outside the allowed range \[1, 2\]"),
+    "lambda below float": ({"lam": -(10**400)}, r"lambda: -inf is outside the allowed range \[0, 10\]"),
     "alpha wrong type": ({"alpha": [1.5]}, r"alpha: expected a number in \[1, 2\], got \[1\.5\]"),
     "alpha not a number string": ({"alpha": "high"}, r"alpha: expected a number in \[1, 2\], got 'high'"),
     "alpha boolean": ({"alpha": True}, r"alpha: expected a number in \[1, 2\], got the boolean True"),
@@ -142,6 +149,8 @@ def test_each_invalid_parameter_raises_value_error_naming_it(case: str) -> None:
         ({"layers": ("down", "top")}, r"layers: unknown layer group 'top'"),
         ({"layers": {"up": False}}, r"layers: expected a list"),
         ({"start": 0.9, "end": 0.1}, r"start/end"),
+        ({"alpha": True}, r"alpha: expected a number in \[1, 2\], got True of type bool"),
+        ({"lam": False}, r"lambda: expected a number in \[0, 10\], got False of type bool"),
     ],
 )
 def test_the_constructor_validates_too(kwargs: dict, message: str) -> None:

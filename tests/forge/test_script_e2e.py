@@ -93,8 +93,9 @@ def test_disabled_script_leaves_forge_objects_alone(forge_host, script):
     assert original.model_options == {"transformer_options": {}}
 
 
-def test_flux_with_no_layer_group_ticked_still_gets_pladis(forge_host, script):
-    # The Layers option does not apply to Flux: the script must reach the Forge adapter without one.
+def test_flux_with_no_layer_group_ticked_still_gets_pladis(forge_host, script, caplog):
+    # The Layers option does not apply to Flux: the script must reach the Forge adapter without one,
+    # and must not say that PLADIS changes nothing.
     from pladis.hosts.flux import is_ours
 
     tk = forge_host
@@ -107,6 +108,7 @@ def test_flux_with_no_layer_group_ticked_still_gets_pladis(forge_host, script):
     script.process_before_every_sampling(p, *args)
     patched = p.sd_model.forge_objects.unet
     assert patched is not original and is_ours(patched.model_options["model_function_wrapper"])
+    assert not [r for r in caplog.records if "changes nothing" in r.getMessage()]
 
 
 def test_a_refiner_loaded_mid_sampling_gets_pladis_from_on_cfg_denoiser(forge_host, script):
@@ -149,6 +151,31 @@ def test_a_refiner_loaded_mid_sampling_gets_pladis_from_on_cfg_denoiser(forge_ho
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
     script.postprocess(p, None, *args)
     assert p.sd_model.forge_objects.unet is refiner  # a host that keeps the refiner loaded gets it back
+
+
+def test_a_patcher_set_on_the_refiner_after_pladis_is_kept_at_postprocess(forge_host, script):
+    # Only PLADIS's own clone is taken off the switched model: another extension's patcher, set after
+    # PLADIS's, stays.
+    from types import SimpleNamespace
+
+    from pladis.webui.controller import CONTROLLER
+
+    tk = forge_host
+    p = tk.processing(tk.unet_patcher(seed=0))
+    p.extra_generation_params = {}
+    args = (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0)
+    x, cond, uncond = inputs()
+    script.process(p, *args)
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    refiner = tk.unet_patcher(seed=1)
+    p.sd_model = tk.processing(refiner).sd_model
+    CONTROLLER.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(p=p)))
+    assert p.sd_model.forge_objects.unet is not refiner
+    theirs = tk.unet_patcher(seed=2)
+    p.sd_model.forge_objects.unet = theirs
+    script.postprocess(p, None, *args)
+    assert p.sd_model.forge_objects.unet is theirs
 
 
 @pytest.mark.parametrize("weak", [True, False], ids=["ForgeObjects", "no-weakref"])
