@@ -111,28 +111,34 @@ def test_flux_with_no_layer_group_ticked_still_gets_pladis(forge_host, script, c
     assert not [r for r in caplog.records if "changes nothing" in r.getMessage()]
 
 
+def _first_pass(tk, script, args: tuple, seed: int = 0) -> tuple[Any, Any]:
+    """A Forge generation up to its first sampling pass: ``(p, the denoiser's on_cfg_denoiser params)``."""
+    from types import SimpleNamespace
+
+    p = tk.processing(tk.unet_patcher(seed=seed))
+    p.extra_generation_params = {}
+    x, cond, uncond = inputs()
+    script.process(p, *args)
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    return p, SimpleNamespace(denoiser=SimpleNamespace(p=p))
+
+
 def test_a_refiner_loaded_mid_sampling_gets_pladis_from_on_cfg_denoiser(forge_host, script):
     # Forge's SDXL refiner switch loads another model mid-sampling without calling the script hook;
     # its denoiser then reads the new model's forge_objects.unet on every call, after on_cfg_denoiser.
     # PLADIS patches a clone there, once, and leaves the refiner's own patcher untouched.
-    from types import SimpleNamespace
-
     from backend.nn.unet import EXPECTED_SITES
 
     from pladis.hosts.forge import installed_sites
     from pladis.webui.controller import CONTROLLER
 
     tk = forge_host
-    p = tk.processing(tk.unet_patcher(seed=0))
-    p.extra_generation_params = {}
     args = (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0)
     x, cond, uncond = inputs()
     sites = EXPECTED_SITES["down"] + EXPECTED_SITES["up"]
-    script.process(p, *args)
-    tk.reset(p)
-    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    p, params = _first_pass(tk, script, args)
     first = p.sd_model.forge_objects.unet
-    params = SimpleNamespace(denoiser=SimpleNamespace(p=p))
     for _ in range(2):
         CONTROLLER.on_cfg_denoiser(params)
         assert p.sd_model.forge_objects.unet is first  # the hook's clone: nothing more to do
@@ -156,21 +162,14 @@ def test_a_refiner_loaded_mid_sampling_gets_pladis_from_on_cfg_denoiser(forge_ho
 def test_a_patcher_set_on_the_refiner_after_pladis_is_kept_at_postprocess(forge_host, script):
     # Only PLADIS's own clone is taken off the switched model: another extension's patcher, set after
     # PLADIS's, stays.
-    from types import SimpleNamespace
-
     from pladis.webui.controller import CONTROLLER
 
     tk = forge_host
-    p = tk.processing(tk.unet_patcher(seed=0))
-    p.extra_generation_params = {}
     args = (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0)
-    x, cond, uncond = inputs()
-    script.process(p, *args)
-    tk.reset(p)
-    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    p, params = _first_pass(tk, script, args)
     refiner = tk.unet_patcher(seed=1)
     p.sd_model = tk.processing(refiner).sd_model
-    CONTROLLER.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(p=p)))
+    CONTROLLER.on_cfg_denoiser(params)
     assert p.sd_model.forge_objects.unet is not refiner
     theirs = tk.unet_patcher(seed=2)
     p.sd_model.forge_objects.unet = theirs
@@ -187,8 +186,6 @@ def test_a_crash_after_the_refiner_switch_leaves_no_pladis_on_a_cached_refiner(
     # resetting its forge_objects, and postprocess is skipped when a generation raises after the
     # switch (out of memory in the VAE decode): the next generation must not run PLADIS's old clone
     # (PLADIS off), nor take it for the refiner's own patcher (PLADIS on).
-    from types import SimpleNamespace
-
     from pladis.hosts.forge import installed_sites
     from pladis.hosts.forge_attn2 import PRIOR
     from pladis.webui.controller import CONTROLLER
@@ -200,17 +197,12 @@ def test_a_crash_after_the_refiner_switch_leaves_no_pladis_on_a_cached_refiner(
         from types import SimpleNamespace as NoWeakref
 
         refiner_model.forge_objects = NoWeakref(unet=refiner)
-    x, cond, uncond = inputs()
 
     def generation(enabled: bool, alpha: float, finish: bool) -> Any:
-        p = tk.processing(tk.unet_patcher(seed=0))
-        p.extra_generation_params = {}
         args = (enabled, alpha, 2.0, ["down", "up"], 0.0, 1.0)
-        script.process(p, *args)
-        tk.reset(p)
-        script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+        p, params = _first_pass(tk, script, args)
         p.sd_model = refiner_model  # the switch
-        CONTROLLER.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(p=p)))
+        CONTROLLER.on_cfg_denoiser(params)
         used = refiner_model.forge_objects.unet
         if finish:
             script.postprocess(p, None, *args)
