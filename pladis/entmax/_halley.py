@@ -60,6 +60,8 @@ some rows then need a third evaluation; at K = 231 within ±4 % at α 1.27–1.3
 α 1.4–1.42. At α 1.05–1.15 the interpolated start stays faster (up to 10 %)."""
 
 _LEAVING_MASS = 1e-9  # weight a row may keep on keys a last Taylor step takes out (see _taylor_weights)
+_QUADRATIC_CLAMP_BELOW_BETA = 2.001
+"""Below this β the second-order weights are clamped at 0 (a pass more, for α in (1.4998, 1.5) only)."""
 
 
 def _halley_solve(
@@ -461,10 +463,6 @@ def _taylor_weights(t: Tensor, powered: Tensor, step: Tensor, beta: float, out: 
     # The quadratic's minimum, β(β − 2)/4·δ², is within float32 rounding of 0 for β just above 2
     # (α just below 1.5): there it can come out negative (−3e-14 at β = 2 + 3e-9, review helper-74).
     return weights.clamp_min_(0.0) if beta < _QUADRATIC_CLAMP_BELOW_BETA else weights
-
-
-_QUADRATIC_CLAMP_BELOW_BETA = 2.001
-"""Below this β the second-order weights are clamped at 0 (a pass more, for α in (1.4998, 1.5) only)."""
 
 
 def _taylor_quadratic(t: Tensor, step: Tensor, beta: float, out: Tensor) -> Tensor:

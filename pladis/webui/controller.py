@@ -88,8 +88,7 @@ class Controller:
     # -- script hooks ------------------------------------------------------------------------------
     def process(self, p: Any, args: Sequence[Any]) -> PladisParams | None:
         """Parse the args (+ X/Y/Z overrides), write infotext, clean up, configure PLADIS for ``p``."""
-        self.patcher.end()  # leftovers of a crashed or enclosing generation must not leak into this one
-        _restore_switched_forge_models(None)
+        self.stop()  # leftovers of a crashed or enclosing generation must not leak into this one
         self.patcher.new_generation()
         _undo_fail_at_init(p)
         setattr(p, GENERATION_ATTR, None)
@@ -147,8 +146,10 @@ class Controller:
             setattr(p, GENERATION_ATTR, None)
 
     def stop(self) -> None:
-        """Remove every patch and disarm the running session (idempotent)."""
+        """Remove every patch, put back the refiner patchers PLADIS replaced on Forge, and disarm the
+        running session (idempotent)."""
         self.patcher.end()
+        _restore_switched_forge_models(None)
 
     def _activate(self, p: Any, generation: Generation) -> None:
         session = self.patcher.session
@@ -183,8 +184,7 @@ class Controller:
 
     def unload(self) -> None:
         """``on_script_unloaded``: leave nothing behind before the WebUI reloads scripts."""
-        self.patcher.end()
-        _restore_switched_forge_models(None)
+        self.stop()
 
 
 CONTROLLER = Controller()

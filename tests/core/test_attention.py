@@ -759,12 +759,12 @@ class _DeviceTypeView(torch.Tensor):
 
 def test_a_broken_triton_install_falls_back_to_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     # Triton imports but fails when asked (a driver or version mismatch): the torch path answers.
+    from types import SimpleNamespace
+
     from pladis import attention, triton_kernel
 
     def broken(*args):
         raise RuntimeError("broken triton install")
-
-    from types import SimpleNamespace
 
     monkeypatch.delenv("PLADIS_FORCE_TORCH", raising=False)
     _, k, v = qkv(1, 2, 9, 77, 16, seed=23)
