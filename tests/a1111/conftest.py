@@ -37,6 +37,7 @@ def host():
     from pladis.webui.controller import CONTROLLER
 
     CONTROLLER.stop()
+    CONTROLLER.patcher.new_generation()  # the process-wide patcher's once-per-generation warnings
     try:
         ns = types.SimpleNamespace(
             kit=importlib.import_module("pladis_testkit"),
@@ -57,6 +58,7 @@ def host():
         yield ns
     finally:
         CONTROLLER.stop()
+        CONTROLLER.patcher.new_generation()
         for name in [n for n in sys.modules if _is_host_module(n)]:
             del sys.modules[name]
         sys.modules.update(saved_modules)
