@@ -314,7 +314,7 @@ def test_forge_neo_signature_is_called_as_the_block_called_it(forge_host, monkey
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_forge_neo_masked_calls_are_left_as_the_host_computed_them(forge_host, caplog):
+def test_forge_neo_masked_calls_are_left_as_the_host_computed_them(forge_host, monkeypatch, caplog):
     import backend.nn.flux_neo as neo
 
     from pladis.hosts import flux
@@ -324,7 +324,7 @@ def test_forge_neo_masked_calls_are_left_as_the_host_computed_them(forge_host, c
     mask = torch.zeros(q.shape[0], 1, q.shape[2], q.shape[2])
     mask[..., TEXT - 1] = float("-inf")  # a padded text token
     replacement = make_joint_attention(neo.attention, TEXT, 1.5, 2.0)
-    flux._warned.discard(MASKED_WARNING)
+    monkeypatch.setattr(flux, "_warned", set())  # once per process: not said before, not kept after
     with caplog.at_level("WARNING", logger="pladis"):
         for _ in range(2):
             got = replacement(q, k, v, pe=pe, mask=mask, transformer_options={})
