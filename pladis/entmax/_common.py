@@ -43,7 +43,7 @@ _LOG_FLOOR = 2.0**-126  # smallest normal float32: log₂ of it is exactly −12
 _FLOAT64_NORMAL = 2.0**-1022  # smallest normal float64
 
 
-def cpu_variant(t: Tensor) -> bool:
+def cpu_variant(t: Tensor | ScaledScores) -> bool:
     """Whether the CPU-tuned variants apply to ``t``: fewer passes and cheap transcendentals there.
 
     Elsewhere (GPUs) the torch path is bound by kernel launches, so each step stays one op. Tests
@@ -88,7 +88,7 @@ class Workspace:
             self._buffers[name] = buf
         return buf[:n].view(shape)
 
-    def get(self, name: str, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    def get(self, name: str, like: Tensor | ScaledScores, dtype: torch.dtype = torch.float32) -> Tensor:
         """A buffer shaped like ``like`` (float32 unless ``dtype`` says otherwise)."""
         return self.buffer(name, tuple(like.shape), like.device, dtype)
 

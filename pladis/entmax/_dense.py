@@ -209,7 +209,7 @@ def _equal_keys_start(tau: Tensor, beta: float) -> Tensor:
     return _row_power(tau.neg(), 2.0 / beta).neg_()
 
 
-def _lower_bound(x: Tensor | ScaledScores, beta: float, ws: Workspace) -> Tensor:
+def _lower_bound(x: Tensor | ScaledScores, beta: float, ws: Workspace | None) -> Tensor:
     """A starting τ at or below the root, as close as cheaply (without ``pow``) possible.
 
     τ = −1 always qualifies (the maximum of ``x`` is 0). For β ≤ 2 the ℓ2 norm bounds the ℓβ norm
