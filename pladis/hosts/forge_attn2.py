@@ -312,7 +312,7 @@ def make_attn2_replacement(
     # set_new_condition (forge.md §3), e.g. on hires fix's first hook call, which runs on the first
     # pass's patched model (§1.2). Chained on top of its patch, we hand that call down to it.
     if callable(getattr(prior, "set_new_condition", None)):
-        pladis_attn2.set_new_condition = prior.set_new_condition  # type: ignore[attr-defined]
+        pladis_attn2.set_new_condition = prior.set_new_condition  # type: ignore[attr-defined, union-attr]
     elif prior is None:
         pladis_attn2.set_new_condition = _ip_adapter_after_pladis  # type: ignore[attr-defined]
     # For logs/tests; plain values only. With a ``window``, sigma_hi/sigma_lo are its apply-time
