@@ -333,7 +333,8 @@ LAYOUTS_HELP = "heads: contiguous (B, H, N, d); packed: (B, N, H·d) split into 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # No docstring under ``python -OO``: the description is then left out.
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0] or None)
     parser.add_argument(
         "--shapes",
         nargs="*",

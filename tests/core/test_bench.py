@@ -117,3 +117,15 @@ def test_padded_keys_are_a_padded_prompts(layout: str, capsys) -> None:
     finally:
         del bench.SHAPES["tiny"]
     assert "keys padded" in capsys.readouterr().out
+
+
+def test_help_works_with_docstrings_stripped() -> None:
+    # `python -OO` strips docstrings: the description read from the module's one was None.split().
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-OO", "-m", "pladis.bench", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert "--alphas" in run.stdout
