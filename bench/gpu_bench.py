@@ -6,18 +6,19 @@ Usage (from the repository root, on a CUDA machine with torch, triton, entmax, d
     python bench/gpu_bench.py --ops-only --alphas 1.5 2
     python bench/gpu_bench.py --smoke              # tiny shapes; runs (degraded) without CUDA too
 
-Per op, for each (B, H, N, K, d) shape of SD1.5 / SDXL cross-attention (and K = 154), it times:
-``sdpa`` (stock ``F.scaled_dot_product_attention``), ``reference`` (explicit softmax + the ``entmax``
-package, blended before one V matmul, in the query dtype — what the official code does), ``torch``
-(our torch path, forced with ``PLADIS_FORCE_TORCH=1``) and ``kernel`` (the fused Triton kernel), with
-ratios to SDPA and the extra peak memory of one call (``torch.cuda.max_memory_allocated`` minus the
-memory held before the call; includes the output).
+Per op, for each (B, H, N, K, d) shape of SD1.5 / SDXL cross-attention (and long prompts, K = 154
+and 231), it times: ``sdpa`` (stock ``F.scaled_dot_product_attention``), ``reference`` (explicit
+softmax + the ``entmax`` package, blended before one V matmul, in the query dtype — what the official
+code does), ``torch`` (our torch path, forced with ``PLADIS_FORCE_TORCH=1``) and ``kernel`` (the fused
+Triton kernel), with ratios to SDPA and the extra peak memory of one call
+(``torch.cuda.max_memory_allocated`` minus the memory held before the call; includes the output).
 
 End to end, it builds ``UNet2DConditionModel`` from the published SD1.5 and SDXL-base configs (written
 inline, random weights, fp16, no download) and times one UNet forward (batch 2 = cond + uncond) with
 stock SDPA vs PLADIS installed by ``pladis.diffusers.apply_pladis`` (down+up, λ = 2) for each α.
 
-Timing: CUDA events, variants interleaved (the order rotates every round), medians over rounds.
+Timing: CUDA events, variants interleaved (ops: in an order shuffled every round, seeded; UNet
+steps: in an order rotated every round), medians over rounds.
 Without CUDA, wall-clock timing on CPU is used and the report says so (smoke test only).
 """
 
@@ -412,8 +413,8 @@ def _oracle(s: torch.Tensor, alpha: float, lam: float) -> torch.Tensor:
 def run_check(device: torch.device, quick: bool = False) -> bool:
     """Kernel vs a float64 oracle on this device (fp16/bf16/fp32, masks, α ∈ [1, 2]); True if all pass.
 
-    ``quick``: two tile sizes, two masks and one α per branch (under half the compilations, for short
-    GPU leases).
+    ``quick``: two tile sizes, two masks and one α per entmax branch, no softmax (under half the
+    compilations, for short GPU leases).
     """
     if not _has("entmax"):
         print("check: the entmax package is needed for the oracle")

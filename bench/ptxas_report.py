@@ -3,7 +3,7 @@
 Why: GPU time is scarce; registers, spills, shared memory, barriers and which matrix instructions were
 used explain most of the kernel's speed differences, and Triton can compile for any NVIDIA target on a
 machine without a GPU. On an H100 the fast tiles were the ones with few barriers (rows reduced inside a
-warp) and no spills — see ``_heuristic`` in ``pladis/triton_kernel.py``.
+warp) and no spills — see ``_measured_tile`` in ``pladis/triton_kernel.py``.
 
 Usage::
 

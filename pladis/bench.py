@@ -343,9 +343,10 @@ def main(argv: list[str] | None = None) -> None:
         metavar="SHAPE",
         help="names from SHAPES",
     )
-    # One α per solver: 1.5 and 2 (closed form), 1.1 and 1.25 (whole β), 1.3 (fractional β below
-    # 1.5, every key needs a fractional power), 1.75 and 1.9 (gathered keys), 1.01 (just above 1:
-    # weights around the softmax). Ratios are to the first.
+    # One α per solver: 1.5 and 2 (closed form), 1.1 and 1.25 (whole β; on CPU β = 10 takes Halley's
+    # steps, see _HALLEY_MIN_WHOLE_BETA), 1.3 (fractional β below 1.5, every key needs a fractional
+    # power), 1.75 and 1.9 (gathered keys), 1.01 (just above 1: weights around the softmax). Ratios are
+    # to the first.
     parser.add_argument(
         "--alphas", nargs="*", type=float, default=[1.5, 2.0, 1.1, 1.25, 1.3, 1.75, 1.9, 1.01]
     )

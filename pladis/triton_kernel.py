@@ -242,7 +242,10 @@ def _newton_steps(mode: int, block_k: int) -> int:
     """
     if mode == 4:
         return 2
-    if mode == 5:  # + the exact step: the three steps the torch path takes from the same mapped start
+    # Branch 5, + the exact step: three steps (four for K > 128) from the mapped start the torch path
+    # also takes, whose GPU variant now takes four there (GPU_NEWTON_STEPS; it took three when this
+    # branch was written).
+    if mode == 5:
         return 2 if block_k <= 128 else 3
     if mode == 1:
         return 3 if block_k <= 128 else 4

@@ -188,8 +188,9 @@ while −600 … −170 and −∞ were fast: with the floor at 2^-126, α = 1.1
 def _underflow_floor(exponent: float) -> float:
     """``2^-k`` with ``k·e ≈ _FAST_UNDERFLOW`` (k ≤ 126, a normal float32): its power e ≥ 2 is 0.
 
-    ``k ≥ 30`` for the exponents taken here (e ≤ 20): keys at or below the floor weigh less than
-    ``2^-600``, zero in float32 whatever the floor.
+    ``k ≥ 30`` for the exponents taken here (e ≤ 20): keys at or below the floor weigh at most
+    ``2^(−k·e)``, about ``2^-600`` (k = 126 below e ≈ 4.8: ``2^-252`` at e = 2), zero in float32
+    whatever the floor.
     """
     return 2.0 ** -min(126, math.floor(_FAST_UNDERFLOW / exponent))
 

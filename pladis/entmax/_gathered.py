@@ -167,7 +167,7 @@ def _whole_row_newton(
     top_first = -beta * math.log2(_LOG_FLOOR) >= _TOP_FIRST_MIN_EXPONENT  # α ≤ 1.787
 
     def evaluate() -> None:
-        # Keys off the support sit at 2^-126 instead of 0: their power is exactly 0 (see _moments).
+        # Keys off the support sit at 2^-126 instead of 0: their power is exactly 0 (see _exp2_scaled_).
         _shifted(x, tau.view(-1, 1), t, _LOG_FLOOR)
         if top_first:
             # t^β first: the floor's power underflows to 0 by itself, so no pass sets it to 0, and
@@ -279,7 +279,7 @@ def _newton_on_segments(
     shifted, gathered = buffers.get("shifted", n, values.dtype), buffers.get("tau", n, values.dtype)
 
     def evaluate() -> None:
-        # Keys off the support sit at 2^-126 instead of 0: their power is exactly 0 (see _moments).
+        # Keys off the support sit at 2^-126 instead of 0: their power is exactly 0 (see _exp2_scaled_).
         _shifted(values, torch.index_select(tau, 0, row, out=gathered), shifted, _LOG_FLOOR)
         lower = _exp2_scaled_(_log2(shifted, parts[0]), beta - 1.0)
         torch.mul(lower, shifted, out=parts[1])

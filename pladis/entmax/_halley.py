@@ -42,9 +42,9 @@ _THIRD_ORDER_MIN_BETA = 4.0
 second-order one's (K 77–231), when that lets all but a quarter of the rows finish after the evaluation.
 
 Why: at α 1.16–1.25 the interpolated start (:func:`_interpolated_start`) lands 1–3e-3 from the root
-on σ = 1 scores, beyond the second-order tolerance (5–8e-4) for 91–96 % of the rows, so every row
-took a second evaluation (eight passes) and α = 1.19 cost 1.6× α = 1.5; the third-order finish costs
-at most two passes more than the second-order one (and no mask for leaving keys). Measured per
+on σ = 1 scores, beyond the second-order tolerance (5–9e-4 at K = 77) for 91–96 % of the rows, so
+every row took a second evaluation (eight passes) and α = 1.19 cost 1.6× α = 1.5; the third-order
+finish costs at most two passes more than the second-order one (and no mask for leaving keys). Measured per
 1.5·2^20-score chunk (K = 77): α 1.17–1.19 9.3 → 8.3 ms at σ = 1, α 1.21 2–6 % faster, elsewhere
 within noise; at K = 231, σ = 1 most rows stay beyond it (no change). Below β = 4 (the mapped ℓ2
 start) 4–35 % of the rows were within it (float64, σ 0.5–2)."""
@@ -503,7 +503,7 @@ def _third_order_tolerance(beta: float, keys: int) -> float:
 
     The fourth-order remainder of ``(t − δ)^β`` is ``C·δ⁴·ξ^(β−4)``, ``C = β(β−1)(β−2)(β−3)/24``,
     ξ between ``t − δ`` and ``t``: at most ``(1 + |δ|)^(β−4)·C·δ⁴`` per key for β ≥ 4
-    (``_THIRD_ORDER_MIN_BETA``; ``t ≤ 1``; the factor is below 1.01 here). Keys a step carries
+    (``_THIRD_ORDER_MIN_BETA``; ``t ≤ 1``; the factor is below 1.011 here, K ≥ 77). Keys a step carries
     across τ are flagged as for the second-order tolerance (:func:`_flag_crossing_keys`).
     ``_THIRD_ORDER_SHARE`` of that step is taken: Halley's own error (cubic in the step) adds to the
     finish's, and at the whole bound it moved weights by up to 4.9e-7 (α = 1.2499, K = 231,
