@@ -8,7 +8,8 @@ patch into later generations. The original patcher is never modified.
 
 * SD1.x / SD2.x / SDXL UNets: one replacement per attn2 site of the selected layer groups
   (down = ``input``, mid = ``middle``, up = ``output``), keyed ``(block, number, transformer_index)``
-  like the host's own lookup (3-tuple first, then 2-tuple), chained with whatever was found there.
+  like the host's own lookup (3-tuple first, then 2-tuple), chained with whatever was found there;
+  none on a UNet compiled with Forge Neo's ``guard_filter_fn`` preset (see :mod:`.forge_compile`).
 * Flux / Chroma (Forge ``backend.nn``): a chained UNet function wrapper, see :mod:`pladis.hosts.flux`.
 
 No WebUI module is imported here at import time; host modules are looked up lazily.
@@ -28,7 +29,7 @@ import torch
 
 from pladis.params import PladisParams
 
-from . import flux
+from . import flux, forge_compile
 from .forge_attn2 import (
     FORGE_HOST,
     REFORGE_HOST,
@@ -75,6 +76,9 @@ def apply(p: Any, params: PladisParams) -> None:
         return
     window = live_sigma_window(unet.model, params, fallback=(sigma_hi, sigma_lo))
     sites = list(attn2_sites(diffusion_model))
+    if sites and forge_compile.guard_filtered(unet.model):
+        warn(forge_compile.SKIPPED)
+        return
     if sites:
         chosen = [site for site in sites if _group_of(site[0]) in params.layers]
         if not chosen:

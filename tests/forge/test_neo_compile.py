@@ -1,0 +1,275 @@
+"""Forge Neo's compile extension with its ``guard_filter_fn`` preset (``pladis.hosts.forge_compile``).
+
+Neo's ``extensions-builtin/sd_forge_compile/scripts/compile.py`` (Haoming02/sd-webui-forge-classic,
+read at 50df301 and 6c04e84) compiles the diffusion model with a guard filter that keeps only the
+guards whose name does not contain ``transformer_options``. Two revisions are stood in for:
+
+* 50df301: ``KModel.apply_model`` is wrapped; each call puts ``torch.compile(diffusion_model, …)`` in
+  place for the call (``torch.compile`` pops ``guard_filter_fn`` from the shared options dict, so
+  only the first call passes it, and later calls reuse its graphs); ``_torch_compile_config`` is
+  ``("guard_filter_fn",)``.
+* 6c04e84: ``diffusion_model`` is replaced by the compiled module once; ``_compile_config`` holds the
+  arguments (their ``options`` emptied by ``torch.compile``).
+
+Neo compiles with ``backend="inductor"``; these tests use ``"eager"`` (the guards, and so the stale
+graphs, are Dynamo's, whatever the backend; inductor would need a C compiler and minutes in CI).
+"""
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+ARGS = {
+    "off": (False, 1.5, 2.0, ["down", "up"], 0.0, 1.0),
+    "on": (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0),
+    "down only": (True, 2.0, 1.0, ["down"], 0.0, 1.0),
+}
+
+
+def neo_guard_filter(guard_entries):
+    """Neo's filter: keep the guards whose name does not mention ``transformer_options``."""
+    return [("transformer_options" not in entry.name) for entry in guard_entries]
+
+
+def _arguments(preset: str) -> dict:
+    """``torch.compile``'s arguments for a Neo preset (backend as Neo records it)."""
+    if preset == "guard_filter_fn":
+        return dict(
+            backend="inductor", dynamic=False, fullgraph=False, options={"guard_filter_fn": neo_guard_filter}
+        )
+    assert preset == "dynamic"
+    return dict(backend="inductor", dynamic=True, fullgraph=False)
+
+
+def compile_per_call(kmodel, preset: str) -> None:
+    """Neo 50df301: ``apply_model`` wrapped to compile the diffusion model for each call (one dict of
+    arguments for all calls), the preset recorded as ``_torch_compile_config``."""
+    if hasattr(kmodel, "_orig_apply_model"):
+        kmodel.apply_model = kmodel._orig_apply_model
+    config = {**_arguments(preset), "backend": "eager"}
+    original_apply = kmodel.apply_model
+
+    def apply_model(*args, **kwargs):
+        model = kmodel.diffusion_model
+        kmodel.diffusion_model = torch.compile(model, **config)
+        try:
+            return original_apply(*args, **kwargs)
+        finally:
+            kmodel.diffusion_model = model
+
+    kmodel.apply_model = apply_model
+    kmodel._orig_apply_model = original_apply
+    kmodel._torch_compile_config = (preset,)
+
+
+def compile_module(kmodel, preset: str) -> None:
+    """Neo 6c04e84: the diffusion model replaced by its compiled module, the arguments recorded as
+    ``_compile_config`` (the dict ``torch.compile`` was given, its options emptied by it)."""
+    model = getattr(kmodel, "_model_backup", kmodel.diffusion_model)
+    config = _arguments(preset)
+    compiled = torch.compile(model, **{**config, "backend": "eager"})  # shares config's options dict
+    kmodel._model_backup = model
+    kmodel.diffusion_model = compiled
+    kmodel._compile_config = config
+
+
+@contextlib.contextmanager
+def uncompiled(kmodel) -> Iterator[None]:
+    """The same model run eagerly (the expected outputs)."""
+    if hasattr(kmodel, "_orig_apply_model"):
+        compiled_apply = kmodel.apply_model
+        kmodel.apply_model = kmodel._orig_apply_model
+        try:
+            yield
+        finally:
+            kmodel.apply_model = compiled_apply
+    else:
+        compiled = kmodel.diffusion_model
+        kmodel.diffusion_model = kmodel._model_backup
+        try:
+            yield
+        finally:
+            kmodel.diffusion_model = compiled
+
+
+@pytest.fixture
+def neo_dynamo():
+    """Dynamo as Neo's compile script configures it; no graph kept across tests."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(suppress_errors=True):
+            yield
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.fixture
+def script(forge_host):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "pladis.py"
+    spec = importlib.util.spec_from_file_location("pladis_neo_compile_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module.PladisScript()
+    from pladis.webui.controller import CONTROLLER
+
+    CONTROLLER.stop()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    return tuple(torch.randn(2, *shape, generator=g) for shape in ((6, 8), (4, 6), (4, 6)))
+
+
+def _generation(tk, script, base, setting: str):
+    """One generation on ``base`` (its model compiled): the compiled and the eager outputs of the UNet
+    that was sampled (or the exception the compiled call raised), and the PLADIS sites on it."""
+    from pladis.hosts.forge import installed_sites
+
+    args = ARGS[setting]
+    x, cond, uncond = _inputs()
+    p = tk.processing(base)
+    p.extra_generation_params = {}
+    script.process(p, *args)
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    unet = p.sd_model.forge_objects.unet
+    try:
+        got: object = tk.denoise(unet, x, 3.0, cond, uncond)
+    except Exception as error:  # a stale graph's KeyError, for the test to report
+        got = error
+    with uncompiled(base.model):
+        expected = tk.denoise(unet, x, 3.0, cond, uncond)
+    script.postprocess(p, None, *args)
+    return got, expected, installed_sites(unet)
+
+
+def _same(got, expected) -> bool:
+    return not isinstance(got, Exception) and all(
+        torch.allclose(g, e, atol=1e-6, rtol=1e-6) for g, e in zip(got, expected, strict=True)
+    )
+
+
+VARIANTS = pytest.mark.parametrize(
+    "compile_like_neo", [compile_per_call, compile_module], ids=["50df301", "6c04e84"]
+)
+
+
+@VARIANTS
+def test_pladis_leaves_a_unet_compiled_with_the_guard_filter_preset_alone(
+    forge_host, script, neo_dynamo, compile_like_neo, caplog
+):
+    from pladis.hosts.forge_compile import SKIPPED
+
+    tk = forge_host
+    base = tk.unet_patcher()
+    compile_like_neo(base.model, "guard_filter_fn")
+    for setting in ["off", "on", "down only", "off", "on"]:
+        caplog.clear()
+        got, expected, sites = _generation(tk, script, base, setting)
+        assert _same(got, expected), setting
+        assert not sites, setting
+        assert (SKIPPED in caplog.text) == (setting != "off"), setting
+
+
+@VARIANTS
+def test_pladis_takes_effect_again_once_the_preset_is_left(forge_host, script, neo_dynamo, compile_like_neo):
+    # Other presets keep their guards and do not run the code compiled under this one: PLADIS works
+    # under them, before and after generations under the preset.
+    tk = forge_host
+    base = tk.unet_patcher()
+    x, cond, uncond = _inputs()
+    stock = tk.denoise(base, x, 3.0, cond, uncond)  # not compiled yet
+    for preset, setting in [
+        ("guard_filter_fn", "on"),
+        ("dynamic", "on"),
+        ("dynamic", "down only"),
+        ("dynamic", "off"),
+        ("guard_filter_fn", "on"),
+        ("dynamic", "on"),
+    ]:
+        compile_like_neo(base.model, preset)
+        got, expected, sites = _generation(tk, script, base, setting)
+        assert _same(got, expected), (preset, setting)
+        acts = preset == "dynamic" and setting != "off"
+        assert bool(sites) == acts, (preset, setting)
+        assert _same(expected, stock) != acts, (preset, setting)  # the comparison means something
+
+
+@VARIANTS
+def test_the_stand_in_reproduces_what_the_preset_does_to_pladis(
+    forge_host, script, neo_dynamo, compile_like_neo, monkeypatch
+):
+    # The control: without the skip the stand-in must show the failure it is for, or the tests above
+    # prove nothing. Installed under the preset, PLADIS set for the down layers runs on others too,
+    # and the next generation, PLADIS off, still runs the code traced with its patches.
+    from pladis.hosts import forge_compile
+
+    tk = forge_host
+    base = tk.unet_patcher()
+    monkeypatch.setattr(forge_compile, "guard_filtered", lambda kmodel: False)
+    compile_like_neo(base.model, "guard_filter_fn")
+    got, expected, sites = _generation(tk, script, base, "down only")
+    assert sites and not _same(got, expected)
+    got, expected, sites = _generation(tk, script, base, "off")
+    assert not sites and not _same(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "expected"),
+    [
+        ({"_torch_compile_config": ("guard_filter_fn",)}, True),
+        ({"_torch_compile_config": ("dynamic",)}, False),
+        ({"_torch_compile_config": ("max-autotune",)}, False),
+        ({"_compile_config": dict(backend="inductor", dynamic=False, fullgraph=False, options={})}, True),
+        (
+            {
+                "_compile_config": dict(
+                    backend="inductor", dynamic=False, fullgraph=False, options={"guard_filter_fn": 1}
+                )
+            },
+            True,
+        ),
+        ({"_compile_config": dict(backend="inductor", dynamic=True, fullgraph=False)}, False),
+        (
+            {
+                "_compile_config": dict(
+                    backend="inductor", mode="reduce-overhead", dynamic=False, fullgraph=False
+                )
+            },
+            False,
+        ),
+        (
+            {
+                "_compile_config": dict(
+                    backend="inductor", dynamic=False, fullgraph=False, options={"max_autotune": True}
+                )
+            },
+            False,
+        ),
+        ({}, False),
+    ],
+    ids=[
+        "2026-guard",
+        "2026-dynamic",
+        "2026-autotune",
+        "2025-guard",
+        "2025-guard-kept",
+        "2025-dynamic",
+        "2025-overhead",
+        "2025-autotune",
+        "not-compiled",
+    ],
+)
+def test_only_the_guard_filter_preset_is_recognised(attributes, expected):
+    from types import SimpleNamespace
+
+    from pladis.hosts.forge_compile import guard_filtered
+
+    assert guard_filtered(SimpleNamespace(**attributes)) is expected
