@@ -285,7 +285,9 @@ def test_the_layers_option_does_not_apply_to_flux(forge_host):
 def test_forge_neo_signature_is_called_as_the_block_called_it(forge_host, monkeypatch):
     # Forge Neo's attention(q, k, v, pe, mask=None, transformer_options={}) is called with pe=, mask=
     # and transformer_options= keywords: the replacement forwards them (a (q, k, v, pe) signature
-    # raised TypeError on every Neo step inside the window).
+    # raised TypeError on every Neo step inside the window). transformer_options is the per-call dict
+    # Forge's sampling built (a copy of model_options["transformer_options"] with cond_or_uncond,
+    # sigmas, ...), handed down by KModel.apply_model, the model's forward and every block.
     import backend.nn.flux_neo as neo
 
     from pladis.hosts.forge import apply
@@ -310,8 +312,71 @@ def test_forge_neo_signature_is_called_as_the_block_called_it(forge_host, monkey
 
     monkeypatch.setattr(neo, "attention", neo_oracle)
     expected = tk.denoise(patcher, x, 0.5, context)[0]
-    assert calls and all(mask is None and options == {} for mask, options in calls)
+    assert len(calls) == 4  # 2 double + 2 single blocks
+    per_call = calls[0][1]
+    assert "cond_or_uncond" in per_call and "sigmas" in per_call and per_call["block_type"] == "single"
+    assert all(mask is None and options is per_call for mask, options in calls)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_forge_neo_hands_the_per_call_transformer_options_to_the_host_attention(forge_host, monkeypatch):
+    # Neo's Flux passes the transformer_options dict KModel.apply_model received down to every
+    # block, to attention(...) and on to attention_function(...): a back-end (or an extension's
+    # "optimized_attention_override") reads it there. With PLADIS on, the host's functions must get
+    # that same dict on every call, inside the PLADIS window (where the replacement calls the host
+    # attention for the dense part) and outside it (where nothing is swapped).
+    import backend.nn.flux_neo as neo
+
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    patcher = tk.flux_patcher(neo=True)
+    p = tk.processing(patcher)
+    apply(p, PladisParams(enabled=True, alpha=1.5, lam=2.0, start=0.5, end=1.0))
+    unet = p.sd_model.forge_objects.unet
+    sentinel = object()
+    unet.model_options["transformer_options"]["optimized_attention_override"] = sentinel
+
+    seen = {"apply_model": [], "attention": [], "attention_function": []}
+    real_apply_model, real_attention, real_function = (
+        unet.model.apply_model,
+        neo.attention,
+        neo.attention_function,
+    )
+
+    def apply_model(x, t, **kwargs):
+        seen["apply_model"].append(kwargs.get("transformer_options"))
+        return real_apply_model(x, t, **kwargs)
+
+    def attention(q, k, v, pe, mask=None, transformer_options={}):  # noqa: B006 (Neo's signature)
+        seen["attention"].append(transformer_options)
+        return real_attention(q, k, v, pe, mask=mask, transformer_options=transformer_options)
+
+    def attention_function(q, k, v, heads, mask=None, **kwargs):
+        seen["attention_function"].append(kwargs.get("transformer_options"))
+        return real_function(q, k, v, heads, mask=mask, **kwargs)
+
+    monkeypatch.setattr(unet.model, "apply_model", apply_model)
+    monkeypatch.setattr(neo, "attention", attention)
+    monkeypatch.setattr(neo, "attention_function", attention_function)
+    x, context = torch.randn(2, IMAGE, 4), torch.randn(2, TEXT, 6)
+    outputs = {}
+    for sigma in (0.75, 0.5):  # outside the window (sigma_hi = 0.5), then inside
+        for calls in seen.values():
+            calls.clear()
+        outputs[sigma] = tk.denoise(unet, x, sigma, context)[0]
+        assert neo.attention is attention
+        for name in ("attention", "attention_function"):
+            assert len(seen[name]) == 4, name  # 2 double + 2 single blocks
+            got = [options.get("optimized_attention_override") is sentinel for options in seen[name]]
+            assert got == [True] * 4, (sigma, name)
+        [per_call] = seen["apply_model"]  # the very dict apply_model got, not a copy of it
+        assert "cond_or_uncond" in per_call and all(
+            options is per_call for name in ("attention", "attention_function") for options in seen[name]
+        )
+    stock = {sigma: tk.denoise(patcher, x, sigma, context)[0] for sigma in outputs}
+    assert torch.equal(outputs[0.75], stock[0.75])
+    assert (outputs[0.5] - stock[0.5]).abs().max() > 1e-3  # PLADIS did act inside the window
 
 
 def test_forge_neo_masked_calls_are_left_as_the_host_computed_them(forge_host, monkeypatch, caplog):

@@ -97,12 +97,18 @@ class IntegratedFluxTransformer2DModel(nn.Module):
         self.single_blocks = nn.ModuleList([self.single_class(hidden, heads) for _ in range(depth_single)])
         self.final = nn.Linear(hidden, in_channels)
 
-    def forward(self, x, timestep, context, y=None, guidance=None, **kwargs):
+    def embed(self, x, context):
+        """Image and text tokens and their RoPE matrices (text positions zero, image ``1..N``)."""
         img, txt = self.img_in(x), self.txt_in(context)
         b, n, t = x.shape[0], x.shape[1], context.shape[1]
         txt_ids = torch.zeros(b, t)
         img_ids = torch.arange(1, n + 1, dtype=torch.float32).expand(b, n)
         pe = positions_to_pe(torch.cat((txt_ids, img_ids), dim=1), img.shape[-1] // self.num_heads)
+        return img, txt, pe
+
+    def forward(self, x, timestep, context, y=None, guidance=None, **kwargs):
+        img, txt, pe = self.embed(x, context)
+        t = txt.shape[1]
         for block in self.double_blocks:
             img, txt = block(img=img, txt=txt, vec=None, pe=pe)
         joint = torch.cat((txt, img), 1)
