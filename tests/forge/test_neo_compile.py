@@ -13,6 +13,10 @@ guards whose name does not contain ``transformer_options``. Two revisions are st
 
 Neo compiles with ``backend="inductor"``; these tests use ``"eager"`` (the guards, and so the stale
 graphs, are Dynamo's, whatever the backend; inductor would need a C compiler and minutes in CI).
+
+A third stand-in follows forks of 50df301 (e.g. Ariq139/sd-webui-forge-classic 97ec3e8) that put the
+filter in every preset, compile on the first call and keep the compiled module as
+``_forge_compiled_model``, the preset recorded as a plain string.
 """
 
 import contextlib
@@ -33,27 +37,36 @@ def neo_guard_filter(guard_entries):
     return [("transformer_options" not in entry.name) for entry in guard_entries]
 
 
-def _arguments(preset: str) -> dict:
+def _arguments(preset: str, filter_every_preset: bool = False) -> dict:
     """``torch.compile``'s arguments for a Neo preset (backend as Neo records it)."""
     if preset == "guard_filter_fn":
         return dict(
             backend="inductor", dynamic=False, fullgraph=False, options={"guard_filter_fn": neo_guard_filter}
         )
     assert preset == "dynamic"
-    return dict(backend="inductor", dynamic=True, fullgraph=False)
+    options = {"guard_filter_fn": neo_guard_filter} if filter_every_preset else {}
+    return dict(backend="inductor", dynamic=True, fullgraph=False, options=options)
 
 
-def compile_per_call(kmodel, preset: str) -> None:
-    """Neo 50df301: ``apply_model`` wrapped to compile the diffusion model for each call (one dict of
-    arguments for all calls), the preset recorded as ``_torch_compile_config``."""
+def _wrap_apply_model(kmodel, config: dict, cached: bool) -> None:
+    """``apply_model`` wrapped to run the diffusion model compiled with ``config``: compiled anew for
+    each call (one dict of arguments for all calls) or, ``cached``, once and kept as
+    ``_forge_compiled_model``. A previous wrapper is taken off first."""
     if hasattr(kmodel, "_orig_apply_model"):
         kmodel.apply_model = kmodel._orig_apply_model
-    config = {**_arguments(preset), "backend": "eager"}
+        if hasattr(kmodel, "_forge_compiled_model"):
+            delattr(kmodel, "_forge_compiled_model")
     original_apply = kmodel.apply_model
 
     def apply_model(*args, **kwargs):
         model = kmodel.diffusion_model
-        kmodel.diffusion_model = torch.compile(model, **config)
+        if not cached:
+            compiled = torch.compile(model, **config)
+        elif hasattr(kmodel, "_forge_compiled_model"):
+            compiled = kmodel._forge_compiled_model
+        else:
+            compiled = kmodel._forge_compiled_model = torch.compile(model, **config)
+        kmodel.diffusion_model = compiled
         try:
             return original_apply(*args, **kwargs)
         finally:
@@ -61,6 +74,12 @@ def compile_per_call(kmodel, preset: str) -> None:
 
     kmodel.apply_model = apply_model
     kmodel._orig_apply_model = original_apply
+
+
+def compile_per_call(kmodel, preset: str) -> None:
+    """Neo 50df301: the diffusion model compiled for each call, the preset recorded as
+    ``_torch_compile_config``."""
+    _wrap_apply_model(kmodel, {**_arguments(preset), "backend": "eager"}, cached=False)
     kmodel._torch_compile_config = (preset,)
 
 
@@ -73,6 +92,15 @@ def compile_module(kmodel, preset: str) -> None:
     kmodel._model_backup = model
     kmodel.diffusion_model = compiled
     kmodel._compile_config = config
+
+
+def compile_cached(kmodel, preset: str) -> None:
+    """Forks of 50df301 (Ariq139 97ec3e8): every preset filtered, compiled on the first call and kept
+    as ``_forge_compiled_model``, the preset recorded as a string."""
+    _wrap_apply_model(
+        kmodel, {**_arguments(preset, filter_every_preset=True), "backend": "eager"}, cached=True
+    )
+    kmodel._torch_compile_config = preset
 
 
 @contextlib.contextmanager
@@ -161,16 +189,25 @@ VARIANTS = pytest.mark.parametrize(
 )
 
 
-@VARIANTS
+@pytest.mark.parametrize(
+    ("compile_like_neo", "preset"),
+    [
+        (compile_per_call, "guard_filter_fn"),
+        (compile_module, "guard_filter_fn"),
+        (compile_cached, "guard_filter_fn"),
+        (compile_cached, "dynamic"),
+    ],
+    ids=["50df301", "6c04e84", "97ec3e8", "97ec3e8-dynamic"],
+)
 def test_pladis_leaves_a_unet_compiled_with_the_guard_filter_preset_alone(
-    forge_host, script, neo_dynamo, compile_like_neo, caplog
+    forge_host, script, neo_dynamo, compile_like_neo, preset, caplog
 ):
     from pladis.hosts.forge_compile import SKIPPED
 
     tk = forge_host
     base = tk.unet_patcher()
-    compile_like_neo(base.model, "guard_filter_fn")
-    for setting in ["off", "on", "down only", "off", "on"]:
+    compile_like_neo(base.model, preset)
+    for setting in ["on", "off", "down only", "off", "on"]:
         caplog.clear()
         got, expected, sites = _generation(tk, script, base, setting)
         assert _same(got, expected), setting
@@ -253,6 +290,12 @@ def test_the_stand_in_reproduces_what_the_preset_does_to_pladis(
             },
             False,
         ),
+        ({"_torch_compile_config": "guard_filter_fn"}, True),
+        ({"_torch_compile_config": "dynamic"}, False),
+        ({"_compile_config": "guard_filter_fn"}, True),
+        ({"_compile_config": ("guard_filter_fn", "lora-hash")}, True),
+        ({"_torch_compile_config": ("dynamic", "lora-hash")}, False),
+        ({"_compile_config": "{'backend': 'inductor'}lora-hash"}, False),
         ({}, False),
     ],
     ids=[
@@ -264,12 +307,56 @@ def test_the_stand_in_reproduces_what_the_preset_does_to_pladis(
         "2025-dynamic",
         "2025-overhead",
         "2025-autotune",
+        "string-guard",
+        "string-dynamic",
+        "string-guard-2025",
+        "tuple-with-lora-hash",
+        "tuple-dynamic-with-lora-hash",
+        "config-string-with-lora-hash",
         "not-compiled",
     ],
 )
-def test_only_the_guard_filter_preset_is_recognised(attributes, expected):
+def test_the_preset_is_recognised_by_the_marker_each_revision_leaves(attributes, expected):
     from types import SimpleNamespace
 
     from pladis.hosts.forge_compile import guard_filtered
 
     assert guard_filtered(SimpleNamespace(**attributes)) is expected
+
+
+def _keep_all(guard_entries):
+    return [True for _ in guard_entries]
+
+
+def _unaskable(guard_entries):
+    raise RuntimeError("wants Dynamo's real guard entries")
+
+
+@pytest.mark.parametrize(
+    ("guard_filter", "expected"),
+    [(neo_guard_filter, True), (_keep_all, False), (_unaskable, True), (None, False)],
+    ids=["neo-filter", "keeps-patch-guards", "cannot-be-asked", "no-filter"],
+)
+@pytest.mark.parametrize("where", ["diffusion_model", "cached copy", "wrapper arguments"])
+def test_a_guard_filter_is_found_wherever_the_compile_script_keeps_it(guard_filter, expected, where):
+    # Markers aside: a compiled module in place or cached on the model (its Dynamo context holds the
+    # filter), or apply_model wrapped around arguments not yet given to torch.compile. The filter is
+    # asked about a guard on the patches; one that cannot be asked counts as dropping it.
+    from pladis.hosts.forge_compile import guard_filtered
+
+    model = torch.nn.Linear(2, 2)
+    kmodel = torch.nn.Module()
+    kmodel.diffusion_model = model
+    options = {} if guard_filter is None else {"guard_filter_fn": guard_filter}
+    config = dict(backend="eager", dynamic=False, options=options)
+    if where == "diffusion_model":
+        kmodel.diffusion_model = torch.compile(model, **config)
+    elif where == "cached copy":
+        kmodel._forge_compiled_model = torch.compile(model, **config)
+    else:
+
+        def apply_model(*args, **kwargs):
+            return torch.compile(kmodel.diffusion_model, **config)(*args, **kwargs)
+
+        kmodel.apply_model = apply_model
+    assert guard_filtered(kmodel) is expected
