@@ -360,3 +360,75 @@ def test_a_guard_filter_is_found_wherever_the_compile_script_keeps_it(guard_filt
 
         kmodel.apply_model = apply_model
     assert guard_filtered(kmodel) is expected
+
+
+FLUX_SETTINGS = [
+    ("off", (False, 1.5, 2.0, ["down", "up"], 0.0, 1.0)),
+    ("on", (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0)),
+    ("alpha 2", (True, 2.0, 2.0, ["down", "up"], 0.0, 1.0)),
+    ("lambda 1", (True, 2.0, 1.0, ["down", "up"], 0.0, 1.0)),
+    ("window 0.3-0.7", (True, 1.5, 3.0, ["down", "up"], 0.3, 0.7)),
+    ("off", (False, 1.5, 2.0, ["down", "up"], 0.0, 1.0)),
+]
+FLUX_SIGMAS = {0.9: False, 0.5: True, 0.2: False}  # sigma: inside the 0.3-0.7 window (sigma 0.7-0.3)
+
+
+@VARIANTS
+@pytest.mark.parametrize("neo", [True, False], ids=["neo-flux", "forge-flux"])
+def test_flux_keeps_pladis_under_the_guard_filter_preset(
+    forge_host, script, neo_dynamo, compile_like_neo, neo, caplog
+):
+    # Flux's PLADIS swaps the module-level attention (a global, whose guard the filter keeps) around
+    # each model call: the model is not skipped, and the compiled one follows every change. The
+    # check flags the model (guard_filtered); only the SD/SDXL attn2 path may be skipped for it.
+    from pladis.hosts.flux import is_ours
+    from pladis.hosts.forge_compile import SKIPPED, guard_filtered
+
+    tk = forge_host
+    base = tk.flux_patcher(neo=neo)
+    compile_like_neo(base.model, "guard_filter_fn")
+    assert guard_filtered(base.model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 4, generator=g)
+    cond, uncond = (torch.randn(2, 3, 6, generator=g) for _ in range(2))
+    with uncompiled(base.model):
+        stock = {sigma: tk.denoise(base, x, sigma, cond, uncond) for sigma in FLUX_SIGMAS}
+    for setting, args in FLUX_SETTINGS:
+        caplog.clear()
+        p = tk.processing(base)
+        p.extra_generation_params = {}
+        script.process(p, *args)
+        tk.reset(p)
+        script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+        unet = p.sd_model.forge_objects.unet
+        assert is_ours(unet.model_options.get("model_function_wrapper")) == args[0], setting
+        for sigma, inside in FLUX_SIGMAS.items():
+            got = tk.denoise(unet, x, sigma, cond, uncond)
+            with uncompiled(base.model):
+                expected = tk.denoise(unet, x, sigma, cond, uncond)
+            assert _same(got, expected), (setting, sigma)
+            acts = args[0] and (inside or args[4:] == (0.0, 1.0))
+            assert _same(expected, stock[sigma]) != acts, (setting, sigma)  # the comparison means something
+        script.postprocess(p, None, *args)
+        assert SKIPPED not in caplog.text, setting
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["keep_tensor_guards_unsafe", "keep_portable_guards_unsafe", "skip_guard_on_all_nn_modules_unsafe"],
+)
+def test_torchs_own_guard_filters_that_break_pladis_count_as_dropping(name):
+    # Measured on the stand-in UNet with PLADIS installed anyway: under each of these PLADIS set for
+    # the down layers ran elsewhere and stale graphs outlived it. skip_guard_on_all_nn_modules_unsafe
+    # keeps the patch-dict guards; it counts only because it cannot be asked about the stand-in entry
+    # (no orig_guard). A more faithful probe entry must not turn it into a miss.
+    from pladis.hosts.forge_compile import guard_filtered
+
+    guard_filter = getattr(torch.compiler, name, None)
+    if guard_filter is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.compiler.{name}")
+    kmodel = torch.nn.Module()
+    kmodel.diffusion_model = torch.compile(
+        torch.nn.Linear(2, 2), backend="eager", options={"guard_filter_fn": guard_filter}
+    )
+    assert guard_filtered(kmodel)
