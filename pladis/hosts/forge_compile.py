@@ -11,7 +11,9 @@ every layer, mid included; a change of Layers or turning PLADIS on had no effect
 generations, and turning it off raised ``KeyError('attn2')``. Presets without the filter keep their
 guards, and their compiled code is not shared with the filtered one's.
 
-Flux is not affected: its attention is a module global, whose guard stays.
+Flux is not affected by Neo's filter (it goes by guard name): PLADIS swaps its attention, a module
+global, whose guard stays. Filters that drop global guards would break it too; no Forge compile
+script uses one.
 
 How the filter is recognised, on the ``KModel`` (the compile script's forks differ):
 
@@ -24,8 +26,10 @@ How the filter is recognised, on the ``KModel`` (the compile script's forks diff
 * ``apply_model`` wrapped around arguments not yet given to ``torch.compile`` whose ``options`` hold
   such a filter (a wrapper that compiles on the first call, after PLADIS has been applied).
 
-A guard filter is asked whether it keeps a guard on ``transformer_options['patches_replace']``;
-one that cannot be asked counts as dropping it.
+Any guard filter found counts unless it keeps a stand-in guard on
+``transformer_options['patches_replace']`` when asked; one that cannot be asked (torch's own
+``skip_guard_on_all_nn_modules_unsafe`` wants Dynamo's real entries) counts as dropping it. This is
+a heuristic, not a proof that a filter keeps every guard PLADIS needs.
 """
 
 from __future__ import annotations

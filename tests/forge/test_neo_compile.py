@@ -413,6 +413,30 @@ def test_flux_keeps_pladis_under_the_guard_filter_preset(
         assert SKIPPED not in caplog.text, setting
 
 
+def test_compiled_flux_leaves_the_graph_only_for_the_correction(forge_host, script, neo_dynamo):
+    # One graph break per joint-attention call, for the correction (torch.compiler.disable'd):
+    # looking the RoPE helper up inside the replacement was one more (importlib is never traced).
+    import torch._dynamo.utils
+
+    tk = forge_host
+    base = tk.flux_patcher(neo=True)
+    base.model.diffusion_model = torch.compile(base.model.diffusion_model, backend="eager")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 4, generator=g)
+    cond, uncond = (torch.randn(2, 3, 6, generator=g) for _ in range(2))
+    p = tk.processing(base)
+    p.extra_generation_params = {}
+    args = FLUX_SETTINGS[1][1]
+    script.process(p, *args)
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    torch._dynamo.utils.counters.clear()
+    tk.denoise(p.sd_model.forge_objects.unet, x, 0.5, cond, uncond)
+    reasons = list(torch._dynamo.utils.counters["graph_break"])
+    script.postprocess(p, None, *args)
+    assert reasons and all("text_block_correction" in reason for reason in reasons), reasons
+
+
 @pytest.mark.parametrize(
     "name",
     ["keep_tensor_guards_unsafe", "keep_portable_guards_unsafe", "skip_guard_on_all_nn_modules_unsafe"],
