@@ -46,6 +46,8 @@ class Generation:
     owner: Callable[[], Any]
     params: PladisParams
     host: str
+    acted: bool = False
+    """On Forge: whether a sampling pass got PLADIS (its infotext keys are cleared until one does)."""
 
     def owns(self, p: Any) -> bool:
         return p is not None and self.owner() is p
@@ -229,8 +231,26 @@ def _apply_forge(p: Any, generation: Generation, switched: bool = False) -> None
         with contextlib.suppress(AttributeError, TypeError):
             setattr(p, FORGE_MODEL_ATTR, getattr(p, "sd_model", None))
     after = _forge_unet(p)
+    _record_forge_outcome(p, generation, acted=after is not before)
     if switched and after is not before:
         _remember_switched(p.sd_model.forge_objects, before, after, a1111.weak_owner(p))
+
+
+def _record_forge_outcome(p: Any, generation: Generation, acted: bool) -> None:
+    """Keep the PLADIS infotext keys only once a sampling pass got PLADIS (``forge.apply`` puts a
+    clone back only when it installed something).
+
+    Why: ``process`` writes them before Forge says whether it can patch the model; a skipped model
+    (a compile preset PLADIS cannot run under, no layer group, no sigma schedule) made images whose
+    parameters claimed PLADIS. Written again if a later pass (hires fix, the refiner) gets it.
+    """
+    extra = getattr(p, "extra_generation_params", None)
+    if acted and not generation.acted:
+        generation.acted = True
+        if extra is not None:
+            infotext.write(extra, generation.params)
+    elif not generation.acted and extra is not None:
+        infotext.clear(extra)
 
 
 def _remember_switched(objects: Any, original: Any, ours: Any, owner: Callable[[], Any]) -> None:

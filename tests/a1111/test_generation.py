@@ -442,7 +442,10 @@ def test_model_reload_and_script_unload_remove_patches(webui):
     assert kit.instance_forwards(model) == []
 
 
-def test_forge_host_delegates_to_forge_adapter(webui, monkeypatch):
+@pytest.mark.parametrize("installs", [True, False], ids=["installed", "skipped"])
+def test_forge_host_delegates_to_forge_adapter(webui, monkeypatch, installs):
+    # The infotext keys stay only when a pass got PLADIS: Forge's adapter puts a patched clone of the
+    # UNet patcher back, or leaves a model it cannot patch as it was.
     import sys
     import types
 
@@ -450,8 +453,14 @@ def test_forge_host_delegates_to_forge_adapter(webui, monkeypatch):
 
     kit = webui.kit
     calls = []
+
+    def apply(p, params):
+        calls.append((p, params))
+        if installs:
+            p.sd_model.forge_objects = types.SimpleNamespace(unet=object())  # a new clone each pass
+
     fake = types.ModuleType("pladis.hosts.forge")
-    fake.apply = lambda p, params: calls.append((p, params))
+    fake.apply = apply
     monkeypatch.setitem(sys.modules, "pladis.hosts.forge", fake)
     monkeypatch.setattr(hosts, "detect_host", lambda: "forge")
     model = kit.sd15()
@@ -474,7 +483,10 @@ def test_forge_host_delegates_to_forge_adapter(webui, monkeypatch):
     assert kit.instance_forwards(model) == []
     kw = {"enable_hr": True, "hr_second_pass_steps": 2}
     assert torch.equal(out, _reference(webui, model, data, **kw))
-    assert res.extra_generation_params["PLADIS alpha"] == 2.0
+    if installs:
+        assert res.extra_generation_params["PLADIS alpha"] == 2.0
+    else:
+        assert not any("PLADIS" in key for key in res.extra_generation_params)
 
 
 def test_nested_foreign_generation_between_batches_does_not_cancel_pladis(webui):

@@ -157,7 +157,8 @@ def _inputs():
 
 def _generation(tk, script, base, setting: str):
     """One generation on ``base`` (its model compiled): the compiled and the eager outputs of the UNet
-    that was sampled (or the exception the compiled call raised), and the PLADIS sites on it."""
+    that was sampled (or the exception the compiled call raised), and the PLADIS sites on it. The
+    infotext has PLADIS's keys exactly when it acted (asserted here)."""
     from pladis.hosts.forge import installed_sites
 
     args = ARGS[setting]
@@ -175,7 +176,9 @@ def _generation(tk, script, base, setting: str):
     with uncompiled(base.model):
         expected = tk.denoise(unet, x, 3.0, cond, uncond)
     script.postprocess(p, None, *args)
-    return got, expected, installed_sites(unet)
+    sites = installed_sites(unet)
+    assert any("PLADIS" in key for key in p.extra_generation_params) == bool(sites), setting
+    return got, expected, sites
 
 
 def _same(got, expected) -> bool:
