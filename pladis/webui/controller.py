@@ -48,6 +48,8 @@ class Generation:
     host: str
     acted: bool = False
     """On Forge: whether a sampling pass got PLADIS (its infotext keys are cleared until one does)."""
+    skipped: bool = False
+    """On Forge: whether a sampling pass was left without PLADIS before any got it."""
 
     def owns(self, p: Any) -> bool:
         return p is not None and self.owner() is p
@@ -93,6 +95,7 @@ class Controller:
         self.stop()  # leftovers of a crashed or enclosing generation must not leak into this one
         self.patcher.new_generation()
         _undo_fail_at_init(p)
+        inherited = getattr(p, GENERATION_ATTR, None)  # a copy of p carries p's
         setattr(p, GENERATION_ATTR, None)
         extra = getattr(p, "extra_generation_params", None)
         try:
@@ -111,7 +114,7 @@ class Controller:
             if extra is not None:
                 infotext.clear(extra)
             return params
-        if extra is not None:
+        if extra is not None and not _skipped_by_original(p, inherited, extra):
             infotext.write(extra, params)
         # Flux on Forge has no layer choice: there PLADIS acts whenever it changes the attention.
         if params.acts or (host != "a1111" and params.changes_attention):
@@ -230,8 +233,8 @@ def _apply_forge(p: Any, generation: Generation, switched: bool = False) -> None
     finally:
         with contextlib.suppress(AttributeError, TypeError):
             setattr(p, FORGE_MODEL_ATTR, getattr(p, "sd_model", None))
-    after = _forge_unet(p)
-    _record_forge_outcome(p, generation, acted=after is not before)
+        after = _forge_unet(p)
+        _record_forge_outcome(p, generation, acted=after is not before)  # also when apply raised
     if switched and after is not before:
         _remember_switched(p.sd_model.forge_objects, before, after, a1111.weak_owner(p))
 
@@ -245,12 +248,48 @@ def _record_forge_outcome(p: Any, generation: Generation, acted: bool) -> None:
     parameters claimed PLADIS. Written again if a later pass (hires fix, the refiner) gets it.
     """
     extra = getattr(p, "extra_generation_params", None)
-    if acted and not generation.acted:
+    if generation.acted:
+        return
+    if acted:
         generation.acted = True
+        _acting.add(generation)
         if extra is not None:
             infotext.write(extra, generation.params)
-    elif not generation.acted and extra is not None:
+        return
+    generation.skipped = True
+    if extra is not None and not _acted_on_by_another(p, extra):
         infotext.clear(extra)
+
+
+_acting: weakref.WeakSet[Generation] = weakref.WeakSet()
+"""Forge generations a sampling pass got PLADIS for, while their processing objects live."""
+
+
+def _acted_on_by_another(p: Any, extra: Any) -> bool:
+    """Whether another live generation that got PLADIS writes its infotext from the dict ``extra``.
+
+    Why: ADetailer's inpainting pass is a generation of its own that shares the enclosing one's
+    ``extra_generation_params``; its skipped pass (an inpainting checkpoint PLADIS cannot patch)
+    must not remove the keys the enclosing generation earned.
+    """
+    for generation in list(_acting):
+        owner = generation.owner()
+        if owner is not None and owner is not p and getattr(owner, "extra_generation_params", None) is extra:
+            return True
+    return False
+
+
+def _skipped_by_original(p: Any, inherited: Any, extra: Any) -> bool:
+    """Whether ``p`` is a copy of a live generation's processing object that shares its infotext dict
+    and whose sampling was left without PLADIS (``inherited``: the generation the copy carries).
+
+    Why: ADetailer re-runs the scripts' ``process`` on a copy of ``p`` after a batch's last image, before
+    that image's infotext is made; writing the keys again there undid the skip's removal.
+    """
+    if not isinstance(inherited, Generation) or inherited.acted or not inherited.skipped:
+        return False
+    owner = inherited.owner()
+    return owner is not None and owner is not p and getattr(owner, "extra_generation_params", None) is extra
 
 
 def _remember_switched(objects: Any, original: Any, ours: Any, owner: Callable[[], Any]) -> None:

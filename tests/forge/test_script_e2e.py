@@ -8,7 +8,6 @@ reset → hook call #2 → sampling → ``postprocess``.
 import contextlib
 import importlib.util
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,15 +28,6 @@ def script(forge_host):
     CONTROLLER.stop()
 
 
-def inputs():
-    g = torch.Generator().manual_seed(7)
-    return (
-        torch.randn(2, 6, 8, generator=g),
-        torch.randn(2, 4, 6, generator=g),
-        torch.randn(2, 4, 6, generator=g),
-    )
-
-
 def test_forge_is_detected_and_the_script_patches_a_clone_per_sampling_pass(forge_host, script):
     from backend.nn.unet import EXPECTED_SITES
 
@@ -51,7 +41,7 @@ def test_forge_is_detected_and_the_script_patches_a_clone_per_sampling_pass(forg
     p = tk.processing(original)
     p.extra_generation_params = {}
     args = (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0)
-    x, cond, uncond = inputs()
+    x, cond, uncond = tk.inputs()
 
     script.process(p, *args)
     assert any("PLADIS" in str(key) for key in p.extra_generation_params)
@@ -118,7 +108,7 @@ def _first_pass(tk, script, args: tuple, seed: int = 0) -> tuple[Any, Any]:
 
     p = tk.processing(tk.unet_patcher(seed=seed))
     p.extra_generation_params = {}
-    x, cond, uncond = inputs()
+    x, cond, uncond = tk.inputs()
     script.process(p, *args)
     tk.reset(p)
     script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
@@ -136,7 +126,7 @@ def test_a_refiner_loaded_mid_sampling_gets_pladis_from_on_cfg_denoiser(forge_ho
 
     tk = forge_host
     args = (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0)
-    x, cond, uncond = inputs()
+    x, cond, uncond = tk.inputs()
     sites = EXPECTED_SITES["down"] + EXPECTED_SITES["up"]
     p, params = _first_pass(tk, script, args)
     first = p.sd_model.forge_objects.unet
@@ -236,7 +226,7 @@ def test_on_cfg_denoiser_leaves_a_patcher_swapped_on_the_same_model_alone(forge_
     p = tk.processing(tk.unet_patcher(seed=0))
     p.extra_generation_params = {}
     args = (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0)
-    x, cond, uncond = inputs()
+    x, cond, uncond = tk.inputs()
     script.process(p, *args)
     tk.reset(p)
     script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
@@ -258,36 +248,4 @@ def test_on_cfg_denoiser_leaves_a_patcher_swapped_on_the_same_model_alone(forge_
         with contextlib.suppress(RuntimeError):
             CONTROLLER.on_cfg_denoiser(params)
     assert calls == [1]
-    script.postprocess(p, None, *args)
-
-
-def _has_pladis_keys(p) -> bool:
-    return any("PLADIS" in key for key in p.extra_generation_params)
-
-
-def test_the_infotext_names_pladis_only_once_a_sampling_pass_got_it(forge_host, script):
-    # process writes the keys before Forge says whether it can patch the model: a skipped pass (no
-    # layer group for an SD UNet here) clears them, a later pass that gets PLADIS (hires fix with
-    # another model, the refiner) writes them again, and a skipped pass after that leaves them.
-    from pladis.webui.controller import CONTROLLER
-
-    tk = forge_host
-    args = (True, 1.5, 2.0, [], 0.0, 1.0)  # no layer group: Forge's SD path skips, Flux's does not
-    x, cond, uncond = inputs()
-    p = tk.processing(tk.unet_patcher())
-    p.extra_generation_params = {}
-    script.process(p, *args)
-    assert _has_pladis_keys(p)  # written before sampling, not yet proof
-    tk.reset(p)
-    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
-    assert not _has_pladis_keys(p)
-
-    flux = tk.processing(tk.flux_patcher())  # the hires pass's checkpoint
-    p.sd_model = flux.sd_model
-    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
-    assert p.extra_generation_params["PLADIS alpha"] == 1.5
-
-    p.sd_model = tk.processing(tk.unet_patcher(seed=1)).sd_model  # a refiner PLADIS skips
-    CONTROLLER.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(p=p)))
-    assert p.extra_generation_params["PLADIS alpha"] == 1.5
     script.postprocess(p, None, *args)

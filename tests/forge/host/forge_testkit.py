@@ -46,6 +46,16 @@ def flux_patcher(seed=0, chroma=False, neo=False):
     return UnetPatcher(KModel(cls(in_channels=4, context_dim=CONTEXT_DIM).eval(), PredictionFlux()))
 
 
+def inputs(seed=7):
+    """``(x, cond, uncond)`` for the stand-in UNet: latents (2, 6, 8) and two text contexts (2, 4, 6)."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(2, 6, 8, generator=g),
+        torch.randn(2, 4, 6, generator=g),
+        torch.randn(2, 4, 6, generator=g),
+    )
+
+
 def processing(patcher):
     """``p`` with Forge's forge_objects (+ the clean copy Forge re-assigns before each sampling pass)."""
     objects = ForgeObjects(patcher)

@@ -1,0 +1,150 @@
+"""Forge: the infotext names PLADIS only once a sampling pass got it (review of 7643a90, helper-87).
+
+Forge's order per batch: ``process`` → reset → ``process_before_every_sampling`` (swallowing
+exceptions) → sampling → ``postprocess_image`` (ADetailer runs here) → ``create_infotext`` per image.
+ADetailer (Bing-su/adetailer ``get_i2i_p``) builds its inner img2img with
+``extra_generation_params=p.extra_generation_params`` (the same dict) and, after the last image of a
+batch, re-arms the outer runner's scripts with ``p.scripts.process(copy(p))`` (shallow copy: same
+dict again), both before the outer image's infotext is created.
+"""
+
+import contextlib
+import copy
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "pladis.py"
+SD_ALL = (True, 1.5, 2.0, ["down", "mid", "up"], 0.0, 1.0)
+NO_LAYERS = (True, 1.5, 2.0, [], 0.0, 1.0)  # Forge's SD UNet path skips; Flux acts
+
+
+@pytest.fixture
+def script(forge_host):
+    spec = importlib.util.spec_from_file_location("pladis_forge_outcome_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module.PladisScript()
+    from pladis.webui.controller import CONTROLLER
+
+    CONTROLLER.stop()
+
+
+def _keys(extra) -> bool:
+    return any("PLADIS" in key for key in extra)
+
+
+def _sampled(tk, script, patcher, args, extra=None):
+    """A generation on ``patcher`` through its first sampling pass (``extra``: a shared dict)."""
+    p = tk.processing(patcher)
+    p.extra_generation_params = {} if extra is None else extra
+    script.process(p, *args)
+    _pass(tk, script, p, args)
+    return p
+
+
+def _pass(tk, script, p, args):
+    """Forge's reset + the hook, exceptions swallowed as ``ScriptRunner`` does."""
+    x, cond, uncond = tk.inputs()
+    tk.reset(p)
+    with contextlib.suppress(Exception):
+        script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+
+
+def test_apply_raising_on_every_pass_leaves_no_keys(forge_host, script, monkeypatch):
+    import pladis.hosts.forge as forge
+
+    def failing(p, params):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(forge, "apply", failing)
+    tk = forge_host
+    original = tk.unet_patcher()
+    p = _sampled(tk, script, original, SD_ALL)
+    assert p.sd_model.forge_objects.unet is original  # sampled stock
+    assert not _keys(p.extra_generation_params)  # create_infotext runs now
+    script.postprocess(p, None, *SD_ALL)
+
+
+def test_adetailer_rearm_on_a_copy_does_not_bring_back_the_keys_of_a_skipped_generation(forge_host, script):
+    tk = forge_host
+    p = _sampled(tk, script, tk.unet_patcher(), NO_LAYERS)  # skipped: keys cleared
+    assert not _keys(p.extra_generation_params)
+    # postprocess_image of the batch's last image, with ADetailer enabled:
+    script.process(copy.copy(p), *NO_LAYERS)
+    assert not _keys(p.extra_generation_params)  # infotext(i) of that image is created now
+    script.postprocess(p, None, *NO_LAYERS)
+
+
+def test_a_nested_generation_sharing_the_dict_keeps_the_outer_keys(forge_host, script):
+    # Flux outer generation (PLADIS acts with no layer group); ADetailer with PLADIS in its script
+    # list and its own SD checkpoint (ad_use_checkpoint) runs an inner img2img sharing the dict.
+    tk = forge_host
+    outer = _sampled(tk, script, tk.flux_patcher(), NO_LAYERS)
+    assert _keys(outer.extra_generation_params)
+    # get_i2i_p shares the dict; PLADIS skips the SD inpaint checkpoint:
+    inner = _sampled(tk, script, tk.unet_patcher(seed=3), NO_LAYERS, extra=outer.extra_generation_params)
+    script.postprocess(inner, None, *NO_LAYERS)
+    assert _keys(outer.extra_generation_params)  # infotext of the outer image 0 (batch size > 1)
+    script.postprocess(outer, None, *NO_LAYERS)
+
+
+def test_the_outcome_is_read_around_pladis_only(forge_host, script):
+    # An extension whose hook runs after PLADIS's and swaps the patcher changes nothing either way.
+    tk = forge_host
+    x, cond, uncond = tk.inputs()
+    for args, expected in ((NO_LAYERS, False), (SD_ALL, True)):
+        p = tk.processing(tk.unet_patcher())
+        p.extra_generation_params = {}
+        script.process(p, *args)
+        tk.reset(p)
+        script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+        p.sd_model.forge_objects.unet = p.sd_model.forge_objects.unet.clone()  # the later extension
+        assert _keys(p.extra_generation_params) is expected
+        script.postprocess(p, None, *args)
+
+
+def test_xyz_cells_sharing_the_dict_each_get_their_own_outcome(forge_host, script):
+    # Cells run one after the other on shallow copies of p; each cell's infotext (and X/Y/Z's grid
+    # infotext, made from a copy of the first cell's dict) is created before the next cell's process.
+    tk = forge_host
+    base = tk.processing(tk.unet_patcher())
+    base.extra_generation_params = {}
+    made = []
+    for args in (SD_ALL, NO_LAYERS, SD_ALL):
+        pc = copy.copy(base)
+        script.process(pc, *args)
+        _pass(tk, script, pc, args)
+        made.append(_keys(pc.extra_generation_params))  # create_infotext of the cell's images
+        script.postprocess(pc, None, *args)
+    assert made == [True, False, True]
+
+
+def test_the_infotext_names_pladis_only_once_a_sampling_pass_got_it(forge_host, script):
+    # process writes the keys before Forge says whether it can patch the model: a skipped pass (no
+    # layer group for an SD UNet here) clears them, a later pass that gets PLADIS (hires fix with
+    # another model, the refiner) writes them again, and a skipped pass after that leaves them.
+    from pladis.webui.controller import CONTROLLER
+
+    tk = forge_host
+    args = (True, 1.5, 2.0, [], 0.0, 1.0)  # no layer group: Forge's SD path skips, Flux's does not
+    x, cond, uncond = tk.inputs()
+    p = tk.processing(tk.unet_patcher())
+    p.extra_generation_params = {}
+    script.process(p, *args)
+    assert _keys(p.extra_generation_params)  # written before sampling, not yet proof
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    assert not _keys(p.extra_generation_params)
+
+    flux = tk.processing(tk.flux_patcher())  # the hires pass's checkpoint
+    p.sd_model = flux.sd_model
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    assert p.extra_generation_params["PLADIS alpha"] == 1.5
+
+    p.sd_model = tk.processing(tk.unet_patcher(seed=1)).sd_model  # a refiner PLADIS skips
+    CONTROLLER.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(p=p)))
+    assert p.extra_generation_params["PLADIS alpha"] == 1.5
+    script.postprocess(p, None, *args)
