@@ -46,8 +46,8 @@ PRESET = "guard_filter_fn"
 SKIPPED = (
     "PLADIS is off for this UNet: it is compiled with a torch.compile guard filter that drops the "
     "guards on attention patches (Forge's Torch Compile preset 'guard_filter_fn'), so PLADIS would run "
-    "on layers it is not set for and miss later changes; choose a preset without that filter (in Neo: "
-    "'dynamic') or 'Disable' to use PLADIS"
+    "on layers it is not set for and miss later changes; choose a preset without that filter (Neo: "
+    "'dynamic'; forks that filter every preset: 'Disable') to use PLADIS"
 )
 
 _MARKERS = ("_torch_compile_config", "_compile_config")

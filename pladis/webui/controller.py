@@ -270,13 +270,22 @@ def _acted_on_by_another(p: Any, extra: Any) -> bool:
 
     Why: ADetailer's inpainting pass is a generation of its own that shares the enclosing one's
     ``extra_generation_params``; its skipped pass (an inpainting checkpoint PLADIS cannot patch)
-    must not remove the keys the enclosing generation earned.
+    must not remove the keys the enclosing generation earned. Copies of one ``p`` that share its
+    script runner (X/Y/Z cells) do not count: a cell that raised stays alive (never post-processed)
+    and would keep its keys on the next cell's images.
     """
+    runner = getattr(p, "scripts", None)
     for generation in list(_acting):
         owner = generation.owner()
-        if owner is not None and owner is not p and getattr(owner, "extra_generation_params", None) is extra:
+        sibling = runner is not None and getattr(owner, "scripts", None) is runner
+        if not sibling and _shares_infotext(owner, p, extra):
             return True
     return False
+
+
+def _shares_infotext(owner: Any, p: Any, extra: Any) -> bool:
+    """Whether ``owner``, a live processing object other than ``p``, writes its infotext from ``extra``."""
+    return owner is not None and owner is not p and getattr(owner, "extra_generation_params", None) is extra
 
 
 def _skipped_by_original(p: Any, inherited: Any, extra: Any) -> bool:
@@ -288,8 +297,7 @@ def _skipped_by_original(p: Any, inherited: Any, extra: Any) -> bool:
     """
     if not isinstance(inherited, Generation) or inherited.acted or not inherited.skipped:
         return False
-    owner = inherited.owner()
-    return owner is not None and owner is not p and getattr(owner, "extra_generation_params", None) is extra
+    return _shares_infotext(inherited.owner(), p, extra)
 
 
 def _remember_switched(objects: Any, original: Any, ours: Any, owner: Callable[[], Any]) -> None:

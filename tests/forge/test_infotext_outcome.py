@@ -91,21 +91,6 @@ def test_a_nested_generation_sharing_the_dict_keeps_the_outer_keys(forge_host, s
     script.postprocess(outer, None, *NO_LAYERS)
 
 
-def test_the_outcome_is_read_around_pladis_only(forge_host, script):
-    # An extension whose hook runs after PLADIS's and swaps the patcher changes nothing either way.
-    tk = forge_host
-    x, cond, uncond = tk.inputs()
-    for args, expected in ((NO_LAYERS, False), (SD_ALL, True)):
-        p = tk.processing(tk.unet_patcher())
-        p.extra_generation_params = {}
-        script.process(p, *args)
-        tk.reset(p)
-        script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
-        p.sd_model.forge_objects.unet = p.sd_model.forge_objects.unet.clone()  # the later extension
-        assert _keys(p.extra_generation_params) is expected
-        script.postprocess(p, None, *args)
-
-
 def test_xyz_cells_sharing_the_dict_each_get_their_own_outcome(forge_host, script):
     # Cells run one after the other on shallow copies of p; each cell's infotext (and X/Y/Z's grid
     # infotext, made from a copy of the first cell's dict) is created before the next cell's process.
@@ -148,3 +133,35 @@ def test_the_infotext_names_pladis_only_once_a_sampling_pass_got_it(forge_host, 
     CONTROLLER.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(p=p)))
     assert p.extra_generation_params["PLADIS alpha"] == 1.5
     script.postprocess(p, None, *args)
+
+
+def test_a_cell_that_raised_keeps_no_keys_on_the_next_cells_images(forge_host, script):
+    # X/Y/Z goes on after a cell raises; that cell's copy of p is never post-processed and stays alive
+    # (the sampler holds it), acted on. The next cell shares its dict and its script runner: a pass
+    # PLADIS skips there must still remove the keys.
+    tk = forge_host
+    base = tk.processing(tk.unet_patcher())
+    base.extra_generation_params = {}
+    base.scripts = object()  # the runner every cell's copy shares
+    failed = copy.copy(base)
+    script.process(failed, *SD_ALL)
+    _pass(tk, script, failed, SD_ALL)
+    assert _keys(failed.extra_generation_params)  # then sampling raised: no postprocess
+    cell = copy.copy(base)
+    script.process(cell, *NO_LAYERS)
+    _pass(tk, script, cell, NO_LAYERS)
+    assert not _keys(cell.extra_generation_params)
+    script.postprocess(cell, None, *NO_LAYERS)
+    assert failed is not None  # alive until here
+
+
+def test_a_copy_processed_before_any_pass_writes_its_own_keys(forge_host, script):
+    # Only a copy of a generation whose pass was skipped leaves the shared dict alone (ADetailer's
+    # re-arm); a copy processed before any pass (a script re-running process) records its settings.
+    tk = forge_host
+    p = tk.processing(tk.unet_patcher())
+    p.extra_generation_params = {}
+    script.process(p, *SD_ALL)
+    script.process(copy.copy(p), True, 1.75, 2.0, ["down", "mid", "up"], 0.0, 1.0)
+    assert p.extra_generation_params["PLADIS alpha"] == 1.75
+    script.postprocess(p, None, *SD_ALL)

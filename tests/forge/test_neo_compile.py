@@ -150,11 +150,6 @@ def script(forge_host):
     CONTROLLER.stop()
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(3)
-    return tuple(torch.randn(2, *shape, generator=g) for shape in ((6, 8), (4, 6), (4, 6)))
-
-
 def _generation(tk, script, base, setting: str):
     """One generation on ``base`` (its model compiled): the compiled and the eager outputs of the UNet
     that was sampled (or the exception the compiled call raised), and the PLADIS sites on it. The
@@ -162,7 +157,7 @@ def _generation(tk, script, base, setting: str):
     from pladis.hosts.forge import installed_sites
 
     args = ARGS[setting]
-    x, cond, uncond = _inputs()
+    x, cond, uncond = tk.inputs(seed=3)
     p = tk.processing(base)
     p.extra_generation_params = {}
     script.process(p, *args)
@@ -224,7 +219,7 @@ def test_pladis_takes_effect_again_once_the_preset_is_left(forge_host, script, n
     # under them, before and after generations under the preset.
     tk = forge_host
     base = tk.unet_patcher()
-    x, cond, uncond = _inputs()
+    x, cond, uncond = tk.inputs(seed=3)
     stock = tk.denoise(base, x, 3.0, cond, uncond)  # not compiled yet
     for preset, setting in [
         ("guard_filter_fn", "on"),
