@@ -158,11 +158,7 @@ def _generation(tk, script, base, setting: str):
 
     args = ARGS[setting]
     x, cond, uncond = tk.inputs(seed=3)
-    p = tk.processing(base)
-    p.extra_generation_params = {}
-    script.process(p, *args)
-    tk.reset(p)
-    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    p = tk.first_pass(script, base, args, x, cond, uncond)
     unet = p.sd_model.forge_objects.unet
     try:
         got: object = tk.denoise(unet, x, 3.0, cond, uncond)
@@ -360,6 +356,14 @@ def test_a_guard_filter_is_found_wherever_the_compile_script_keeps_it(guard_filt
     assert guard_filtered(kmodel) is expected
 
 
+def _flux_inputs():
+    """``(x, cond, uncond)`` for the Flux stand-ins: latents (2, 5, 4) and two text contexts (2, 3, 6)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 4, generator=g)
+    cond, uncond = (torch.randn(2, 3, 6, generator=g) for _ in range(2))
+    return x, cond, uncond
+
+
 FLUX_SETTINGS = [
     ("off", (False, 1.5, 2.0, ["down", "up"], 0.0, 1.0)),
     ("on", (True, 1.5, 2.0, ["down", "up"], 0.0, 1.0)),
@@ -386,18 +390,12 @@ def test_flux_keeps_pladis_under_the_guard_filter_preset(
     base = tk.flux_patcher(neo=neo)
     compile_like_neo(base.model, "guard_filter_fn")
     assert guard_filtered(base.model)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 5, 4, generator=g)
-    cond, uncond = (torch.randn(2, 3, 6, generator=g) for _ in range(2))
+    x, cond, uncond = _flux_inputs()
     with uncompiled(base.model):
         stock = {sigma: tk.denoise(base, x, sigma, cond, uncond) for sigma in FLUX_SIGMAS}
     for setting, args in FLUX_SETTINGS:
         caplog.clear()
-        p = tk.processing(base)
-        p.extra_generation_params = {}
-        script.process(p, *args)
-        tk.reset(p)
-        script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+        p = tk.first_pass(script, base, args, x, cond, uncond)
         unet = p.sd_model.forge_objects.unet
         assert is_ours(unet.model_options.get("model_function_wrapper")) == args[0], setting
         for sigma, inside in FLUX_SIGMAS.items():
@@ -419,15 +417,9 @@ def test_compiled_flux_leaves_the_graph_only_for_the_correction(forge_host, scri
     tk = forge_host
     base = tk.flux_patcher(neo=True)
     base.model.diffusion_model = torch.compile(base.model.diffusion_model, backend="eager")
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 5, 4, generator=g)
-    cond, uncond = (torch.randn(2, 3, 6, generator=g) for _ in range(2))
-    p = tk.processing(base)
-    p.extra_generation_params = {}
+    x, cond, uncond = _flux_inputs()
     args = FLUX_SETTINGS[1][1]
-    script.process(p, *args)
-    tk.reset(p)
-    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    p = tk.first_pass(script, base, args, x, cond, uncond)
     torch._dynamo.utils.counters.clear()
     tk.denoise(p.sd_model.forge_objects.unet, x, 0.5, cond, uncond)
     reasons = list(torch._dynamo.utils.counters["graph_break"])

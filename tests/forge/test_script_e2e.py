@@ -106,12 +106,7 @@ def _first_pass(tk, script, args: tuple, seed: int = 0) -> tuple[Any, Any]:
     """A Forge generation up to its first sampling pass: ``(p, the denoiser's on_cfg_denoiser params)``."""
     from types import SimpleNamespace
 
-    p = tk.processing(tk.unet_patcher(seed=seed))
-    p.extra_generation_params = {}
-    x, cond, uncond = tk.inputs()
-    script.process(p, *args)
-    tk.reset(p)
-    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    p = tk.first_pass(script, tk.unet_patcher(seed=seed), args, *tk.inputs())
     return p, SimpleNamespace(denoiser=SimpleNamespace(p=p))
 
 

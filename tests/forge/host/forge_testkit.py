@@ -65,6 +65,17 @@ def processing(patcher):
     )
 
 
+def first_pass(script, patcher, args, x, cond, uncond):
+    """A generation on ``patcher`` in Forge's order up to its first sampling pass: ``process`` → reset
+    → ``process_before_every_sampling``. Returns ``p``."""
+    p = processing(patcher)
+    p.extra_generation_params = {}
+    script.process(p, *args)
+    reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+    return p
+
+
 def reset(p):
     """What Forge's processing does before every ``process_before_every_sampling`` call."""
     p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()

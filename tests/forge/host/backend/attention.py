@@ -8,13 +8,19 @@ default backend.
 import torch.nn.functional as F
 
 
-def attention_pytorch(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False):
+def heads_first(q, k, v, heads, skip_reshape):
+    """``(B, H, N, D)`` views of ``(B, N, H·D)`` inputs (as they are with ``skip_reshape``), with ``B``
+    and ``D``: the layout step Forge's back-ends (and Neo's, ``backend.attention_neo``) share."""
     if skip_reshape:
         b, _, _, dim_head = q.shape
-    else:
-        b, _, inner = q.shape
-        dim_head = inner // heads
-        q, k, v = (t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+        return b, dim_head, q, k, v
+    b, _, inner = q.shape
+    dim_head = inner // heads
+    return b, dim_head, *(t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+
+
+def attention_pytorch(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False):
+    b, dim_head, q, k, v = heads_first(q, k, v, heads, skip_reshape)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
     return out.transpose(1, 2).reshape(b, -1, heads * dim_head)
 

@@ -10,16 +10,13 @@ can be loaded at once.
 
 import torch.nn.functional as F
 
+from backend.attention import heads_first
+
 
 def attention_pytorch(
     q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs
 ):
-    if skip_reshape:
-        b, _, _, dim_head = q.shape
-    else:
-        b, _, inner = q.shape
-        dim_head = inner // heads
-        q, k, v = (t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+    b, dim_head, q, k, v = heads_first(q, k, v, heads, skip_reshape)
     if mask is not None and mask.ndim == 2:
         mask = mask.unsqueeze(0)  # batch
     if mask is not None and mask.ndim == 3:
