@@ -46,10 +46,8 @@ class Generation:
     owner: Callable[[], Any]
     params: PladisParams
     host: str
-    acted: bool = False
-    """On Forge: whether a sampling pass got PLADIS (its infotext keys are cleared until one does)."""
     skipped: bool = False
-    """On Forge: whether a sampling pass was left without PLADIS before any got it."""
+    """On Forge: whether a sampling pass was left without PLADIS before any got it (see ``_acting``)."""
 
     def owns(self, p: Any) -> bool:
         return p is not None and self.owner() is p
@@ -248,10 +246,9 @@ def _record_forge_outcome(p: Any, generation: Generation, acted: bool) -> None:
     parameters claimed PLADIS. Written again if a later pass (hires fix, the refiner) gets it.
     """
     extra = getattr(p, "extra_generation_params", None)
-    if generation.acted:
+    if generation in _acting:
         return
     if acted:
-        generation.acted = True
         _acting.add(generation)
         if extra is not None:
             infotext.write(extra, generation.params)
@@ -262,7 +259,8 @@ def _record_forge_outcome(p: Any, generation: Generation, acted: bool) -> None:
 
 
 _acting: weakref.WeakSet[Generation] = weakref.WeakSet()
-"""Forge generations a sampling pass got PLADIS for, while their processing objects live."""
+"""Forge generations a sampling pass got PLADIS for, while their processing objects live (their
+infotext keys are cleared until a pass does)."""
 
 
 def _acted_on_by_another(p: Any, extra: Any) -> bool:
@@ -295,7 +293,7 @@ def _skipped_by_original(p: Any, inherited: Any, extra: Any) -> bool:
     Why: ADetailer re-runs the scripts' ``process`` on a copy of ``p`` after a batch's last image, before
     that image's infotext is made; writing the keys again there undid the skip's removal.
     """
-    if not isinstance(inherited, Generation) or inherited.acted or not inherited.skipped:
+    if not isinstance(inherited, Generation) or inherited in _acting or not inherited.skipped:
         return False
     return _shares_infotext(inherited.owner(), p, extra)
 
