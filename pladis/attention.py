@@ -2,8 +2,8 @@
 
 The blend is linear in the weights, so it is one matmul with V on mixed weights — the same as
 ``At + λ(At_α − At)`` of the paper. Scores and weights are float32 whatever the input dtype (entmax in
-half precision is unreliable); the V matmul runs in float32 too and the result is cast back to q's
-dtype.
+half precision is unreliable); the V matmul runs in float32 too (the fused GPU kernel: the weights in
+two 16-bit parts, float32 accumulation) and the result is cast back to q's dtype.
 
 Queries are processed in chunks: cross-attention has few keys (77–231 text tokens) and many queries
 (up to 4096 image tokens per head), so the float32 score block of a chunk stays small and in cache,

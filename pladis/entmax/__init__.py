@@ -42,8 +42,9 @@ NaN); the attention blend relies on this.
 
 Layout: this module holds the entry points, the input checks and the dispatch by α; the solvers
 are in ``_dense`` (α = 1.5, 2, whole β; the bounds and the float64 finish), ``_halley`` (fractional
-β > 2), ``_near_softmax`` (α < 1.05) and ``_gathered`` (1.5 < α < 2 on CPU), on ``_common`` (result
-types, buffers, shared constants) and ``_fastmath`` (exp, log₂ and powers).
+β > 2; on CPU also whole β ≥ 8), ``_near_softmax`` (α < 1.05) and ``_gathered`` (1.5 < α < 2 on
+CPU), on ``_common`` (result types, buffers, shared constants) and ``_fastmath`` (exp, log₂ and
+powers).
 """
 
 from __future__ import annotations

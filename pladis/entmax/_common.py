@@ -13,8 +13,8 @@ ROW_SUM_TOL = 1e-6
 
 SOFTMAX_LIMIT = 1e-7
 """α − 1 at or below this gives softmax: α-entmax differs from it by about 2·(α − 1), which the blend
-multiplies by λ (up to 10): 2e-6 at this limit. Above it the float32 near-softmax solver is exact to
-~2e-7 (measured down to α − 1 = 1.01e-7)."""
+multiplies by λ (up to 10 in :class:`~pladis.params.PladisParams`): 2e-6 at this limit. Above it the
+float32 near-softmax solver is exact to ~2e-7 (measured down to α − 1 = 1.01e-7)."""
 
 FLOAT32_MAX_BETA = 20.0
 """Above this β = 1/(α − 1) (α < 1.05) a threshold search on ``(x − τ)^β`` is not exact in float32:

@@ -163,8 +163,8 @@ def _power(t: Tensor, exponent: float, out: Tensor) -> Tensor:
 def _row_power(values: Tensor, exponent: float) -> Tensor:
     """``values^exponent`` (values ≥ 0) as a new tensor: for the small per-row tensors of the steps.
 
-    Why: torch's CPU ``pow`` with a fractional exponent costs ~40 µs per 13616 rows (a 2^20-score
-    chunk), as much as a whole-chunk multiplication; ``log₂`` (:func:`_log2`: numpy's where faster)
+    Why: torch's CPU ``pow`` with a fractional exponent costs ~40 µs per 13616 rows (2^20 scores
+    at K = 77), as much as multiplying those scores; ``log₂`` (:func:`_log2`: numpy's where faster)
     and torch's ``exp2`` take half of that. 0 gives 0 (∞ for e < 0), as ``pow`` does. Relative error
     about ``|e·log₂ v|·2^-24``: these feed steps, which the solvers check, and are near 1 at the root.
     """
@@ -245,7 +245,7 @@ def _numpy_viewable(t: Tensor, out: Tensor) -> bool:
 def numpy_log2_is_faster() -> bool:
     """Whether numpy's float32 ``log2`` beats torch's (at torch's thread count) on this machine.
 
-    Timed once per process as :func:`_log2` runs it, on a block of 2^20 floats (a chunk's size),
+    Timed once per process as :func:`_log2` runs it, on a block of 2^20 floats (about a chunk's size),
     best of 5 each: numpy with the copy it needs against torch. Why this size: on 2^16 floats the
     two tied on an AVX-512 VM where, at a chunk's size, torch (both threads) took 0.2 ms and numpy
     0.45 ms with its copy, so the choice was a coin toss that made α ≠ 1.5 up to 25 % slower.

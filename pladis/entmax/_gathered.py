@@ -107,7 +107,7 @@ def _solve_on_candidates(
     (:func:`_candidate_bound`): only the gathered keys are scaled.
 
     Why: every Newton step needs ``t^(β−1)`` with a fractional exponent, ~10× the cost of a
-    multiplication even as ``2^(e·log₂ t)``, yet only the keys above ``tau`` (a lower bound, so a
+    multiplication even as ``2^(e·log₂ t)``, yet only the keys above ``bound`` (a lower bound, so a
     superset of the support) can get weight — typically under a tenth of the row. Gathering them
     once makes each step cost a tenth. See :func:`_newton_on_segments` for the steps.
     """

@@ -1,4 +1,5 @@
-"""α-entmax for a fractional β > 2 (1.05 ≤ α < 1.5): Halley steps and Taylor finishes of the weights."""
+"""α-entmax for a fractional β > 2 (1.05 ≤ α < 1.5), and on CPU for whole β ≥ 8 (α ≤ 1.125): Halley
+steps and Taylor finishes of the weights."""
 
 from __future__ import annotations
 
@@ -385,17 +386,18 @@ def _moments(
 
 
 def _halley_step(total: Tensor, first: Tensor, second: Tensor, beta: float) -> Tensor:
-    """Halley step on ``h(τ) = (Σt^β)^(1/β) − 1`` from ``F = Σt^β``, ``M1 = Σt^(β−1)``, ``M2 = Σt^(β−2)``.
+    """Halley step towards ``h(τ) = (Σt^β)^(1/β) = 1`` from the sums ``F``, ``M1`` and ``M2``.
 
-    ``h' = −h·M1/F`` and ``h'' = (β − 1)·h/F·(M2 − M1²/F) ≥ 0``. The step is Newton's,
-    ``δ = (h − 1)·F^(1 − 1/β)/M1``, times ``1/(1 − ε)`` with ``ε = δ·h''/(2|h'|)``, kept in [1/2, 2]
-    so a poor curvature estimate cannot run away. Rows with no finite key (F = M1 = 0) get 0.
+    ``F = Σt^β``, ``M1 = Σt^(β−1)``, ``M2 = Σt^(β−2)``; ``h' = −h·M1/F`` and
+    ``h'' = (β − 1)·h/F·(M2 − M1²/F) ≥ 0``. The step is Newton's, ``δ = (h − 1)·F^(1 − 1/β)/M1``,
+    times ``1/(1 − ε)`` with ``ε = δ·h''/(2|h'|)``, kept in [1/2, 2] so a poor curvature estimate
+    cannot run away. Rows with no finite key (F = M1 = 0) get 0.
     """
     return _halley_and_newton_steps(total, first, second, beta)[0]
 
 
 def _newton_step(total: Tensor, first: Tensor, beta: float) -> Tensor:
-    """Newton's step on ``h(τ) = (Σt^β)^(1/β) − 1`` from ``F = Σt^β`` and ``M1 = Σt^(β−1)`` (new tensor).
+    """Newton's step towards ``h(τ) = (Σt^β)^(1/β) = 1`` from ``F = Σt^β`` and ``M1 = Σt^(β−1)`` (new tensor).
 
     ``δ = (h − 1)·F^(1−1/β)/M1 = (1 − F^(−1/β))·F/M1``, with ``F^(−1/β)`` by one :func:`_row_power`;
     F and M1 are clamped in the power and the division only, so rows with F = 0 get 0.
