@@ -1,10 +1,12 @@
 """Forge / reForge adapter: install PLADIS on a clone of ``p.sd_model.forge_objects.unet``.
 
-Called from the shared script's ``process_before_every_sampling``. Forge's convention is followed
-instead of patching modules: clone the UNet patcher (the clone deep-copies ``model_options``), add
-attn2 replacements to the clone, and put the clone back. Forge re-assigns ``forge_objects`` from its
-clean copy before every sampling pass, so nothing needs restoring and an exception cannot leak a
-patch into later generations. The original patcher is never modified.
+Called from the shared script's ``process_before_every_sampling`` (and from ``on_cfg_denoiser`` when
+the SDXL refiner switch brings in another model). Forge's convention is followed instead of patching
+modules: clone the UNet patcher (the clone deep-copies ``model_options``), add attn2 replacements to
+the clone, and put the clone back. Forge re-assigns ``forge_objects`` from its clean copy before
+every sampling pass, so nothing needs restoring and an exception cannot leak a patch into later
+generations; a refiner switched in mid-sampling is the exception, put back by the controller
+(``pladis.webui.controller._remember_switched``). The original patcher is never modified.
 
 * SD1.x / SD2.x / SDXL UNets: one replacement per attn2 site of the selected layer groups
   (down = ``input``, mid = ``middle``, up = ``output``), keyed ``(block, number, transformer_index)``

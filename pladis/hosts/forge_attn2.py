@@ -309,8 +309,9 @@ def make_attn2_replacement(
     setattr(pladis_attn2, MARK, True)
     setattr(pladis_attn2, PRIOR, prior)
     # Forge's IP-Adapter adds a condition to the patch already in its slot by calling that patch's
-    # set_new_condition (forge.md §3), e.g. on hires fix's first hook call, which runs on the first
-    # pass's patched model (§1.2). Chained on top of its patch, we hand that call down to it.
+    # set_new_condition (set_model_patch_replace in its lib_ipadapter/IPAdapterPlus.py), e.g. on hires
+    # fix's first hook call, which runs on the first pass's patched model. Chained on top of its patch,
+    # we hand that call down to it.
     if callable(getattr(prior, "set_new_condition", None)):
         pladis_attn2.set_new_condition = prior.set_new_condition  # type: ignore[attr-defined, union-attr]
     elif prior is None:
@@ -338,8 +339,8 @@ def _ip_adapter_after_pladis(*args: Any, **kwargs: Any) -> None:
     """``set_new_condition`` of a replacement with nothing under it: IP-Adapter ran after PLADIS.
 
     Why: IP-Adapter adds its condition to the patch already in its slot by calling this method
-    (forge.md §3); on ours it failed with a bare AttributeError. Ours cannot hold an image prompt,
-    so the order has to change: say so. SD 1.x is not covered: its IP-Adapter keys are 2-tuples,
+    (``set_model_patch_replace``); on ours it failed with a bare AttributeError. Ours cannot hold an
+    image prompt, so the order has to change: say so. SD 1.x is not covered: its IP-Adapter keys are 2-tuples,
     which our 3-tuple keys shadow without IP-Adapter ever finding ours (its effect is lost silently;
     README). Installing ours under 2-tuple keys there would let a later extension that chains on
     3-tuple keys shadow PLADIS instead, so the default order (ControlNet first) is the fix.
