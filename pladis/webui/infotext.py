@@ -31,7 +31,7 @@ def _number(value: float) -> float:
 
 
 def range_text(params: PladisParams) -> str:
-    """``start-end`` as fractions of the sampling steps, e.g. ``0-1`` or ``0.2-0.8``.
+    """``start-end`` as fractions of the sampling schedule, e.g. ``0-1`` or ``0.2-0.8``.
 
     Positional notation, 15 significant digits: ``{:g}`` would write 0.00005 as ``5e-05``,
     whose own minus sign breaks the ``start-end`` split.
