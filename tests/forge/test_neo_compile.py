@@ -290,6 +290,8 @@ def test_the_stand_in_reproduces_what_the_preset_does_to_pladis(
         ({"_compile_config": ("guard_filter_fn", "lora-hash")}, True),
         ({"_torch_compile_config": ("dynamic", "lora-hash")}, False),
         ({"_compile_config": "{'backend': 'inductor'}lora-hash"}, False),
+        ({"_torch_compile_config": ["guard_filter_fn", "lora-hash"]}, True),
+        ({"_torch_compile_config": ()}, False),
         ({}, False),
     ],
     ids=[
@@ -307,6 +309,8 @@ def test_the_stand_in_reproduces_what_the_preset_does_to_pladis(
         "tuple-with-lora-hash",
         "tuple-dynamic-with-lora-hash",
         "config-string-with-lora-hash",
+        "list-with-lora-hash",
+        "empty-tuple",
         "not-compiled",
     ],
 )
@@ -354,6 +358,45 @@ def test_a_guard_filter_is_found_wherever_the_compile_script_keeps_it(guard_filt
 
         kmodel.apply_model = apply_model
     assert guard_filtered(kmodel) is expected
+
+
+def test_an_empty_closure_cell_of_the_apply_model_wrapper_is_passed_over():
+    # A wrapper may close over a name its enclosing function never assigned (an empty cell, which
+    # raises ValueError when read): the check goes on to the arguments it holds and finds the filter.
+    from pladis.hosts.forge_compile import guard_filtered
+
+    kmodel = torch.nn.Module()
+    kmodel.diffusion_model = torch.nn.Linear(2, 2)
+
+    def wrap(config, ahead_of_time):
+        def apply_model(*args, **kwargs):
+            model = compiled if ahead_of_time else torch.compile(kmodel.diffusion_model, **config)
+            return model(*args, **kwargs)
+
+        if ahead_of_time:
+            compiled = torch.compile(kmodel.diffusion_model, **config)
+        return apply_model
+
+    config = dict(backend="eager", dynamic=False, options={"guard_filter_fn": neo_guard_filter})
+    kmodel.apply_model = wrap(config, ahead_of_time=False)
+    assert guard_filtered(kmodel)
+
+
+def test_the_skip_is_said_once_per_generation(forge_host, script, caplog):
+    # Every sampling pass (hires fix, each batch) asks again; the reason is logged once per p.
+    from pladis.hosts.forge_compile import SKIPPED
+
+    tk = forge_host
+    base = tk.unet_patcher()
+    base.model._torch_compile_config = ("guard_filter_fn",)  # the marker 50df301 leaves
+    args = ARGS["on"]
+    x, cond, uncond = tk.inputs(seed=3)
+    p = tk.first_pass(script, base, args, x, cond, uncond)
+    tk.reset(p)
+    script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)  # the hires pass
+    assert p.sd_model.forge_objects.unet is base
+    assert caplog.text.count(SKIPPED) == 1
+    script.postprocess(p, None, *args)
 
 
 def _flux_inputs():
