@@ -165,3 +165,63 @@ def test_a_copy_processed_before_any_pass_writes_its_own_keys(forge_host, script
     script.process(copy.copy(p), True, 1.75, 2.0, ["down", "mid", "up"], 0.0, 1.0)
     assert p.extra_generation_params["PLADIS alpha"] == 1.75
     script.postprocess(p, None, *SD_ALL)
+
+
+def test_a_skipped_nested_generation_with_a_dict_of_its_own_names_no_pladis(forge_host, script):
+    # Only the very dict a live generation that got PLADIS writes into keeps the keys: a nested
+    # generation with a dict of its own (equal contents: same settings) that PLADIS skips must not
+    # claim PLADIS in its images' parameters.
+    tk = forge_host
+    outer = _sampled(tk, script, tk.flux_patcher(), NO_LAYERS)
+    assert _keys(outer.extra_generation_params)
+    inner = _sampled(tk, script, tk.unet_patcher(seed=3), NO_LAYERS, extra={})
+    assert not _keys(inner.extra_generation_params)
+    assert _keys(outer.extra_generation_params)
+    script.postprocess(inner, None, *NO_LAYERS)
+    script.postprocess(outer, None, *NO_LAYERS)
+
+
+def test_a_copy_of_a_skipped_generation_with_a_dict_of_its_own_writes_its_keys(forge_host, script):
+    # Only a copy sharing the skipped generation's dict (ADetailer's re-arm) leaves it alone; a copy
+    # given a dict of its own is a generation of its own and records its settings there.
+    tk = forge_host
+    p = _sampled(tk, script, tk.unet_patcher(), NO_LAYERS)  # skipped: keys cleared
+    own = copy.copy(p)
+    own.extra_generation_params = {}
+    script.process(own, *SD_ALL)
+    assert own.extra_generation_params["PLADIS alpha"] == 1.5
+    assert not _keys(p.extra_generation_params)
+    script.postprocess(own, None, *SD_ALL)
+    script.postprocess(p, None, *NO_LAYERS)
+
+
+def test_a_copy_of_a_generation_that_got_pladis_on_a_later_pass_writes_its_keys(forge_host, script):
+    # Skipped on the first pass, then PLADIS on the hires pass's checkpoint: the generation got
+    # PLADIS, so a copy processed afterwards (a script re-running process) records its own settings.
+    tk = forge_host
+    p = _sampled(tk, script, tk.unet_patcher(), NO_LAYERS)
+    assert not _keys(p.extra_generation_params)
+    p.sd_model = tk.processing(tk.flux_patcher()).sd_model  # the hires pass's checkpoint
+    _pass(tk, script, p, NO_LAYERS)
+    assert p.extra_generation_params["PLADIS alpha"] == 1.5
+    script.process(copy.copy(p), True, 1.75, 2.0, [], 0.0, 1.0)
+    assert p.extra_generation_params["PLADIS alpha"] == 1.75
+    script.postprocess(p, None, *NO_LAYERS)
+
+
+@pytest.mark.parametrize(
+    ("patcher", "acts"), [("flux_patcher", True), ("unet_patcher", False)], ids=["acted", "skipped"]
+)
+def test_a_processing_object_without_an_infotext_dict_is_sampled_as_usual(forge_host, script, patcher, acts):
+    # process already leaves a p without extra_generation_params alone; recording a pass's outcome
+    # must not raise there either (the hook would end before PLADIS is accounted for).
+    tk = forge_host
+    original = getattr(tk, patcher)()
+    p = tk.processing(original)
+    assert not hasattr(p, "extra_generation_params")
+    x, cond, uncond = tk.inputs()
+    script.process(p, *NO_LAYERS)
+    tk.reset(p)
+    script.process_before_every_sampling(p, *NO_LAYERS, x=x, noise=x, c=cond, uc=uncond)
+    assert (p.sd_model.forge_objects.unet is not original) == acts
+    script.postprocess(p, None, *NO_LAYERS)
