@@ -42,6 +42,19 @@ def test_joint_attention_matches_the_official_flux_formulation(forge_host, alpha
     assert (out[:, TEXT:] - stock[:, TEXT:]).abs().max() > 1e-2
 
 
+def test_joint_attention_reads_pe_passed_by_position(forge_host):
+    # The host's attention is called as the block called ours: a block passing pe by position gets
+    # the same rotated-score blend as one passing pe=.
+    import backend.nn.flux as flux
+
+    from pladis.hosts.flux import make_joint_attention
+
+    q, k, v, pe = joint_inputs()
+    out = make_joint_attention(flux.attention, TEXT, 1.5, 2.0)(q, k, v, pe)
+    weights = forge_host.oracle_joint_weights(q, k, pe, TEXT, 1.5, 2.0)
+    torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=2e-5, rtol=1e-5)
+
+
 def test_joint_rows_still_sum_to_one_and_image_keys_keep_their_weight(forge_host):
     """With one-hot values (v_j = e_j) the attention output *is* the weight matrix."""
     import backend.nn.flux as flux
