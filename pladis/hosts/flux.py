@@ -76,6 +76,10 @@ def install(
         if not callable(getattr(importlib.import_module(name), "attention", None)):
             warn(f"PLADIS: {name} has no attention function; skipped")
             return False
+    # Looked up by the replacement when the wrapper first runs: missing, every step would raise.
+    if not callable(getattr(importlib.import_module(ROPE_MODULE), "apply_rope", None)):
+        warn(f"PLADIS: {ROPE_MODULE} has no apply_rope function; skipped")
+        return False
     if any(getattr(block, "flipped_img_txt", False) for block in unet.model.diffusion_model.double_blocks):
         # Image tokens first: the text block PLADIS changes is not at the start of the sequence.
         warn("PLADIS: joint-attention model with image tokens before text tokens; skipped")

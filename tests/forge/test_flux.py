@@ -427,17 +427,38 @@ def test_forge_neo_without_positions_blends_the_unrotated_scores(forge_host):
     torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=2e-5, rtol=1e-5)
 
 
-def test_joint_model_with_image_tokens_first_is_left_alone(forge_host, caplog):
+def _flip_second_block(patcher, monkeypatch):
     # Blocks built with flipped_img_txt (Neo's DoubleStreamBlock option) order [image; text]: the
-    # text block is not where PLADIS looks for it, so the model is not patched.
+    # text block is not where PLADIS looks for it.
+    patcher.model.diffusion_model.double_blocks[1].flipped_img_txt = True
+
+
+def _drop_apply_rope(patcher, monkeypatch):
+    # The correction rotates q and k with the host's apply_rope, looked up when the wrapper first
+    # runs: without it every step inside the window would raise.
+    import backend.nn.flux
+
+    monkeypatch.delattr(backend.nn.flux, "apply_rope")
+
+
+@pytest.mark.parametrize(
+    ("neo", "unsupported", "said"),
+    [
+        (True, _flip_second_block, "image tokens before text tokens"),
+        (False, _drop_apply_rope, "has no apply_rope function"),
+        (True, _drop_apply_rope, "has no apply_rope function"),
+    ],
+    ids=["image-tokens-first", "forge-without-apply-rope", "neo-without-apply-rope"],
+)
+def test_an_unsupported_joint_model_is_left_alone(forge_host, caplog, monkeypatch, neo, unsupported, said):
     from pladis.hosts.forge import apply
 
     tk = forge_host
-    patcher = tk.flux_patcher(neo=True)
-    patcher.model.diffusion_model.double_blocks[1].flipped_img_txt = True
+    patcher = tk.flux_patcher(neo=neo)
+    unsupported(patcher, monkeypatch)
     p = tk.processing(patcher)
     with caplog.at_level("WARNING", logger="pladis"):
         apply(p, PladisParams(enabled=True))
     assert p.sd_model.forge_objects.unet is patcher
     assert patcher.model_options == {"transformer_options": {}}
-    assert any("image tokens before text tokens" in r.getMessage() for r in caplog.records)
+    assert any(said in r.getMessage() for r in caplog.records)
