@@ -19,11 +19,13 @@ from pladis.diffusers import PladisAttnProcessor, apply_pladis
 CROSS = 32
 
 
-def _ip_attention():
+def _ip_attention(**options):
     from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 
     torch.manual_seed(5)
-    attn = Attention(query_dim=16, cross_attention_dim=CROSS, heads=2, dim_head=8, bias=True).eval()
+    attn = Attention(
+        query_dim=16, cross_attention_dim=CROSS, heads=2, dim_head=8, bias=True, **options
+    ).eval()
     ip = IPAdapterAttnProcessor2_0(
         hidden_size=16, cross_attention_dim=CROSS, num_tokens=(4,), scale=0.7
     ).eval()
@@ -297,3 +299,155 @@ def test_pladis_over_ip_adapter_works_with_layerwise_casting():
     assert got.dtype == torch.bfloat16
     assert (got.float() - expected.float()).abs().max().item() <= 3e-2  # bf16 rounding of the change
     assert (got.float() - _run(attn, ip, hidden, context).float()).abs().max().item() > 0.1  # PLADIS acted
+
+
+@pytest.mark.parametrize("image_input", [False, True], ids=["tokens", "4d"])
+def test_pladis_over_ip_adapter_honours_mask_residual_rescale_and_4d_input(kit, image_input):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn, ip = _ip_attention(residual_connection=True, rescale_output_factor=2.0)
+    hidden, text, image = _inputs()
+    if image_input:  # (batch, channels, height, width) over the 12 = 3 × 4 queries
+        hidden = hidden.transpose(1, 2).reshape(2, 16, 3, 4)
+    mask = torch.zeros(2, 1, 77)
+    mask[0, :, 50:] = -10000.0
+    mask[1, :, 10:30] = -10000.0
+
+    def run(processor, context, attention_mask=mask):
+        attn.set_processor(processor)
+        with torch.no_grad():
+            return attn(hidden, encoder_hidden_states=context, attention_mask=attention_mask)
+
+    stock_ip = run(ip, (text, [image]))
+    image_term = stock_ip.double() - run(AttnProcessor2_0(), text).double()
+    expected = run(kit.OracleProcessor(1.5, 2.0), text).double() + image_term
+    unmasked = run(kit.OracleProcessor(1.5, 2.0), text, None).double() + image_term
+    assert (expected - unmasked).abs().max().item() > 1e-3  # the mask matters here
+
+    got = run(PladisAttnProcessor(ip, alpha=1.5, lam=2.0), (text, [image]))
+    assert got.shape == stock_ip.shape == hidden.shape
+    assert (got.double() - expected).abs().max().item() <= 2e-5
+
+
+def test_pladis_over_ip_adapter_with_a_half_precision_mask():
+    # A half-precision UNet makes encoder_attention_mask a bias in its own dtype; PLADIS's change runs
+    # in float32 and must take the mask along.
+    attn, ip = _ip_attention()
+    hidden, text, image = _inputs()
+    mask = torch.zeros(2, 1, 77)
+    mask[0, :, 50:] = -10000.0
+
+    def run(attn, processor, hidden, context, mask):
+        attn.set_processor(processor)
+        with torch.no_grad():
+            return attn(hidden, encoder_hidden_states=context, attention_mask=mask)
+
+    expected = run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), hidden, (text, [image]), mask)
+    attn, ip = attn.to(torch.bfloat16), ip.to(torch.bfloat16)
+    low = [t.to(torch.bfloat16) for t in (hidden, text, image, mask)]
+    stock = run(attn, ip, low[0], (low[1], [low[2]]), low[3])
+    got = run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), low[0], (low[1], [low[2]]), low[3])
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max().item() <= 3e-2
+    assert (got.float() - stock.float()).abs().max().item() > 0.1  # PLADIS acted
+
+
+def _halve_weight_inside_forward(linear):
+    inner = linear.forward
+    linear.forward = lambda x: inner(x) * 0.5
+
+
+class _HalvingLinear(torch.nn.Linear):
+    """A Linear subclass whose forward uses other weights than it stores (like LoRA-compatible layers)."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight * 0.5, self.bias * 0.5)
+
+
+def _as_halving_subclass(attn):
+    old = attn.to_out[0]
+    new = _HalvingLinear(old.in_features, old.out_features)
+    new.load_state_dict(old.state_dict())
+    attn.to_out[0] = new
+
+
+_FORWARD_CHANGES = {
+    # what is done to the output projection, and which of its parameters that scales by 0.5
+    "instance_forward": (lambda attn: _halve_weight_inside_forward(attn.to_out[0]), ("weight", "bias")),
+    "forward_hook": (
+        lambda attn: attn.to_out[0].register_forward_hook(lambda m, args, out: out * 0.5),
+        ("weight", "bias"),
+    ),
+    "forward_pre_hook": (
+        lambda attn: attn.to_out[0].register_forward_pre_hook(lambda m, args: (args[0] * 0.5,)),
+        ("weight",),
+    ),
+    "subclass": (_as_halving_subclass, ("weight", "bias")),
+}
+
+
+@pytest.mark.filterwarnings("ignore:You have passed a tensor as `encoder_hidden_states`:FutureWarning")
+@pytest.mark.parametrize("kind", sorted(_FORWARD_CHANGES))
+def test_pladis_over_ip_adapter_goes_through_the_projection_forward(kind):
+    # An output projection whose forward is not its stored weight (hooks, wrappers, subclasses): the
+    # change must go through the forward, as the IP-Adapter output itself does.
+    import copy
+
+    attn, ip = _ip_attention()
+    hidden, text, image = _inputs()
+    context = (text, [image])
+    reference = copy.deepcopy(attn)
+    change, halved = _FORWARD_CHANGES[kind]
+    with torch.no_grad():
+        for name in halved:
+            getattr(reference.to_out[0], name).mul_(0.5)
+    change(attn)
+    assert torch.allclose(_run(attn, ip, hidden, context), _run(reference, ip, hidden, context), atol=1e-6)
+    expected = _run(reference, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), hidden, context)
+    got = _run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), hidden, context)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def _ip_state_keys(unet):
+    return [key for key in unet.state_dict() if ".pladis_previous_processor." in key]
+
+
+def test_removing_an_outer_stacked_handle_keeps_ip_adapter_weights_registered(kit):
+    unet = _unet_with_ip_adapter(kit)
+    sample, context, kwargs = _ip_inputs(kit)
+    outer = apply_pladis(unet, lam=2.0)
+    expected = kit.run_unet(unet, sample, context, kwargs)
+    inner = apply_pladis(unet, lam=5.0)
+    inner.remove()  # back to `outer`, which still runs IP-Adapter's processors underneath
+    assert _ip_state_keys(unet)
+    unet.to(torch.float64)
+    assert {p.dtype for p in unet.parameters()} == {torch.float64}
+    unet.to(torch.float32)
+    assert torch.equal(kit.run_unet(unet, sample, context, kwargs), expected)
+    outer.remove()
+    assert not _ip_state_keys(unet)
+
+
+@pytest.mark.parametrize("replacement", ["new_ip_adapter", "standalone_pladis"])
+def test_a_replacement_over_ours_drops_the_old_ip_adapter_weights_on_remove(kit, replacement):
+    # A new IP-Adapter (module processors), or a PLADIS processor set by hand over a stock one,
+    # replaced ours: nothing calls the old adapter any more, so its weights kept under our name go.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = _unet_with_ip_adapter(kit)
+    handle = apply_pladis(unet)
+    if replacement == "new_ip_adapter":
+        _load_ip_processors(unet, seed=5)
+    else:
+        for name in handle.names:
+            unet.get_submodule(name).set_processor(PladisAttnProcessor(AttnProcessor2_0()))
+    with pytest.warns(RuntimeWarning, match="replaced by someone else"):
+        handle.remove()
+    assert not _ip_state_keys(unet)
+    adapter_on_our_layers = [
+        key
+        for key in unet.state_dict()
+        for name in handle.names
+        if key.startswith(f"{name}.processor.to_k_ip.")
+    ]
+    assert bool(adapter_on_our_layers) == (replacement == "new_ip_adapter")

@@ -125,3 +125,68 @@ def test_pladis_does_not_import_diffusers_at_import_time():
 
     code = "import sys, pladis, pladis.diffusers; assert 'diffusers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_keyword_construction_and_defaults_give_a_pladis_processor(kit):
+    # Only a call with no arguments at all is diffusers' unload rebuild (a stock processor).
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn = _attention()
+    by_keyword = PladisAttnProcessor(previous=AttnProcessor2_0(), alpha=2.0, lam=0.5)
+    assert isinstance(by_keyword, PladisAttnProcessor) and (by_keyword.alpha, by_keyword.lam) == (2.0, 0.5)
+    torch.testing.assert_close(_call(attn, by_keyword), _call(attn, kit.OracleProcessor(2.0, 0.5)), **TOL)
+
+    default = PladisAttnProcessor(AttnProcessor2_0())
+    assert (default.alpha, default.lam) == (1.5, 2.0)  # README: alpha=1.5, lam=2.0
+    assert repr(default) == "PladisAttnProcessor(alpha=1.5, lam=2)"
+    torch.testing.assert_close(_call(attn, default), _call(attn, kit.OracleProcessor(1.5, 2.0)), **TOL)
+
+
+def test_without_a_previous_processor_lambda_zero_is_plain_attention_and_text_is_used(kit):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn = _attention()
+    mask = _masks()["additive"]
+    stock = _call(attn, AttnProcessor2_0(), mask=mask)
+    torch.testing.assert_close(_call(attn, PladisAttnProcessor(None, lam=0.0), mask=mask), stock, **TOL)
+
+    # An IP-Adapter-style (text, image-prompt states) context: standalone, only the text part counts.
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(BATCH, CHANNELS, SIDE, SIDE, generator=gen)
+    temb = torch.randn(BATCH, 6, 2, 2, generator=gen)
+    text = torch.randn(BATCH, TOKENS, 32, generator=gen)
+    image = torch.randn(BATCH, 4, 32, generator=gen)
+    attn.set_processor(PladisAttnProcessor(None, alpha=1.5, lam=2.0))
+    with torch.no_grad():
+        got = attn(hidden, encoder_hidden_states=(text, [image]), temb=temb)
+    attn.set_processor(kit.OracleProcessor(1.5, 2.0))
+    with torch.no_grad():
+        expected = attn(hidden, encoder_hidden_states=text, temb=temb)
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_output_dropout_is_applied_like_the_stock_processor():
+    # In train mode (still under no_grad) the output projection's dropout acts: same seed, same mask.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn = _attention(dropout=0.5).train()
+    torch.manual_seed(21)
+    expected = _call(attn, AttnProcessor2_0())
+    torch.manual_seed(21)
+    ours = _call(attn, PladisAttnProcessor(AttnProcessor2_0(), alpha=1.0, lam=3.0))
+    attn.eval()
+    assert (_call(attn, AttnProcessor2_0()) - expected).abs().max() > 1e-3  # the dropout did something
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+def test_module_scale_is_honoured_when_built_without_scale_qk():
+    # scale_qk=False gives attn.scale = 1.0, which the stock AttnProcessor uses (α = 1: plain softmax).
+    # That processor applies no q/k norms, so the module is built without them.
+    from diffusers.models.attention_processor import AttnProcessor
+
+    attn = _attention(scale_qk=False, qk_norm=None)
+    assert attn.scale == 1.0
+    expected = _call(attn, AttnProcessor())
+    torch.testing.assert_close(
+        _call(attn, PladisAttnProcessor(AttnProcessor(), alpha=1.0, lam=3.0)), expected, **TOL
+    )

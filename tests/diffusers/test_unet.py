@@ -338,3 +338,65 @@ def test_a_model_without_cross_attention_gets_a_warning():
     with pytest.warns(RuntimeWarning, match=r"no cross-attention \(attn2\) layer in down\+up"):
         handle = apply_pladis(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     assert len(handle) == 0
+
+
+def test_only_attn2_is_changed_when_attn1_is_cross_attention_too(kit):
+    # only_cross_attention=True builds attn1 as cross-attention as well: PLADIS still changes attn2 only.
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=kit.CROSS_DIM,
+        attention_head_dim=2,
+        norm_num_groups=8,
+        only_cross_attention=True,
+    ).eval()
+    attn1 = unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1")
+    assert attn1.is_cross_attention
+    before = _processors(unet)
+    with apply_pladis(unet, layers="all") as handle:
+        assert handle.counts == {"down": 1, "mid": 1, "up": 2}
+        during = _processors(unet)
+        changed = {name for name in before if during[name] is not before[name]}
+        assert changed == {name for name in before if name.endswith(".attn2.processor")}
+
+
+def test_remove_twice_is_silent_and_the_handle_says_removed(kit):
+    import warnings
+
+    unet = kit.make_unet("sd")
+    handle = apply_pladis(unet, alpha=2.0, lam=0.5)
+    assert repr(handle) == "PladisHandle(alpha=2, lam=0.5, layers=down+up, processors=3, active)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle.remove()
+        handle.remove()
+    assert not handle.active
+    assert repr(handle).endswith("processors=3, removed)")
+
+
+def test_empty_layer_selection_does_not_warn(kit):
+    import warnings
+
+    unet = kit.make_unet("sd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle = apply_pladis(unet, layers="none")
+    assert len(handle) == 0
+
+
+def test_replaced_layers_warning_counts_them_and_names_the_first(kit):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = kit.make_unet("sdxl")
+    handle = apply_pladis(unet)
+    first, last = handle.names[0], handle.names[-1]
+    for name in (first, last):
+        unet.get_submodule(name).set_processor(AttnProcessor())
+    with pytest.warns(RuntimeWarning, match=rf"^PLADIS: 2 processor\(s\) .*\(first: {first}\)$"):
+        handle.remove()
