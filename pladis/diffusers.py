@@ -416,11 +416,17 @@ class PladisHandle:
             else:
                 skipped.append(name)
                 current = module.processor
-                if type(current).__name__ in _PLAIN_PROCESSORS or isinstance(current, nn.Module):
+                kept_by_current = isinstance(
+                    current, PladisAttnProcessor
+                ) and current.previous is module._modules.get(_PREVIOUS_CHILD)
+                if not kept_by_current and (
+                    type(current).__name__ in _PLAIN_PROCESSORS or isinstance(current, nn.Module)
+                ):
                     # A plain or module processor replaced ours (unload_ip_adapter,
                     # set_default_attn_processor, a new IP-Adapter): nothing delegates to the kept
                     # one any more, so its weights must not stay registered under our name. A
-                    # foreign wrapper may still call through ours: then they stay.
+                    # foreign wrapper may still call through ours: then they stay. So do they when
+                    # a later PLADIS install delegates to them (it registered them there itself).
                     module._modules.pop(_PREVIOUS_CHILD, None)
         self.active = False
         if skipped:

@@ -451,3 +451,27 @@ def test_a_replacement_over_ours_drops_the_old_ip_adapter_weights_on_remove(kit,
         if key.startswith(f"{name}.processor.to_k_ip.")
     ]
     assert bool(adapter_on_our_layers) == (replacement == "new_ip_adapter")
+
+
+def test_removing_an_older_handle_keeps_a_newer_handles_ip_adapter_weights(kit):
+    # Regression: PLADIS on, IP-Adapter replaced by another, PLADIS applied again; removing the first
+    # handle dropped the registration the second handle made for the new adapter, so its weights no
+    # longer moved with the UNet (a dtype or device mismatch at the next run).
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = _unet_with_ip_adapter(kit)
+    first = apply_pladis(unet)
+    unet.set_attn_processor(AttnProcessor2_0())
+    _load_ip_processors(unet, seed=5)
+    second = apply_pladis(unet)
+    sample, context, kwargs = _ip_inputs(kit)
+    expected = kit.run_unet(unet, sample, context, kwargs)
+    with pytest.warns(RuntimeWarning, match="replaced by someone else"):
+        first.remove()
+    assert second.active and len(_ip_state_keys(unet)) > 0
+    unet.to(torch.float64)
+    assert {p.dtype for p in unet.parameters()} == {torch.float64}
+    unet.to(torch.float32)
+    assert torch.equal(kit.run_unet(unet, sample, context, kwargs), expected)
+    second.remove()
+    assert not _ip_state_keys(unet)
