@@ -412,6 +412,16 @@ def _ip_state_keys(unet):
     return [key for key in unet.state_dict() if ".pladis_previous_processor." in key]
 
 
+def _assert_ip_weights_move_with_the_unet(kit, unet, inputs, expected):
+    """The kept IP-Adapter weights are registered under our name, so ``.to()`` moves them with the
+    UNet: a round trip through float64 leaves every parameter converted and the output unchanged."""
+    assert _ip_state_keys(unet)
+    unet.to(torch.float64)
+    assert {p.dtype for p in unet.parameters()} == {torch.float64}
+    unet.to(torch.float32)
+    assert torch.equal(kit.run_unet(unet, *inputs), expected)
+
+
 def test_removing_an_outer_stacked_handle_keeps_ip_adapter_weights_registered(kit):
     unet = _unet_with_ip_adapter(kit)
     sample, context, kwargs = _ip_inputs(kit)
@@ -419,11 +429,7 @@ def test_removing_an_outer_stacked_handle_keeps_ip_adapter_weights_registered(ki
     expected = kit.run_unet(unet, sample, context, kwargs)
     inner = apply_pladis(unet, lam=5.0)
     inner.remove()  # back to `outer`, which still runs IP-Adapter's processors underneath
-    assert _ip_state_keys(unet)
-    unet.to(torch.float64)
-    assert {p.dtype for p in unet.parameters()} == {torch.float64}
-    unet.to(torch.float32)
-    assert torch.equal(kit.run_unet(unet, sample, context, kwargs), expected)
+    _assert_ip_weights_move_with_the_unet(kit, unet, (sample, context, kwargs), expected)
     outer.remove()
     assert not _ip_state_keys(unet)
 
@@ -468,10 +474,7 @@ def test_removing_an_older_handle_keeps_a_newer_handles_ip_adapter_weights(kit):
     expected = kit.run_unet(unet, sample, context, kwargs)
     with pytest.warns(RuntimeWarning, match="replaced by someone else"):
         first.remove()
-    assert second.active and len(_ip_state_keys(unet)) > 0
-    unet.to(torch.float64)
-    assert {p.dtype for p in unet.parameters()} == {torch.float64}
-    unet.to(torch.float32)
-    assert torch.equal(kit.run_unet(unet, sample, context, kwargs), expected)
+    assert second.active
+    _assert_ip_weights_move_with_the_unet(kit, unet, (sample, context, kwargs), expected)
     second.remove()
     assert not _ip_state_keys(unet)
