@@ -113,27 +113,32 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def build_sd_unet():
-    """SD1.5/2.x-shaped: cross-attn down block, mid block, cross-attn up block (1+1+2 attn2)."""
+def build_sd_unet(**config):
+    """SD1.5/2.x-shaped: cross-attn down block, mid block, cross-attn up block (1+1+2 attn2);
+    ``config`` overrides or adds ``UNet2DConditionModel`` arguments."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(1234)
     return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS_DIM,
-        attention_head_dim=2,
-        norm_num_groups=8,
+        **{
+            "sample_size": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": (16, 32),
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": CROSS_DIM,
+            "attention_head_dim": 2,
+            "norm_num_groups": 8,
+            **config,
+        }
     ).eval()
 
 
-def build_sdxl_unet():
-    """SDXL-shaped: no attention in the first level, transformer depth per level, text_time embeds.
+def build_sdxl_unet(**config):
+    """SDXL-shaped: no attention in the first level, transformer depth per level, text_time embeds;
+    ``config`` overrides or adds ``UNet2DConditionModel`` arguments.
 
     attn2 counts: down 1+2 = 3, mid 2, up 4+2 = 6.
     """
@@ -141,21 +146,24 @@ def build_sdxl_unet():
 
     torch.manual_seed(4321)
     return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2),
-        cross_attention_dim=CROSS_DIM,
-        attention_head_dim=(2, 2, 4),
-        norm_num_groups=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=TEXT_EMBED_DIM + 6 * TIME_EMBED_DIM,
+        **{
+            "sample_size": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": (16, 32, 32),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 1, 2),
+            "cross_attention_dim": CROSS_DIM,
+            "attention_head_dim": (2, 2, 4),
+            "norm_num_groups": 8,
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": TIME_EMBED_DIM,
+            "projection_class_embeddings_input_dim": TEXT_EMBED_DIM + 6 * TIME_EMBED_DIM,
+            **config,
+        }
     ).eval()
 
 
@@ -163,8 +171,11 @@ _BUILDERS = {"sd": build_sd_unet, "sdxl": build_sdxl_unet}
 _CACHE: dict[str, torch.nn.Module] = {}
 
 
-def make_unet(kind: str):
-    """A fresh copy of the cached tiny UNet (tests mutate processors and dtypes)."""
+def make_unet(kind: str, **config):
+    """A fresh copy of the cached tiny UNet (tests mutate processors and dtypes); with ``config``
+    (``UNet2DConditionModel`` arguments over the kind's), a new one, not cached."""
+    if config:
+        return _BUILDERS[kind](**config)
     if kind not in _CACHE:
         _CACHE[kind] = _BUILDERS[kind]()
     return copy.deepcopy(_CACHE[kind])

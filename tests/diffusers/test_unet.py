@@ -342,20 +342,7 @@ def test_a_model_without_cross_attention_gets_a_warning():
 
 def test_only_attn2_is_changed_when_attn1_is_cross_attention_too(kit):
     # only_cross_attention=True builds attn1 as cross-attention as well: PLADIS still changes attn2 only.
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=kit.CROSS_DIM,
-        attention_head_dim=2,
-        norm_num_groups=8,
-        only_cross_attention=True,
-    ).eval()
+    unet = kit.make_unet("sd", only_cross_attention=True)
     attn1 = unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1")
     assert attn1.is_cross_attention
     before = _processors(unet)
