@@ -44,10 +44,10 @@ def _inputs():
     return hidden, text, image
 
 
-def _run(attn, processor, hidden, context):
+def _run(attn, processor, hidden, context, mask=None):
     attn.set_processor(processor)
     with torch.no_grad():
-        return attn(hidden, encoder_hidden_states=context)
+        return attn(hidden, encoder_hidden_states=context, attention_mask=mask)
 
 
 @pytest.mark.filterwarnings("ignore:You have passed a tensor as `encoder_hidden_states`:FutureWarning")
@@ -313,18 +313,13 @@ def test_pladis_over_ip_adapter_honours_mask_residual_rescale_and_4d_input(kit, 
     mask[0, :, 50:] = -10000.0
     mask[1, :, 10:30] = -10000.0
 
-    def run(processor, context, attention_mask=mask):
-        attn.set_processor(processor)
-        with torch.no_grad():
-            return attn(hidden, encoder_hidden_states=context, attention_mask=attention_mask)
-
-    stock_ip = run(ip, (text, [image]))
-    image_term = stock_ip.double() - run(AttnProcessor2_0(), text).double()
-    expected = run(kit.OracleProcessor(1.5, 2.0), text).double() + image_term
-    unmasked = run(kit.OracleProcessor(1.5, 2.0), text, None).double() + image_term
+    stock_ip = _run(attn, ip, hidden, (text, [image]), mask)
+    image_term = stock_ip.double() - _run(attn, AttnProcessor2_0(), hidden, text, mask).double()
+    expected = _run(attn, kit.OracleProcessor(1.5, 2.0), hidden, text, mask).double() + image_term
+    unmasked = _run(attn, kit.OracleProcessor(1.5, 2.0), hidden, text).double() + image_term
     assert (expected - unmasked).abs().max().item() > 1e-3  # the mask matters here
 
-    got = run(PladisAttnProcessor(ip, alpha=1.5, lam=2.0), (text, [image]))
+    got = _run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), hidden, (text, [image]), mask)
     assert got.shape == stock_ip.shape == hidden.shape
     assert (got.double() - expected).abs().max().item() <= 2e-5
 
@@ -337,16 +332,11 @@ def test_pladis_over_ip_adapter_with_a_half_precision_mask():
     mask = torch.zeros(2, 1, 77)
     mask[0, :, 50:] = -10000.0
 
-    def run(attn, processor, hidden, context, mask):
-        attn.set_processor(processor)
-        with torch.no_grad():
-            return attn(hidden, encoder_hidden_states=context, attention_mask=mask)
-
-    expected = run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), hidden, (text, [image]), mask)
+    expected = _run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), hidden, (text, [image]), mask)
     attn, ip = attn.to(torch.bfloat16), ip.to(torch.bfloat16)
     low = [t.to(torch.bfloat16) for t in (hidden, text, image, mask)]
-    stock = run(attn, ip, low[0], (low[1], [low[2]]), low[3])
-    got = run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), low[0], (low[1], [low[2]]), low[3])
+    stock = _run(attn, ip, low[0], (low[1], [low[2]]), low[3])
+    got = _run(attn, PladisAttnProcessor(ip, alpha=1.5, lam=2.0), low[0], (low[1], [low[2]]), low[3])
     assert got.dtype == torch.bfloat16
     assert (got.float() - expected).abs().max().item() <= 3e-2
     assert (got.float() - stock.float()).abs().max().item() > 0.1  # PLADIS acted
