@@ -11,6 +11,7 @@ dict again), both before the outer image's infotext is created.
 import contextlib
 import copy
 import importlib.util
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,6 +90,28 @@ def test_a_nested_generation_sharing_the_dict_keeps_the_outer_keys(forge_host, s
     script.postprocess(inner, None, *NO_LAYERS)
     assert _keys(outer.extra_generation_params)  # infotext of the outer image 0 (batch size > 1)
     script.postprocess(outer, None, *NO_LAYERS)
+
+
+def test_the_generation_sharing_the_dict_is_found_among_other_live_ones(forge_host, script, monkeypatch):
+    # Other live generations that got PLADIS (an API request, another tab) with dicts of their own
+    # must not hide the enclosing one. The set's order follows ids, so it is fixed here: the
+    # enclosing generation comes last.
+    from pladis.webui import controller
+
+    tk = forge_host
+    outer = _sampled(tk, script, tk.flux_patcher(), NO_LAYERS)
+    others = [_sampled(tk, script, tk.flux_patcher(seed=seed), NO_LAYERS) for seed in (5, 6)]
+
+    class EnclosingLast(weakref.WeakSet):
+        def __iter__(self):
+            return iter(sorted(super().__iter__(), key=lambda generation: generation.owner() is outer))
+
+    monkeypatch.setattr(controller, "_acting", EnclosingLast(controller._acting))
+    inner = _sampled(tk, script, tk.unet_patcher(seed=3), NO_LAYERS, extra=outer.extra_generation_params)
+    assert _keys(outer.extra_generation_params)
+    assert all(_keys(other.extra_generation_params) for other in others)
+    for p in (inner, *others, outer):
+        script.postprocess(p, None, *NO_LAYERS)
 
 
 def test_xyz_cells_sharing_the_dict_each_get_their_own_outcome(forge_host, script):
