@@ -71,6 +71,37 @@ def test_joint_rows_still_sum_to_one_and_image_keys_keep_their_weight(forge_host
     assert (weights[:, :, TEXT:, :TEXT] < -1e-3).any()  # λ > 1 extrapolates: negative text weights exist
 
 
+def test_half_precision_is_corrected_in_float32_and_cast_back(forge_host):
+    # Forge runs Flux in bf16: the correction is computed in float32 and the image rows go back in
+    # the host's dtype (float32 rows would make the block's next projection a dtype error).
+    import backend.nn.flux as flux
+
+    from pladis.hosts.flux import make_joint_attention
+
+    q, k, v, pe = joint_inputs()
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    out = make_joint_attention(flux.attention, TEXT, 1.5, 2.0)(q, k, v, pe=pe)
+    assert out.dtype == torch.bfloat16
+    weights = forge_host.oracle_joint_weights(q.float(), k.float(), pe, TEXT, 1.5, 2.0)
+    torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=3e-2, rtol=2e-2)
+    assert torch.equal(out[:, :TEXT], flux.attention(q, k, v, pe=pe)[:, :TEXT])
+
+
+def test_the_correction_is_computed_in_chunks_of_image_queries(forge_host, monkeypatch):
+    # At 1024² a joint map has ~4k image queries × 4.4k keys per head, so the logits are made a
+    # chunk of image queries at a time: every chunk, the shorter last one too, gets its own rows.
+    import backend.nn.flux as flux
+
+    from pladis.hosts import flux as pladis_flux
+
+    q, k, v, pe = joint_inputs()
+    b, h, length, _ = q.shape
+    monkeypatch.setattr(pladis_flux, "CHUNK_ELEMENTS", 2 * b * h * length)  # 5 queries: 2 + 2 + 1
+    out = pladis_flux.make_joint_attention(flux.attention, TEXT, 1.5, 2.0)(q, k, v, pe=pe)
+    weights = forge_host.oracle_joint_weights(q, k, pe, TEXT, 1.5, 2.0)
+    torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=2e-5, rtol=1e-5)
+
+
 def test_lambda_zero_is_bit_identical(forge_host):
     import backend.nn.flux as flux
 
@@ -441,14 +472,36 @@ def _drop_apply_rope(patcher, monkeypatch):
     monkeypatch.delattr(backend.nn.flux, "apply_rope")
 
 
+def _drop_attention(patcher, monkeypatch):
+    # A fork whose block module has no module-level attention: there is nothing to swap, and the
+    # wrapper would fail on every step inside the window.
+    import backend.nn.flux
+
+    monkeypatch.delattr(backend.nn.flux, "attention")
+
+
+def _drop_single_blocks(patcher, monkeypatch):
+    # Double-stream blocks alone are not Flux's joint layout: not taken for Flux (which would fail
+    # looking for the single-stream blocks), nor for a UNet.
+    del patcher.model.diffusion_model.single_blocks
+
+
 @pytest.mark.parametrize(
     ("neo", "unsupported", "said"),
     [
         (True, _flip_second_block, "image tokens before text tokens"),
         (False, _drop_apply_rope, "has no apply_rope function"),
         (True, _drop_apply_rope, "has no apply_rope function"),
+        (False, _drop_attention, "backend.nn.flux has no attention function"),
+        (False, _drop_single_blocks, "no cross-attention found in IntegratedFluxTransformer2DModel"),
     ],
-    ids=["image-tokens-first", "forge-without-apply-rope", "neo-without-apply-rope"],
+    ids=[
+        "image-tokens-first",
+        "forge-without-apply-rope",
+        "neo-without-apply-rope",
+        "without-attention",
+        "double-blocks-only",
+    ],
 )
 def test_an_unsupported_joint_model_is_left_alone(forge_host, caplog, monkeypatch, neo, unsupported, said):
     from pladis.hosts.forge import apply
