@@ -149,8 +149,10 @@ def test_pass_through_runs_an_attention_function_rebound_in_the_unet_module(forg
     assert not torch.equal(tk.denoise(original, x, outside, cond, uncond)[0], stock[0])  # it mattered
 
 
-def test_pass_through_falls_back_to_backend_attention_without_the_unet_name(forge_host, monkeypatch):
-    # A fork whose UNet module does not hold the name: Forge's canonical backend.attention is used.
+@pytest.mark.parametrize("missing", ["name", "module"])
+def test_pass_through_falls_back_to_backend_attention_without_the_unet_name(forge_host, monkeypatch, missing):
+    # A fork whose UNet module does not hold the name, or whose UNet lives in another module:
+    # Forge's canonical backend.attention is used.
     import backend.attention
     import backend.nn.unet
 
@@ -163,7 +165,10 @@ def test_pass_through_falls_back_to_backend_attention_without_the_unet_name(forg
         masks.append(mask)
         return q * heads
 
-    monkeypatch.delattr(backend.nn.unet, "attention_function")
+    if missing == "name":
+        monkeypatch.delattr(backend.nn.unet, "attention_function")
+    else:
+        monkeypatch.setitem(sys.modules, "backend.nn.unet", None)  # importing it raises ImportError
     monkeypatch.setattr(backend.attention, "attention_function", canonical)
     assert torch.equal(host_attention(FORGE_HOST, q, q, q, {"n_heads": 2}), q * 2)
     assert masks == [None]

@@ -63,6 +63,15 @@ def test_half_precision_is_computed_in_float32_and_cast_back(forge_host):
     expected = forge_host.oracle_attn2(q, k, v, HEADS, 1.5, 2.0)
     torch.testing.assert_close(out.double(), expected, atol=3e-3, rtol=2e-3)
 
+    # Chained: the change is added to the prior's output in float32 and cast back to its dtype
+    # (float32 out of a half UNet's attn2 would fail in to_out).
+    def dense(q, k, v, extra_options):
+        return forge_host.oracle_dense(q, k, v, extra_options["n_heads"]).half()
+
+    chained = make_attn2_replacement(alpha=1.5, lam=2.0, prior=dense)(q, k, v, options(3))
+    assert chained.dtype == torch.float16
+    torch.testing.assert_close(chained.double(), expected, atol=3e-3, rtol=2e-3)
+
 
 def test_sigma_window_bounds_and_pass_through_calls_host_attention(forge_host, attention_spy):
     import backend.attention
@@ -142,6 +151,20 @@ def test_live_window_reads_the_schedule_on_the_model_and_rereads_it_when_swapped
         caplog.clear()
         setattr(model, name, second)
         assert window() == (1.5, 1.0)  # and the next schedule is read again
+
+
+def test_a_call_without_sigmas_counts_as_inside_the_window(forge_host, attention_spy):
+    # No sigma in the options (a caller other than Forge's sampling function): the window cannot be
+    # checked, and PLADIS stays on rather than silently dropping out.
+    from pladis.hosts.forge_attn2 import make_attn2_replacement
+
+    q, k, v = qkv()
+    fn = make_attn2_replacement(alpha=1.5, lam=2.0, sigma_hi=5.0, sigma_lo=1.0)
+    no_sigmas = {key: value for key, value in options(3).items() if key != "sigmas"}
+    torch.testing.assert_close(
+        fn(q, k, v, no_sigmas).double(), forge_host.oracle_attn2(q, k, v, HEADS, 1.5, 2.0), atol=2e-5, rtol=0
+    )
+    assert attention_spy == []
 
 
 def test_end_one_reaches_sigma_zero(forge_host, attention_spy):

@@ -1,15 +1,23 @@
 """reForge (ldm_patched UNet): same patch protocol, its own attention function and schedule object."""
 
+import pytest
 import torch
 
 from pladis.params import PladisParams
 
 
-def test_reforge_pass_through_calls_optimized_attention_with_attn_precision(forge_host, monkeypatch):
+@pytest.mark.parametrize("precision", [None, torch.float32])
+def test_reforge_pass_through_calls_optimized_attention_with_attn_precision(
+    forge_host, monkeypatch, precision
+):
+    # The block's own precision (float32 where the model config upcasts attention) reaches the host
+    # function outside the window, as stock CrossAttention.forward passes it.
     import ldm_patched.ldm.modules.attention as attention
 
     from pladis.hosts.forge import apply, installed_sites
 
+    for cls in (attention.CrossAttention, attention.BasicTransformerBlock):
+        monkeypatch.setattr(cls, "attn_precision", precision)
     tk = forge_host
     original = tk.reforge_patcher()
     schedule = original.model.model_sampling
@@ -38,7 +46,7 @@ def test_reforge_pass_through_calls_optimized_attention_with_attn_precision(forg
     stock = tk.denoise(original, x, outside, cond, uncond)
     assert all(torch.equal(a, b) for a, b in zip(got, stock, strict=True))
     # stock: 2 (attn1 + attn2) per block × 8 blocks; patched: the same count, 6 of them from our pass-through
-    assert len(calls) == 32 and all(c == {"attn_precision": None} for c in calls)
+    assert len(calls) == 32 and all(c == {"attn_precision": precision} for c in calls)
 
     # Inside the window: PLADIS itself (α 1.5, λ 2 on down+up), as the float64 oracle computes it.
     inside = schedule.percent_to_sigma(0.75)
