@@ -255,6 +255,7 @@ def test_existing_replacements_are_chained_and_still_applied(forge_host):
     apply(p, params())
     clone = p.sd_model.forge_objects.unet
     ours = installed_sites(clone)
+    assert set(ours) == set(tk.sites_of("down", "up"))  # the others' entries are not counted as ours
     assert getattr(ours[("input", 2, 0)], PRIOR) is two_tuple
     assert getattr(ours[("input", 2, 1)], PRIOR) is two_tuple
     assert getattr(ours[("output", 0, 1)], PRIOR) is three_tuple
@@ -505,6 +506,26 @@ def test_window_ignores_a_schedule_patch_an_earlier_generation_left_on_the_model
     sites = len(tk.sites_of("down", "up"))
     assert _pladis_sites(tk, monkeypatch, patched, 1.0) == sites  # inside the model's own window
     assert _pladis_sites(tk, monkeypatch, patched, 0.3) == 0  # inside EDM's only
+
+
+@pytest.mark.parametrize("flux", [False, True])
+def test_a_window_on_a_model_without_a_schedule_is_skipped_and_says_so(forge_host, caplog, flux):
+    # Start/end need the host's percent_to_sigma; a model without one is left alone with a line
+    # saying why, not failed (and not patched without its window).
+    from pladis.hosts.forge import apply
+
+    tk = forge_host
+    original = tk.flux_patcher() if flux else tk.unet_patcher()
+    del original.model.predictor
+    p = tk.processing(original)
+    with caplog.at_level("WARNING", logger="pladis"):
+        apply(p, params(start=0.25))
+    assert p.sd_model.forge_objects.unet is original
+    assert original.model_options == {"transformer_options": {}}
+    assert [r.getMessage() for r in caplog.records] == [
+        "PLADIS: this model has no percent_to_sigma (model.predictor / model.model_sampling); "
+        "cannot apply a start/end window; skipped"
+    ]
 
 
 def test_a_unet_with_no_layer_group_ticked_is_left_alone_and_says_so(forge_host, caplog):
