@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -125,7 +127,11 @@ def test_help_works_with_docstrings_stripped() -> None:
     import sys
 
     run = subprocess.run(
-        [sys.executable, "-OO", "-m", "pladis.bench", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-OO", "-m", "pladis.bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],  # this tree's pladis, not an installed copy
     )
     assert run.returncode == 0, run.stderr
     assert "--alphas" in run.stdout

@@ -7,6 +7,8 @@ rescale and 4-D input, so the processor's pre/post steps are checked against the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -124,7 +126,8 @@ def test_pladis_does_not_import_diffusers_at_import_time():
     import sys
 
     code = "import sys, pladis, pladis.diffusers; assert 'diffusers' not in sys.modules, 'imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # From the repository root, so the child imports this tree, not an installed copy.
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_keyword_construction_and_defaults_give_a_pladis_processor(kit):
