@@ -373,7 +373,10 @@ def test_autotuned_launch_path(monkeypatch):
         benched.append(1)
         return [1.0, 1.0, 1.0]
 
-    monkeypatch.setattr(tuned, "_do_bench", fake_do_bench)
+    # The tuned kernel lives for the process, and so do the configs it chose and its do_bench (a cached
+    # property, read once from _do_bench): both are replaced for this test alone, so a rerun benches too.
+    monkeypatch.setitem(vars(tuned), "do_bench", fake_do_bench)
+    monkeypatch.setattr(tuned, "cache", {})
     monkeypatch.setattr(tk, "_autotune_enabled", lambda *args: True)
     q, k, v = make_qkv(1, 2, 40, 154, 40, dtype=torch.float16, spread=2.0, seed=12)
     out = tk.pladis_attention_triton(q, k, v, alpha=1.5, lam=2.0, scale=0.15)
