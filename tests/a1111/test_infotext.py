@@ -48,6 +48,14 @@ def test_paste_without_pladis_turns_it_off_and_leaves_the_rest(webui):
     assert infotext.params_from_infotext(fields) == PladisParams(enabled=False)
 
 
+def test_params_from_infotext_is_on_exactly_when_the_alpha_key_is_there():
+    # As the accordion's paste (paste_enabled): the other keys alone do not turn PLADIS on, and
+    # missing ones keep their defaults.
+    assert infotext.params_from_infotext({"PLADIS alpha": "2"}) == PladisParams(True, 2.0)
+    fields = {"PLADIS lambda": "3", "PLADIS layers": "up", "PLADIS range": "0.2-0.8"}
+    assert infotext.params_from_infotext(fields) == PladisParams(enabled=False)
+
+
 @pytest.mark.parametrize(
     ("start", "text"),
     [(0.1 + 0.2, "0.3-1"), (3e-8, "0.00000003-1"), (0.123456789012345, "0.123456789012345-1")],
@@ -85,7 +93,7 @@ def test_range_parses_positional_and_exponent_notation(text, expected):
     assert infotext.parse_range(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0.5", "0.1-0.2-0.3", "a-b", "-", "0.5-", ""])
+@pytest.mark.parametrize("text", ["0.5", "0.1-0.2-0.3", "0.2--0.5", "a-b", "-", "0.5-", ""])
 def test_malformed_range_names_the_key(text):
     with pytest.raises(ValueError, match="PLADIS range: expected 'start-end' with fractions in \\[0, 1\\]"):
         infotext.parse_range(text)
@@ -105,6 +113,8 @@ _BAD_PASTES = [
     ("PLADIS range: soon", 4, ["PLADIS range", "start-end", "'soon'"]),
     ("PLADIS range: 0.2-0.5-0.9", 4, ["PLADIS range", "start-end"]),
     ("PLADIS range: 0.2-1.5", 4, ["PLADIS end", "[0, 1]", "PLADIS range: 0.2-1.5"]),
+    # a leading minus is the start's sign, not the separator: the message names the bound at fault
+    ("PLADIS range: -0.2-0.5", 4, ["PLADIS start: -0.2 is outside the allowed range [0, 1]"]),
 ]
 
 
