@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -55,8 +57,17 @@ def test_axes_are_there_when_the_ui_is_built_before_the_before_ui_callbacks(host
     assert labels == [a[0] for a in xyz.AXES]
 
 
-def test_missing_xyz_module_is_fine(webui):
+def test_register_counts_the_axes_it_adds(host):
+    host.loaded = host.kit.load_extension()
+    assert xyz.register() == len(xyz.AXES)
+    assert xyz.register() == 0
+
+
+def test_missing_or_foreign_xyz_module_is_fine(webui):
     assert xyz.register(scripts_data=[]) == 0
+    # A script module under X/Y/Z's name without its axis API (another or an old plot): nothing added.
+    foreign = type("Script", (), {"__module__": "xyz_grid.py"})
+    assert xyz.register([types.SimpleNamespace(script_class=foreign, module=types.SimpleNamespace())]) == 0
 
 
 @pytest.mark.parametrize(
@@ -223,6 +234,7 @@ def test_a_value_axis_turns_pladis_on_unless_an_enabled_axis_says_otherwise(webu
     p._pladis_xyz = {"enabled": "False"}  # as an Enabled axis applied before the Lambda axis
     (cell,) = script.run_axis(p, "[PLADIS] Lambda", "3")
     assert torch.equal(torch.cat(cell.images), baseline) and "PLADIS lambda" not in _infotext(cell)
+    assert p._pladis_xyz == {"enabled": "False"}  # a cell (a shallow copy of p) writes a new dict
     assert kit.instance_forwards(model) == []
 
 
