@@ -50,11 +50,12 @@ def test_controls_ranges_defaults_and_ids(webui, is_img2img):
     assert (lam.minimum, lam.maximum, lam.step, lam.value) == (0.0, 10.0, 0.05, 2.0)  # as the API
     assert isinstance(layers, gr.CheckboxGroup) and layers.choices and layers.value == ["down", "up"]
     assert [c if isinstance(c, str) else c[0] for c in layers.choices] == ["down", "mid", "up"]
-    assert (start.minimum, start.maximum, start.value) == (0.0, 1.0, 0.0)
-    assert (end.minimum, end.maximum, end.value) == (0.0, 1.0, 1.0)
+    assert (start.minimum, start.maximum, start.step, start.value) == (0.0, 1.0, 0.01, 0.0)
+    assert (end.minimum, end.maximum, end.step, end.value) == (0.0, 1.0, 0.01, 1.0)
     ids = [enabled.accordion_id, *(c.elem_id for c in controls[1:])]
     assert ids == [f"script_{tab}_pladis_{s}" for s in SUFFIXES]
-    assert all(c.info for c in controls[1:])
+    # each info line is that control's tooltip (the texts javascript/pladis.js shows on hover)
+    assert [c.info for c in controls[1:]] == [ui.TOOLTIPS[s] for s in SUFFIXES[1:]]
     assert "1.5" in alpha.info and "2" in alpha.info  # the paper's values are marked
     assert infotext_keys(script) == INFOTEXT_KEYS
 
