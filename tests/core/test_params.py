@@ -39,6 +39,10 @@ def test_loose_values_from_ui_infotext_xyz_and_api() -> None:
     assert parse_params(layers="all").layers == LAYER_GROUPS
     assert parse_params(layers="none").layers == ()
     assert parse_params(layers="down, mid").layers == ("down", "mid")
+    assert parse_params(layers="Down UP").layers == ("down", "up")  # case and a bare space, as typed
+    assert parse_params(layers=[" Up ", "MID"]).layers == ("mid", "up")  # an API list, likewise
+    words = {"on": True, " Yes ": True, "OFF": False, "": False}  # loose words, as the API may send
+    assert {word: parse_params(enabled=word).enabled for word in words} == words
     assert parse_params(enabled=np.bool_(True)).enabled is True
     assert parse_params() == PladisParams()
     assert isinstance(parse_params(alpha=2).alpha, float)
