@@ -27,6 +27,12 @@ def per_head(out, dim):
     return out.reshape(b, length, HEADS, dim).transpose(1, 2)
 
 
+def assert_matches_oracle(tk, out, q, k, v, pe, alpha=1.5, lam=2.0, atol=2e-5, rtol=1e-5):
+    """``out`` (every row, text and image) equals the float64 oracle's joint weights applied to ``v``."""
+    weights = tk.oracle_joint_weights(q.float(), k.float(), pe, TEXT, alpha, lam)
+    torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize(("alpha", "lam"), [(1.5, 2.0), (2.0, 1.0)])
 def test_joint_attention_matches_the_official_flux_formulation(forge_host, alpha, lam):
     import backend.nn.flux as flux
@@ -35,8 +41,7 @@ def test_joint_attention_matches_the_official_flux_formulation(forge_host, alpha
 
     q, k, v, pe = joint_inputs()
     out = make_joint_attention(flux.attention, TEXT, alpha, lam)(q, k, v, pe=pe)
-    weights = forge_host.oracle_joint_weights(q, k, pe, TEXT, alpha, lam)
-    torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=2e-5, rtol=1e-5)
+    assert_matches_oracle(forge_host, out, q, k, v, pe, alpha, lam)
     stock = flux.attention(q, k, v, pe=pe)
     assert torch.equal(out[:, :TEXT], stock[:, :TEXT])  # text-query rows untouched
     assert (out[:, TEXT:] - stock[:, TEXT:]).abs().max() > 1e-2
@@ -51,8 +56,7 @@ def test_joint_attention_reads_pe_passed_by_position(forge_host):
 
     q, k, v, pe = joint_inputs()
     out = make_joint_attention(flux.attention, TEXT, 1.5, 2.0)(q, k, v, pe)
-    weights = forge_host.oracle_joint_weights(q, k, pe, TEXT, 1.5, 2.0)
-    torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=2e-5, rtol=1e-5)
+    assert_matches_oracle(forge_host, out, q, k, v, pe)
 
 
 def test_joint_rows_still_sum_to_one_and_image_keys_keep_their_weight(forge_host):
@@ -82,8 +86,7 @@ def test_half_precision_is_corrected_in_float32_and_cast_back(forge_host):
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     out = make_joint_attention(flux.attention, TEXT, 1.5, 2.0)(q, k, v, pe=pe)
     assert out.dtype == torch.bfloat16
-    weights = forge_host.oracle_joint_weights(q.float(), k.float(), pe, TEXT, 1.5, 2.0)
-    torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=3e-2, rtol=2e-2)
+    assert_matches_oracle(forge_host, out, q, k, v, pe, atol=3e-2, rtol=2e-2)
     assert torch.equal(out[:, :TEXT], flux.attention(q, k, v, pe=pe)[:, :TEXT])
 
 
@@ -98,8 +101,7 @@ def test_the_correction_is_computed_in_chunks_of_image_queries(forge_host, monke
     b, h, length, _ = q.shape
     monkeypatch.setattr(pladis_flux, "CHUNK_ELEMENTS", 2 * b * h * length)  # 5 queries: 2 + 2 + 1
     out = pladis_flux.make_joint_attention(flux.attention, TEXT, 1.5, 2.0)(q, k, v, pe=pe)
-    weights = forge_host.oracle_joint_weights(q, k, pe, TEXT, 1.5, 2.0)
-    torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=2e-5, rtol=1e-5)
+    assert_matches_oracle(forge_host, out, q, k, v, pe)
 
 
 def test_lambda_zero_is_bit_identical(forge_host):
@@ -454,8 +456,7 @@ def test_forge_neo_without_positions_blends_the_unrotated_scores(forge_host):
     q, k, v, _ = joint_inputs()
     out = make_joint_attention(neo.attention, TEXT, 1.5, 2.0)(q, k, v, pe=None, mask=None)
     identity = positions_to_pe(torch.zeros(q.shape[0], q.shape[2]), q.shape[-1])
-    weights = forge_host.oracle_joint_weights(q, k, identity, TEXT, 1.5, 2.0)
-    torch.testing.assert_close(per_head(out, 8).double(), weights @ v.double(), atol=2e-5, rtol=1e-5)
+    assert_matches_oracle(forge_host, out, q, k, v, identity)
 
 
 def _flip_second_block(patcher, monkeypatch):
